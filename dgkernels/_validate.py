@@ -1,0 +1,78 @@
+"""Argument checks shared by every op: each error names the argument and what it got."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, *, dims: int | Iterable[int] | None = None, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if dims is not None:
+        allowed = (dims,) if isinstance(dims, int) else tuple(dims)
+        if t.dim() not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_index(name: str, t, size: int, *, length: int | None = None, ignore_index: int | None = None) -> None:
+    """An integer index tensor whose values lie in [0, size) (ignore_index excepted)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {t.shape[0]}")
+    if t.numel() == 0:
+        return
+    valid = t if ignore_index is None else t[t != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
+        raise ValueError(f"{name} values must lie in [0, {size}), got min {int(valid.min())}, max {int(valid.max())}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+    return next(iter(devices.values()))
+
+
+def check_same_dtype(**tensors) -> torch.dtype:
+    dtypes = {n: t.dtype for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{n} {d}" for n, d in dtypes.items())
+        raise TypeError(f"all float inputs must share one dtype, got {desc}")
+    return next(iter(dtypes.values()))
+
+
+def check_positive_scalar(name: str, value) -> None:
+    """A Python number or a one-element tensor that must be finite and > 0."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar or a one-element tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device.type != "meta":
+            v = float(value.detach())
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be finite and > 0, got {v}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
