@@ -89,6 +89,7 @@ class CLIPBackbone(nn.Module):
         self.preprocess_train = preprocess_train
         self.preprocess_val = preprocess_val
         self._autocast_dtype = autocast_dtype
+        self.weights_id = ""  # identifies the weights in feature-cache keys
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -246,9 +247,11 @@ def load_backbone(name: str, pretrained: str = "openai", *, cache_dir: Optional[
                             f"(open_clip.list_models()) or one of {sorted(tiny_clip.EMBEDDED_MODELS)}")
     random_init = pretrained is None or str(pretrained).lower() == "none"
     try:
-        model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            name, pretrained=None if random_init else pretrained, device=device,
-            cache_dir=str(cache_dir) if cache_dir is not None else None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random init is reproducible
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                name, pretrained=None if random_init else pretrained, device=device,
+                cache_dir=str(cache_dir) if cache_dir is not None else None)
     except (RuntimeError, OSError, ValueError) as exc:  # hub / file errors surface as these
         raise BackboneError(_weights_hint(name, pretrained, cache_dir) + f" (cause: {exc})") from exc
     tokenizer = open_clip.get_tokenizer(name)

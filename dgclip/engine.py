@@ -222,6 +222,7 @@ def run_training(cfg: TrainConfig) -> dict:
     gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
     ckpt_path = out_dir / "checkpoints" / f"{key}.pt"
     start, history, losses = 0, [], []
+    torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         method.load_checkpoint_state(state["method_state"])

@@ -80,7 +80,10 @@ def load_tiny_backbone(name: str, pretrained: Optional[str], *, cache_dir: Optio
                        device="cpu", autocast_dtype=None):
     from .backbone import BackboneError, CLIPBackbone
 
-    model, tokenizer = build_tiny_model(name, cache_dir, device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights ("none") are reproducible across runs and ranks
+        model, tokenizer = build_tiny_model(name, cache_dir, device="cpu")
+    weights_id = "random-seed0"
     tag = "none" if pretrained is not None and str(pretrained).lower() == "none" else "dgclip-pretrain"
     if tag != "none":
         path = Path(pretrained) if pretrained not in (None, "", "openai", "dgclip-pretrain", "default") \
@@ -89,9 +92,13 @@ def load_tiny_backbone(name: str, pretrained: Optional[str], *, cache_dir: Optio
             raise BackboneError(
                 f"no weights for the embedded model {name!r} at {path}: run `dgclip pretrain` first "
                 f"(writes them there), or pass --pretrained none for random weights.")
+        st = path.stat()
+        weights_id = f"{path}:{st.st_size}:{st.st_mtime_ns}"
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     model.to(device)
     tf = tiny_transform(TINY_DIGITS_CONFIG["vision_cfg"]["image_size"])
-    return CLIPBackbone(model, tokenizer, name=name, pretrained=tag, preprocess_train=tf,
-                        preprocess_val=tf, autocast_dtype=autocast_dtype)
+    bb = CLIPBackbone(model, tokenizer, name=name, pretrained=tag, preprocess_train=tf,
+                      preprocess_val=tf, autocast_dtype=autocast_dtype)
+    bb.weights_id = weights_id
+    return bb
