@@ -5,6 +5,8 @@ tokens; during training the tokens are averaged over each source domain's part o
 At test time the tokens are averaged over the test batch ("batch", as the released code) or
 computed per image ("instance", B x K prompts): option `test_prompt`.
 Paper: 3-layer MLP 512->512->512->512*16, dropout 0.1, SGD lr 1e-3, momentum 0.1.
+Option `ctx_init` (not in the paper, default off): the MLP output is added to the embedding of an
+init phrase (e.g. "a photo of a" with n_ctx=4), so training starts from the zero-shot prompt.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..prompting import ClassPromptEncoder
+from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
 from .base import Batch, Method
 
@@ -23,7 +25,7 @@ class DPL(Method):
     uses_frozen_features = True
     default_hparams = {"lr": 1e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.1,
                        "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 16, "hidden": 0,
-                       "dropout": 0.1, "test_prompt": "batch"}
+                       "dropout": 0.1, "test_prompt": "batch", "ctx_init": ""}
 
     def __init__(self, backbone, classnames, num_domains, hparams):
         super().__init__(backbone, classnames, num_domains, hparams)
@@ -36,9 +38,12 @@ class DPL(Method):
         self.mlp = nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, h), nn.ReLU(),
                                  nn.Dropout(p), nn.Linear(h, w * m)).to(backbone.device)
         self.prompt_encoder = ClassPromptEncoder(backbone, self.classnames, m)
+        base = init_context(backbone, m, self.hparams["ctx_init"]) if self.hparams["ctx_init"] else \
+            torch.zeros(m, w)
+        self.register_buffer("ctx_base", base.to(backbone.device))
 
     def tokens(self, f: torch.Tensor) -> torch.Tensor:
-        return self.mlp(f).view(f.shape[0], int(self.hparams["n_ctx"]), -1)  # [B, M, W]
+        return self.ctx_base + self.mlp(f).view(f.shape[0], int(self.hparams["n_ctx"]), -1)  # [B, M, W]
 
     def update(self, batch: Batch) -> dict:
         f = self.batch_features(batch).pooled
