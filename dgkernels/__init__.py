@@ -6,6 +6,9 @@ Importing this package never initialises CUDA and works without Triton or the co
 """
 from ._dispatch import BACKENDS, BackendStatus, BackendUnavailableError, backends, explain, use_backend
 
+from .contrastive import InfoNCE, clip_loss, info_nce, multiview_info_nce
+
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "explain", "use_backend"]
+__all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "explain", "use_backend",
+           "info_nce", "InfoNCE", "clip_loss", "multiview_info_nce"]
