@@ -9,3 +9,8 @@ from ._dispatch import BACKENDS, BackendStatus, BackendUnavailableError, backend
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "explain", "use_backend"]
+
+# heads (issue 4): per-domain classifiers, mapper, fused cosine cross-entropy
+from .heads import cosine_cross_entropy, domain_cross_entropy, domain_fanout, head_agreement, mapper_project
+
+__all__ += ["domain_fanout", "domain_cross_entropy", "head_agreement", "mapper_project", "cosine_cross_entropy"]
