@@ -6,6 +6,9 @@ Importing this package never initialises CUDA and works without Triton or the co
 """
 from ._dispatch import BACKENDS, BackendStatus, BackendUnavailableError, backends, explain, use_backend
 
+from .prompt import PromptEncoder, encode_prompts, encode_text
+
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "explain", "use_backend"]
+__all__ = ["BACKENDS", "BackendStatus", "BackendUnavailableError", "backends", "explain", "use_backend",
+           "encode_text", "encode_prompts", "PromptEncoder"]
