@@ -19,3 +19,8 @@ __all__ += ["info_nce", "InfoNCE", "clip_loss", "multiview_info_nce"]
 from .heads import cosine_cross_entropy, domain_cross_entropy, domain_fanout, head_agreement, mapper_project
 
 __all__ += ["domain_fanout", "domain_cross_entropy", "head_agreement", "mapper_project", "cosine_cross_entropy"]
+
+# prompt (issue 3): exact, truncated, prefix-shared prompt-text encoding
+from .prompt import PromptEncoder, encode_prompts, encode_text
+
+__all__ += ["encode_text", "encode_prompts", "PromptEncoder"]
