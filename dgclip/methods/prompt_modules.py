@@ -128,3 +128,27 @@ class SemanticTokenizer(nn.Module):
         f = patches.to(self.queries.dtype)
         alpha = torch.softmax(self.scale * torch.einsum("bpe,ke->bkp", f, self.queries), dim=-1)
         return torch.einsum("bkp,bpe->bke", alpha, f), alpha
+
+
+@torch.no_grad()
+def init_context(backbone, n_ctx: int, init_text: str | None = None, std: float = 0.02) -> torch.Tensor:
+    """[n_ctx, W] context vectors: the token embeddings of `init_text` (CoOp's "a photo of a"
+    initialisation; its word count must not exceed n_ctx, the rest is N(0, std^2)), or all
+    N(0, std^2) when init_text is None."""
+    emb = backbone.model.token_embedding.weight
+    ctx = torch.randn(n_ctx, emb.shape[1], dtype=torch.float32, device=emb.device) * std
+    if init_text:
+        ids = backbone.tokenize([init_text])[0]
+        sot = 1  # open_clip tokenizers put the start token first
+        n_tok = int((ids != 0).sum()) - 2  # minus SOT and EOT
+        if n_tok > n_ctx:
+            raise ValueError(f"init_text {init_text!r} has {n_tok} tokens, more than n_ctx={n_ctx}")
+        ctx[:n_tok] = emb[ids[sot:sot + n_tok]].float()
+    return ctx
+
+
+def make_prompt_encoder(backbone, classnames: list[str], n_ctx: int, **kwargs):
+    """The batched prompt encoder (dgkernels.PromptEncoder) for `classnames` with n_ctx context slots."""
+    import dgkernels
+
+    return dgkernels.PromptEncoder(backbone.model, list(classnames), n_ctx=n_ctx, **kwargs)
