@@ -28,28 +28,9 @@ import dgkernels
 from . import register_method
 from ..backbone import ImageFeatures
 from .base import Batch, Method, cosine_logits
+from .seeclip_losses import cohesion_loss, l1_regularizer, repulsion_loss
 from .prompt_modules import SemanticTokenizer, StackedLinear, make_prompt_encoder
 from .pseudo_unknown import SD15_MODEL_ID, DiffusionUnknowns, FeatureSpaceUnknowns, UnknownRequest, normalize_images
-
-
-def repulsion_loss(unknown: torch.Tensor, known: torch.Tensor, margin: float = 0.5, sign: float = 1.0) -> torch.Tensor:
-    """mean over (b, k) of max(0, sign * cos(unknown_b, known_{b,k}) - margin); unknown [N, E], known [N, K, E]."""
-    cos = torch.einsum("ne,nke->nk", F.normalize(unknown, dim=-1), F.normalize(known, dim=-1))
-    return F.relu(sign * cos - margin).mean()
-
-
-def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """MSE between the normalised unknown text feature and the centroid of the normalised known ones."""
-    centroid = F.normalize(known, dim=-1).mean(dim=1)
-    return F.mse_loss(F.normalize(unknown, dim=-1), centroid)
-
-
-def l1_regularizer(weight: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    if reduction == "sum":
-        return weight.abs().sum()
-    if reduction == "mean":
-        return weight.abs().mean()
-    raise ValueError(f"reg_reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
 def _normalisation(backbone) -> tuple[tuple, tuple]:
