@@ -121,9 +121,13 @@ def test_seeclip_loss_terms_against_formulas():
     want_rep = sum(max(0.0, float(F.cosine_similarity(u[b], t[b, k], dim=0)) - 0.5) for b in range(3) for k in range(4)) / 12
     assert float(repulsion_loss(u, t, 0.5)) == pytest.approx(want_rep, abs=1e-6)
     # the paper's sign pushes cos(u, t_k) down: its gradient on u points away from t
-    u_same = t[:, 0].clone().requires_grad_()
-    repulsion_loss(u_same, t, 0.5).backward()
-    assert (torch.einsum("ne,ne->n", u_same.grad, t[:, 0]) > 0).all()  # descent direction = -grad
+    u_near = (t[:, 0] + 0.3 * torch.randn(3, 6)).requires_grad_()
+    repulsion_loss(u_near, t, 0.0).backward()
+    cos = lambda x: F.cosine_similarity(x[:, None], t, dim=-1).mean()
+    assert cos(u_near.detach() - 0.01 * u_near.grad) < cos(u_near.detach())
+    u_near.grad = None
+    repulsion_loss(u_near, t, 0.0, sign=-1.0).backward()  # the released code's sign attracts
+    assert cos(u_near.detach() - 0.01 * u_near.grad) > cos(u_near.detach())
     tn = F.normalize(t, dim=-1)
     centroid = tn.mean(1)
     want_coh = ((F.normalize(u, dim=-1) - centroid) ** 2).mean()

@@ -59,7 +59,7 @@ class SeeCLIP(Method):
         "coh_weight": 0.5,
         "reg_weight": 0.01,
         "rep_margin": 0.5,
-        "rep_sign": 1.0,  # +1 = paper (repel the unknown prompt); -1 = the released code's reversed sign
+        "rep_sign": 1.0,  # +1 = paper (repel the unknown prompt); -1 = the released code's reversed sign, max(0, margin - cos)
         "reg_reduction": "sum",
         "unknown_generator": "feature",  # "feature" | "diffusion" | "none"
         "unknown_ratio": 0.1,  # pseudo-unknowns per known image in a batch (paper: ~0.1 B)

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 
 
 def repulsion_loss(unknown: torch.Tensor, known: torch.Tensor, margin: float = 0.5, sign: float = 1.0) -> torch.Tensor:
-    """mean over (b, k) of max(0, sign * cos(unknown_b, known_{b,k}) - margin); unknown [N, E], known [N, K, E]."""
+    """mean over (b, k) of max(0, sign * (cos(unknown_b, known_{b,k}) - margin)); unknown [N, E], known [N, K, E].
+
+    sign=+1 is the paper's repulsion; sign=-1 (max(0, margin - cos)) the released code's reversed term.
+    """
     cos = torch.einsum("ne,nke->nk", F.normalize(unknown, dim=-1), F.normalize(known, dim=-1))
-    return F.relu(sign * cos - margin).mean()
+    return F.relu(sign * (cos - margin)).mean()
 
 
 def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
