@@ -93,7 +93,7 @@ class DALSCLIP(Method):
         self.prompt_generator = AttentionPromptGenerator(dim, width, int(hp["n_ctx"]), int(hp["generator_hidden"]) or dim,
                                                          float(hp["generator_dropout"]))
         chunk = int(hp["prompt_chunk_size"]) or None
-        self.encoder = make_prompt_encoder(backbone, self.classnames, int(hp["n_ctx"]), chunk_size=chunk)
+        self.encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
         self.head_scale = math.sqrt(dim)
         self.total_steps = 0
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
@@ -131,7 +131,7 @@ class DALSCLIP(Method):
                     pool: bool) -> torch.Tensor:
         source = pooled if self.hparams["generator_input"] == "raw" else mapped
         ctx = self.prompt_generator(F.normalize(source, dim=-1), group, pool=pool, num_groups=num_groups)
-        return self.encoder(ctx)  # [G, K, E]
+        return self.encoder(ctx).float()  # [G, K, E]
 
     def head_loss(self, pooled, labels, domains) -> torch.Tensor:
         return dgkernels.domain_cross_entropy(self.head_input(pooled), self.head_weight, self.head_bias, domains, labels)

@@ -27,7 +27,7 @@ import dgkernels
 from . import register_method
 from ..backbone import ImageFeatures
 from .base import Batch, Method, cosine_logits
-from .prompt_modules import StyleContentShift, init_context, make_prompt_encoder
+from .prompt_modules import StyleContentShift, initial_context, make_prompt_encoder
 from .training import cosine_with_constant_warmup, make_optimizer
 from .views import MultiViewTransform
 
@@ -75,12 +75,12 @@ class GOPro(Method):
         super().__init__(backbone, classnames, num_domains, hparams or {})
         hp = self.hparams
         self.n_ctx = int(hp["n_ctx"])
-        self.ctx = nn.Parameter(init_context(backbone, self.n_ctx, hp["ctx_init"]))
+        chunk = int(hp["prompt_chunk_size"]) or None
+        self.encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
+        self.ctx = nn.Parameter(initial_context(self.encoder, self.n_ctx, hp["ctx_init"] or None))
         self.shift = StyleContentShift(backbone.num_layers, backbone.vision_width, backbone.text_width)
         dim = backbone.embed_dim
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim))
-        chunk = int(hp["prompt_chunk_size"]) or None
-        self.encoder = make_prompt_encoder(backbone, self.classnames, self.n_ctx, chunk_size=chunk)
         self.to(backbone.device)
 
     def configure_optimizers(self, total_steps: int):
@@ -100,7 +100,7 @@ class GOPro(Method):
     def text_features(self, feats) -> torch.Tensor:
         """[N, K, E] text features, one prompt set per image (N = rows of feats), one encoder call."""
         ctx = self.ctx[None] + self.shift(feats.layer_mean, feats.layer_std)[:, None, :]  # [N, M, W]
-        return self.encoder(ctx)
+        return self.encoder(ctx).float()
 
     def losses(self, views: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         missing = [v for v in VIEWS if v not in views]

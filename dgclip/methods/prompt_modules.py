@@ -130,25 +130,18 @@ class SemanticTokenizer(nn.Module):
         return torch.einsum("bkp,bpe->bke", alpha, f), alpha
 
 
-@torch.no_grad()
-def init_context(backbone, n_ctx: int, init_text: str | None = None, std: float = 0.02) -> torch.Tensor:
-    """[n_ctx, W] context vectors: the token embeddings of `init_text` (CoOp's "a photo of a"
-    initialisation; its word count must not exceed n_ctx, the rest is N(0, std^2)), or all
-    N(0, std^2) when init_text is None."""
-    emb = backbone.model.token_embedding.weight
-    ctx = torch.randn(n_ctx, emb.shape[1], dtype=torch.float32, device=emb.device) * std
-    if init_text:
-        ids = backbone.tokenize([init_text])[0]
-        sot = 1  # open_clip tokenizers put the start token first
-        n_tok = int((ids != 0).sum()) - 2  # minus SOT and EOT
-        if n_tok > n_ctx:
-            raise ValueError(f"init_text {init_text!r} has {n_tok} tokens, more than n_ctx={n_ctx}")
-        ctx[:n_tok] = emb[ids[sot:sot + n_tok]].float()
-    return ctx
-
-
-def make_prompt_encoder(backbone, classnames: list[str], n_ctx: int, **kwargs):
-    """The batched prompt encoder (dgkernels.PromptEncoder) for `classnames` with n_ctx context slots."""
+def make_prompt_encoder(backbone, classnames: list[str], *, chunk_size: int | None = None):
+    """The batched prompt encoder (dgkernels.PromptEncoder) over the backbone's frozen text tower:
+    a bfloat16 copy of the tower on CUDA (LayerNorms in float32), the model's own weights on CPU."""
     import dgkernels
 
-    return dgkernels.PromptEncoder(backbone.model, list(classnames), n_ctx=n_ctx, **kwargs)
+    dtype = torch.bfloat16 if backbone.device.type == "cuda" else None
+    return dgkernels.PromptEncoder(backbone.model, list(classnames), backbone.tokenizer, dtype=dtype, chunk_size=chunk_size)
+
+
+def initial_context(encoder, n_ctx: int, phrase: str | None) -> torch.Tensor:
+    """[n_ctx, W] float32 context: the embeddings of `phrase` (must tokenise to n_ctx tokens), or N(0, 0.02^2)."""
+    ctx = encoder.initial_context(n_ctx, phrase)
+    if ctx.shape[0] != n_ctx:
+        raise ValueError(f"ctx_init {phrase!r} tokenises to {ctx.shape[0]} tokens but n_ctx = {n_ctx}")
+    return ctx

@@ -96,8 +96,8 @@ class SeeCLIP(Method):
         self.psi = StackedLinear(ks, dim, width)
         self.unknown_ctx = nn.Parameter(torch.randn(int(hp["n_unknown_ctx"]), width) * 0.02)
         chunk = int(hp["prompt_chunk_size"]) or None
-        self.known_encoder = make_prompt_encoder(backbone, self.classnames, 1 + ks, chunk_size=chunk)
-        self.unknown_encoder = make_prompt_encoder(backbone, [hp["unknown_name"]], 1 + int(hp["n_unknown_ctx"]), chunk_size=chunk)
+        self.known_encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
+        self.unknown_encoder = make_prompt_encoder(backbone, [hp["unknown_name"]], chunk_size=chunk)
         self.to(backbone.device)
         # the generator holds no trainable state: a plain attribute, never in the state dict
         object.__setattr__(self, "generator", unknown_generator if unknown_generator is not None else self._build_generator())
@@ -129,7 +129,7 @@ class SeeCLIP(Method):
         domain = self.phi(patches.to(self.phi.weight.dtype).mean(1))[:, None, :]  # [N, 1, W]
         known_ctx = torch.cat([domain, self.psi(tokens)], dim=1)  # [N, 1 + Ks, W]
         unknown_ctx = torch.cat([domain, self.unknown_ctx[None].expand(domain.shape[0], -1, -1)], dim=1)
-        return self.known_encoder(known_ctx), self.unknown_encoder(unknown_ctx)[:, 0]
+        return self.known_encoder(known_ctx).float(), self.unknown_encoder(unknown_ctx)[:, 0].float()
 
     def losses(self, pooled: torch.Tensor, patches: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pooled [N, E], patches [N, P, E], labels [N] in 0..C (C = pseudo-unknown)."""
