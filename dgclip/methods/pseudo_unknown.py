@@ -138,7 +138,7 @@ class DiffusionUnknowns:
             pipe = StableDiffusionPipeline.from_pretrained(
                 model_id, torch_dtype=torch_dtype, cache_dir=cache_dir, local_files_only=local_files_only,
                 safety_checker=None, requires_safety_checker=False)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # missing files offline / not a path nor a repo id
             raise OSError(f"could not load the diffusion model {model_id!r} (offline? put the weights in the Hugging Face cache "
                           f"or pass model_id=<local folder>; cache_dir={cache_dir!r}): {exc}") from exc
         pipe = pipe.to(device)
