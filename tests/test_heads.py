@@ -175,9 +175,6 @@ TRITON_CASES = [(op, dict(c, B=5)) for op, c in CASES if not c.get("D") == 5]
 @pytest.mark.parametrize("op,case", TRITON_CASES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(TRITON_CASES)])
 def test_triton_matches_reference(op, case, dtype):
     _skip_unless("triton")
-    import importlib.util
-    if importlib.util.find_spec("dgkernels.heads.triton") is None:  # TEMP until the Triton backend lands
-        pytest.skip("heads Triton backend not written yet")
     compare(op, case, "triton", dtype, noncontig=dtype == torch.float32)
 
 
