@@ -8,7 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -46,7 +47,7 @@ at::Tensor assemble_cuda(const at::Tensor& src_in, const at::Tensor& src_index, 
   auto out = at::empty({t, w}, src.options().dtype(dtype));
   if (t == 0) return out;
   const int64_t blocks = (t * w + 255) / 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "prompt_assemble_src", [&] {
     using src_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "prompt_assemble_out", [&] {
@@ -79,7 +80,7 @@ at::Tensor index_add_rows_cuda(const at::Tensor& grad, const at::Tensor& index, 
   const int64_t t = g.size(0), w = g.size(1);
   if (t == 0) return out;
   const int64_t blocks = (t * w + 255) / 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "prompt_index_add_rows", [&] {
     if (dbl) {
       index_add_rows_kernel<scalar_t, double><<<blocks, 256, 0, stream>>>(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
@@ -258,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q_in,
   auto out = at::empty({t, heads, dim}, q.options());
   auto lse = at::empty({t, heads}, q.options().dtype(at::kFloat));
   if (n == 0 || t == 0) return {out, lse};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prompt_prefix_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = sizeof(acc_t) * (lp + max_len + 2);
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   auto dkp32 = at::zeros({groups, lp, heads, dim}, f32);
   auto dvp32 = at::zeros({groups, lp, heads, dim}, f32);
   if (n > 0 && t > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prompt_prefix_attention_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const size_t smem = sizeof(acc_t) * 2 * (lp + 128);
@@ -360,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> eot_head_
   at::Tensor lw = ln_weight.has_value() ? ln_weight->to(acc).contiguous() : at::Tensor();
   at::Tensor lb = ln_bias.has_value() ? ln_bias->to(acc).contiguous() : at::Tensor();
   if (n > 0) {
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prompt_eot_head_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       gather_layer_norm_kernel<scalar_t, acc_t><<<n, kThreads, 0, stream>>>(
