@@ -16,11 +16,12 @@ import torch
 __all__ = ["EMBEDDED_MODELS", "TINY_DIGITS_CONFIG", "register_configs", "weights_path",
            "load_tiny_backbone", "build_tiny_model"]
 
-# 32x32 images, 4x4 patches (64 tokens), 3 vision / 2 text layers of width 96, 64-d embeddings.
+# 32x32 images, 8x8 patches (16 tokens + class token), 3 vision / 2 text layers of width 64,
+# 64-d embeddings, 24-token context (fits CoOp's 16 context tokens + a class name).
 TINY_DIGITS_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 2},
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 EMBEDDED_MODELS = {"tiny-digits": TINY_DIGITS_CONFIG}
 # Digits images are greyscale strokes on black: normalise around their own statistics.

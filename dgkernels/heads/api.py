@@ -40,12 +40,10 @@ def _check_fanout(features, weight, bias):
     return device
 
 
-def _finish(per, reduction, dtype):
-    if reduction == "mean":
-        per = per.mean()
-    elif reduction == "sum":
-        per = per.sum()
-    return per.to(dtype)
+def _precompute(reduction, *tensors):
+    """Run the fused forward+backward in the forward (see autograd._FusedLoss)?"""
+    return (reduction != "none" and torch.is_grad_enabled()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
 
 
 def domain_fanout(features, weight, bias=None, *, backend=None):
@@ -85,9 +83,10 @@ def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=Fa
     if name == "reference":
         return _ref.domain_cross_entropy(features, weight, bias, domain, target, all_heads=all_heads,
                                          reduction=reduction, label_smoothing=label_smoothing)
-    per = _ag.DomainCrossEntropy.apply(impl, features, weight, bias, None if all_heads else domain, target,
-                                       bool(all_heads), float(label_smoothing))
-    return _finish(per, reduction, features.dtype)
+    loss = _ag.DomainCrossEntropy.apply(impl, features, weight, bias, None if all_heads else domain, target,
+                                        bool(all_heads), float(label_smoothing), reduction,
+                                        _precompute(reduction, features, weight, bias))
+    return loss.to(features.dtype)
 
 
 def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", backend=None):
@@ -109,8 +108,9 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     name, impl = _dispatch.select("head_agreement", device, backend)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
-    per = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind])
-    return _finish(per, reduction, features.dtype)
+    loss = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind], reduction,
+                                   _precompute(reduction, features, weight, bias))
+    return loss.to(features.dtype)
 
 
 def mapper_project(features, weight, bias=None, *, domain=None, residual=True, normalize=True, backend=None):
@@ -187,13 +187,10 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
         scale = logit_scale
     else:
         scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
-    per = _ag.CosineCrossEntropy.apply(impl, features, class_embeds, scale, target, bool(normalize),
-                                       float(label_smoothing), int(ignore_index))
-    if reduction == "mean":
-        per = per.sum() / (target != ignore_index).sum()
-    elif reduction == "sum":
-        per = per.sum()
-    return per.to(features.dtype)
+    loss = _ag.CosineCrossEntropy.apply(impl, features, class_embeds, scale, target, bool(normalize),
+                                        float(label_smoothing), int(ignore_index), reduction,
+                                        _precompute(reduction, features, class_embeds, scale))
+    return loss.to(features.dtype)
 
 
 def _check_smoothing(value):

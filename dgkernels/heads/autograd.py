@@ -2,16 +2,16 @@
 
 A backend implementation object (dgkernels.heads.cpp, dgkernels.heads.triton) provides
   fanout_forward(x, w, b) -> logits                     fanout_backward(g, x, w, has_bias) -> (gx, gw, gb)
-  dce_forward(x, w, b, domain, target, all_heads, ls) -> (per_sample, lse)
-  dce_backward(g, x, w, b, domain, target, lse, all_heads, ls) -> (gx, gw, gb)
-  agree_forward(x, w, b, kind) -> per_sample             agree_backward(g, x, w, b, kind) -> (gx, gw, gb)
+  dce_forward(x, w, b, domain, target, all_heads, ls) -> per_sample
+  dce_backward(g, x, w, b, domain, target, all_heads, ls) -> (gx, gw, gb, per_sample)
+  agree_forward(x, w, b, kind) -> per_sample             agree_backward(g, x, w, b, kind) -> (gx, gw, gb, per_sample)
   mapper_forward(x, w, b, domain, residual, normalize) -> (out, norm)
   mapper_backward(g, x, w, domain, out, norm, residual, normalize) -> (gx, gw, gb)
-  cosce_forward(x, c, scale, target, normalize, ls, ignore_index) -> (per_sample, lse)
-  cosce_backward(g, x, c, scale, target, lse, normalize, ls, ignore_index) -> (gx, gc, gscale)
-Per-sample losses come back in float32 (float64 for float64 inputs); api.py reduces them.
-Saved state is O(B) (log-sum-exp per row, norms) besides the inputs: the [B, D, K] and [B, K]
-logits are recomputed in the backward.
+  cosce_forward(x, c, scale, target, normalize, ls, ignore_index) -> per_sample
+  cosce_backward(g, x, c, scale, target, normalize, ls, ignore_index) -> (gx, gc, gscale, per_sample)
+g is the per-sample upstream gradient; the *_backward primitives recompute the logits and return
+the per-sample losses too (so they double as a fused forward+backward). Per-sample losses are
+float32 (float64 for float64 inputs). Nothing of size [B, D, K] or [B, K] is kept for the backward.
 """
 from __future__ import annotations
 
@@ -40,35 +40,102 @@ class DomainFanout(torch.autograd.Function):
         return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3] and ctx.has_bias)
 
 
-class DomainCrossEntropy(torch.autograd.Function):
+class _FusedLoss(torch.autograd.Function):
+    """Shared scheme of the three losses (domain CE, head agreement, cosine CE).
+
+    For reduction 'mean'/'sum' under autograd the per-sample upstream weights are known in the
+    forward (1/n or 1), so the forward runs the fused forward+backward kernel once (Liger's fused
+    linear cross-entropy trick): the backward only scales the stored gradients by the incoming
+    scalar, and the logits are built once instead of twice. Otherwise (reduction 'none', or no
+    gradient wanted) the forward computes the losses only and the backward recomputes the logits.
+    Subclasses define `_forward(impl, args)`, `_backward(impl, g_rows, args)` and `_count(args)`.
+    """
+
+    @classmethod
+    def _run(cls, ctx, impl, args, reduction, precompute):
+        ctx.impl, ctx.reduction, ctx.precompute = impl, reduction, precompute
+        B = args[0].shape[0]
+        count = cls._count(args)
+        if precompute:
+            ones = torch.ones(B, dtype=_acc(args[0]), device=args[0].device)
+            rows = ones / count if reduction == "mean" else ones
+            *grads, per = cls._backward(impl, rows, args)
+            ctx.save_for_backward(*grads)
+        else:
+            per = cls._forward(impl, args)
+            ctx.save_for_backward(*[a if isinstance(a, torch.Tensor) else None for a in args])
+            ctx.plain = [None if isinstance(a, torch.Tensor) else a for a in args]
+        if reduction == "mean":
+            return per.sum() / count
+        return per.sum() if reduction == "sum" else per
+
+    @classmethod
+    def _grads(cls, ctx, g):
+        if ctx.precompute:
+            return [None if t is None else (g * t).to(t.dtype) for t in ctx.saved_tensors]
+        saved = ctx.saved_tensors
+        args = [p if p is not None else t for p, t in zip(ctx.plain, saved)]
+        B = args[0].shape[0]
+        if ctx.reduction == "none":
+            rows = g.contiguous()
+        else:
+            rows = g.expand(B).contiguous()
+            if ctx.reduction == "mean":
+                rows = rows / cls._count(args)
+        return list(cls._backward(ctx.impl, rows, args)[:-1])
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class DomainCrossEntropy(_FusedLoss):
     @staticmethod
-    def forward(ctx, impl, x, w, b, domain, target, all_heads, label_smoothing):
-        per, lse = impl.dce_forward(x, w, b, domain, target, all_heads, label_smoothing)
-        ctx.impl, ctx.all_heads, ctx.ls = impl, all_heads, label_smoothing
-        ctx.save_for_backward(x, w, b, domain, target, lse)
-        return per
+    def _count(args):
+        return args[0].shape[0]
+
+    @staticmethod
+    def _forward(impl, a):
+        return impl.dce_forward(*a)
+
+    @staticmethod
+    def _backward(impl, rows, a):
+        return impl.dce_backward(rows, *a)
+
+    @staticmethod
+    def forward(ctx, impl, x, w, b, domain, target, all_heads, label_smoothing, reduction, precompute):
+        return DomainCrossEntropy._run(ctx, impl, (x, w, b, domain, target, all_heads, label_smoothing),
+                                       reduction, precompute)
 
     @staticmethod
     def backward(ctx, g):
-        x, w, b, domain, target, lse = ctx.saved_tensors
-        gx, gw, gb = ctx.impl.dce_backward(g.contiguous(), x, w, b, domain, target, lse, ctx.all_heads, ctx.ls)
+        gx, gw, gb = DomainCrossEntropy._grads(ctx, g)
         n = ctx.needs_input_grad
-        return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3]), None, None, None, None
+        return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3]), None, None, None, None, None, None
 
 
-class HeadAgreement(torch.autograd.Function):
+class HeadAgreement(_FusedLoss):
     @staticmethod
-    def forward(ctx, impl, x, w, b, kind):
-        ctx.impl, ctx.kind = impl, kind
-        ctx.save_for_backward(x, w, b)
-        return impl.agree_forward(x, w, b, kind)
+    def _count(args):
+        return args[0].shape[0]
+
+    @staticmethod
+    def _forward(impl, a):
+        return impl.agree_forward(*a)
+
+    @staticmethod
+    def _backward(impl, rows, a):
+        return impl.agree_backward(rows, *a)
+
+    @staticmethod
+    def forward(ctx, impl, x, w, b, kind, reduction, precompute):
+        return HeadAgreement._run(ctx, impl, (x, w, b, kind), reduction, precompute)
 
     @staticmethod
     def backward(ctx, g):
-        x, w, b = ctx.saved_tensors
-        gx, gw, gb = ctx.impl.agree_backward(g.contiguous(), x, w, b, ctx.kind)
+        gx, gw, gb = HeadAgreement._grads(ctx, g)
         n = ctx.needs_input_grad
-        return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3]), None
+        return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3]), None, None, None
 
 
 class MapperProject(torch.autograd.Function):
@@ -88,18 +155,29 @@ class MapperProject(torch.autograd.Function):
         return None, _opt(gx, n[1]), _opt(gw, n[2]), _opt(gb, n[3] and ctx.has_bias), None, None, None
 
 
-class CosineCrossEntropy(torch.autograd.Function):
+class CosineCrossEntropy(_FusedLoss):
     @staticmethod
-    def forward(ctx, impl, x, c, scale, target, normalize, label_smoothing, ignore_index):
-        per, lse = impl.cosce_forward(x, c, scale, target, normalize, label_smoothing, ignore_index)
-        ctx.impl, ctx.normalize, ctx.ls, ctx.ii = impl, normalize, label_smoothing, ignore_index
-        ctx.save_for_backward(x, c, scale, target, lse)
-        return per
+    def _count(args):
+        target, ignore_index = args[3], args[6]
+        return (target != ignore_index).sum()
+
+    @staticmethod
+    def _forward(impl, a):
+        return impl.cosce_forward(*a)
+
+    @staticmethod
+    def _backward(impl, rows, a):
+        return impl.cosce_backward(rows, *a)
+
+    @staticmethod
+    def forward(ctx, impl, x, c, scale, target, normalize, label_smoothing, ignore_index, reduction, precompute):
+        ctx.scale_meta = (scale.shape, scale.dtype)
+        return CosineCrossEntropy._run(ctx, impl, (x, c, scale, target, normalize, label_smoothing, ignore_index),
+                                       reduction, precompute)
 
     @staticmethod
     def backward(ctx, g):
-        x, c, scale, target, lse = ctx.saved_tensors
-        gx, gc, gs = ctx.impl.cosce_backward(g.contiguous(), x, c, scale, target, lse, ctx.normalize, ctx.ls, ctx.ii)
+        gx, gc, gs = CosineCrossEntropy._grads(ctx, g)
         n = ctx.needs_input_grad
-        gs = gs.reshape(scale.shape).to(scale.dtype) if n[3] else None
-        return None, _opt(gx, n[1]), _opt(gc, n[2]), gs, None, None, None, None
+        gs = gs.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if n[3] else None
+        return None, _opt(gx, n[1]), _opt(gc, n[2]), gs, None, None, None, None, None, None

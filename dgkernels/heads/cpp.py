@@ -24,8 +24,8 @@ def dce_forward(x, w, b, domain, target, all_heads, ls):
     return _ops().heads_dce_forward(x, w, b, domain, target, all_heads, ls)
 
 
-def dce_backward(g, x, w, b, domain, target, lse, all_heads, ls):
-    return _ops().heads_dce_backward(g, x, w, b, domain, target, lse, all_heads, ls)
+def dce_backward(g, x, w, b, domain, target, all_heads, ls):
+    return _ops().heads_dce_backward(g, x, w, b, domain, target, all_heads, ls)
 
 
 def agree_forward(x, w, b, kind):
@@ -48,12 +48,16 @@ def cosce_forward(x, c, scale, target, normalize, ls, ignore_index):
     return _ops().heads_cosce_forward(x, c, scale, target, normalize, ls, ignore_index)
 
 
-def cosce_backward(g, x, c, scale, target, lse, normalize, ls, ignore_index):
-    return _ops().heads_cosce_backward(g, x, c, scale, target, lse, normalize, ls, ignore_index)
+def cosce_backward(g, x, c, scale, target, normalize, ls, ignore_index):
+    return _ops().heads_cosce_backward(g, x, c, scale, target, normalize, ls, ignore_index)
 
 
 def _acc(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _per(x):
+    return x.new_empty((x.shape[0],), dtype=_acc(x))
 
 
 def register_fakes():
@@ -72,13 +76,11 @@ def register_fakes():
 
     @reg("dgkernels::heads_dce_forward")
     def _(x, w, b, domain, target, all_heads, ls):
-        B = x.shape[0]
-        lse = x.new_empty((B, w.shape[0]) if all_heads else (B,), dtype=_acc(x))
-        return x.new_empty((B,), dtype=_acc(x)), lse
+        return x.new_empty((x.shape[0],), dtype=_acc(x))
 
     @reg("dgkernels::heads_dce_backward")
-    def _(g, x, w, b, domain, target, lse, all_heads, ls):
-        return _grads3(x, w)
+    def _(g, x, w, b, domain, target, all_heads, ls):
+        return (*_grads3(x, w), _per(x))
 
     @reg("dgkernels::heads_agree_forward")
     def _(x, w, b, kind):
@@ -86,7 +88,7 @@ def register_fakes():
 
     @reg("dgkernels::heads_agree_backward")
     def _(g, x, w, b, kind):
-        return _grads3(x, w)
+        return (*_grads3(x, w), _per(x))
 
     @reg("dgkernels::heads_mapper_forward")
     def _(x, w, b, domain, residual, normalize):
@@ -98,9 +100,8 @@ def register_fakes():
 
     @reg("dgkernels::heads_cosce_forward")
     def _(x, c, scale, target, normalize, ls, ignore_index):
-        B = x.shape[0]
-        return x.new_empty((B,), dtype=_acc(x)), x.new_empty((B,), dtype=_acc(x))
+        return _per(x)
 
     @reg("dgkernels::heads_cosce_backward")
-    def _(g, x, c, scale, target, lse, normalize, ls, ignore_index):
-        return x.new_empty(x.shape), c.new_empty(c.shape), scale.new_empty(scale.shape)
+    def _(g, x, c, scale, target, normalize, ls, ignore_index):
+        return x.new_empty(x.shape), c.new_empty(c.shape), scale.new_empty(scale.shape), _per(x)
