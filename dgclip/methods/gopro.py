@@ -106,9 +106,14 @@ class GOPro(Method):
         missing = [v for v in VIEWS if v not in views]
         if missing:
             raise ValueError(f"GOPro needs the views {VIEWS} in batch.images (built by make_train_transform); missing {missing}")
+        return self.losses_from_features(self.features(torch.cat([views[v] for v in VIEWS])), labels)
+
+    def losses_from_features(self, feats: ImageFeatures, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """feats: frozen features of the 3B views stacked as [original; moco; augmix]."""
         b = labels.shape[0]
-        feats = self.features(torch.cat([views[v] for v in VIEWS]))  # one frozen forward for 3B images
-        text = self.text_features(feats).view(3, b, self.num_classes, -1)  # 3 x B x K prompts
+        if feats.pooled.shape[0] != 3 * b:
+            raise ValueError(f"expected features of 3 x {b} views, got {feats.pooled.shape[0]} rows")
+        text = self.text_features(feats).view(3, b, self.num_classes, -1)  # 3 x B x K prompts in one call
         pooled = feats.pooled.view(3, b, -1)
         proj_o, proj_m = self.projector(pooled[0]), self.projector(pooled[1])  # BatchNorm statistics per view
         image_o = proj_o if self.hparams["projector_feeds_logits"] else pooled[0]
