@@ -192,6 +192,20 @@ def test_gpu_matches_reference(op, case, dtype, backend):
     compare(op, case, backend, dtype, noncontig=dtype == torch.float32, device="cuda")
 
 
+# Triton cosine CE: several row/class blocks of the fused kernels (16 rows x 32 classes), and the
+# row-tile fallback for features wider than 512.
+TRITON_COSINE = [
+    {"B": 37, "K": 70, "F": 21, "ignore": True, "label_smoothing": 0.1},
+    {"B": 3, "K": 5, "F": 530},
+]
+
+
+@pytest.mark.parametrize("case", TRITON_COSINE, ids=["blocks", "wide"])
+def test_triton_cosine_blocks_and_fallback(case):
+    _skip_unless("triton")
+    compare("cosine_cross_entropy", case, "triton", torch.float32)
+
+
 # ---- the reference itself ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ls", [0.0, 0.15])
