@@ -377,3 +377,16 @@ def test_all_ignored_mean_is_nan_like_torch():
     t = torch.full((3,), -100)
     for backend in ["reference"] + (["cpp"] if _available("cpp") else []):
         assert torch.isnan(dgkernels.cosine_cross_entropy(x, c, 2.0, t, backend=backend))
+
+
+def test_triton_refuses_float64_and_auto_falls_back(monkeypatch):
+    x, w, b = (t.double() for t in _heads(4, 3, 5, 6))
+    if _available("triton"):
+        with pytest.raises(dgkernels.BackendUnavailableError, match="float64"):
+            dgkernels.domain_fanout(x, w, b, backend="triton")
+    from dgkernels.heads import api
+    monkeypatch.setattr(api._dispatch, "select", lambda op, device, backend=None: ("triton", None))
+    name, _ = api._select("domain_fanout", x.device, None, torch.float64)
+    assert name in ("cuda", "reference")
+    name, _ = api._select("head_agreement", x.device, None, torch.float32, "too big")
+    assert name in ("cuda", "reference")
