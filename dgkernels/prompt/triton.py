@@ -1,0 +1,587 @@
+"""Triton backend of the prompt ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+Kernels
+  _assemble_kernel       out[t] = src[src_index[t]].to(out) + pos[pos_index[t]] (pos pre-cast, [C, W])
+  _index_add_rows_kernel out[index[t]] += grad[t] in float32 (atomics; backward of the gathers)
+  _attn_fwd_kernel       shared-prefix causal attention, one program per (sequence, head, query block):
+                         online softmax over the group's prefix key blocks, then its own causal blocks
+  _attn_bwd_dq_kernel    dq per (sequence, head, query block), recomputing P from the saved lse
+  _attn_bwd_dkv_kernel   dk/dv per (sequence, head, key block); prefix key blocks add into the
+                         group's float32 dkp/dvp with atomics (K sequences share one prefix)
+  _head_fwd_kernel       EOT gather + LayerNorm (float32) + projection (tl.dot) + L2 normalisation
+  _head_bwd_gz_kernel    backward of the normalisation; the two GEMMs of the projection backward
+                         run in torch (cuBLAS), then
+  _head_bwd_ln_kernel    LayerNorm backward scattered straight into the EOT rows of dx
+
+Float64 is not a Triton path here (the cpp/cuda and reference backends take it). Head dims up to
+128 (ViT-B/L text towers: 64). Every launch configuration is in COMPILE_SPECS.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_compile import CompileSpec
+from .autograd import backend_ops
+
+BLOCK_M = 16  # query block
+BLOCK_N = 16  # key block
+BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
+HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
+ROW_BLOCK_W = 256  # column block of the row-copy kernels
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# assembly and its backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _assemble_kernel(SRC, SIDX, POS, PIDX, OUT, W, BLOCK_W: tl.constexpr):
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = cols < W
+    s = tl.load(SIDX + r).to(tl.int64)
+    p = tl.load(PIDX + r).to(tl.int64)
+    # round src to the output dtype first (as open_clip casts before adding), add in float32
+    a = tl.load(SRC + s * W + cols, mask=ok, other=0.0).to(OUT.dtype.element_ty).to(tl.float32)
+    b = tl.load(POS + p * W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + r.to(tl.int64) * W + cols, (a + b).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _index_add_rows_kernel(G, IDX, OUT, W, BLOCK_W: tl.constexpr):
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = cols < W
+    i = tl.load(IDX + r).to(tl.int64)
+    g = tl.load(G + r.to(tl.int64) * W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.atomic_add(OUT + i * W + cols, g, mask=ok)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    # WIDEN only under TRITON_INTERPRET with bfloat16: the interpreter's tl.dot misreads bfloat16
+    # operands, so they are widened first (exact: bf16 products fit in float32).
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared-prefix attention
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
+                     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
+                     H, LP, DIM, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    r0 = tl.load(START + seq).to(tl.int64)
+    length = tl.load(LEN + seq).to(tl.int32)
+    g = tl.load(GROUP + seq).to(tl.int64)
+    if mb * BLOCK_M < length:
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < length
+        d_ok = offs_d < DIM
+        q = tl.load(Q + (r0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # keys of the shared prefix: all visible
+        for n0 in range(0, LP, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < LP
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
+            s = tl.where(c_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
+            m_i = m_new
+        # the sequence's own keys up to the query (causal)
+        for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < length
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
+            s = tl.where(c_ok[None, :] & (cols[None, :] <= offs_m[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        rows = r0 + offs_m
+        tl.store(OUT + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + rows * H + h, m_i + tl.log(l_i), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
+                        s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
+                        H, LP, DIM, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    r0 = tl.load(START + seq).to(tl.int64)
+    length = tl.load(LEN + seq).to(tl.int32)
+    g = tl.load(GROUP + seq).to(tl.int64)
+    if mb * BLOCK_M < length:
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < length
+        d_ok = offs_d < DIM
+        qmask = m_ok[:, None] & d_ok[None, :]
+        rows = r0 + offs_m
+        q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
+        o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, LP, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < LP
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
+            p = tl.where(c_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+        for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < length
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
+            vis = c_ok[None, :] & m_ok[:, None] & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+        tl.store(DQ + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
+                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
+                         H, LP, DIM, scale, n_prefix_blocks,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    kb = tl.program_id(2)
+    r0 = tl.load(START + seq).to(tl.int64)
+    length = tl.load(LEN + seq).to(tl.int32)
+    g = tl.load(GROUP + seq).to(tl.int64)
+    is_prefix = kb < n_prefix_blocks
+    own0 = (kb - n_prefix_blocks) * BLOCK_N  # first own key of this block (if not prefix)
+    if is_prefix or own0 < length:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < DIM
+        if is_prefix:
+            cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            c_ok = cols < LP
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
+            q_first = kb * 0
+        else:
+            cols = own0 + tl.arange(0, BLOCK_N)
+            c_ok = cols < length
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            q_first = (own0 // BLOCK_M) * BLOCK_M
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for m0 in range(q_first, length, BLOCK_M):
+            qi = m0 + offs_m
+            m_ok = qi < length
+            qmask = m_ok[:, None] & d_ok[None, :]
+            rows = r0 + qi
+            q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
+            o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
+            lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale  # [BM, BN]
+            vis = m_ok[:, None] & c_ok[None, :]
+            if not is_prefix:
+                vis = vis & (cols[None, :] <= qi[:, None])
+            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
+            ds = p * (dp - delta[:, None])
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, WIDEN)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, WIDEN)
+        dk = dk * scale
+        if is_prefix:
+            dst = (g * LP + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
+            tl.atomic_add(DKP + dst, dk, mask=kv_mask)
+            tl.atomic_add(DVP + dst, dv, mask=kv_mask)
+        else:
+            dst = (r0 + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
+            tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# EOT head
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, eps, normalize,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, BLOCK_E)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        ck = k0 + offs_k
+        x = tl.load(X + rows[:, None] * W + ck[None, :], mask=n_ok[:, None] & (ck[None, :] < W), other=0.0)
+        total += tl.sum(x.to(tl.float32), axis=1)
+    mean = total / W
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        ck = k0 + offs_k
+        ok = n_ok[:, None] & (ck[None, :] < W)
+        x = tl.load(X + rows[:, None] * W + ck[None, :], mask=ok, other=0.0).to(tl.float32)
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        sq += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / W + eps)
+    tl.store(MEAN + offs_n, mean, mask=n_ok)
+    tl.store(RSTD + offs_n, rstd, mask=n_ok)
+    sumsq = tl.zeros([BLOCK_N], tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        ce = e0 + offs_e
+        e_ok = ce < E
+        acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        for k0 in range(0, W, BLOCK_K):
+            ck = k0 + offs_k
+            k_ok = ck < W
+            ok = n_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + rows[:, None] * W + ck[None, :], mask=ok, other=0.0).to(tl.float32)
+            lw = tl.load(LNW + ck, mask=k_ok, other=0.0)
+            lb = tl.load(LNB + ck, mask=k_ok, other=0.0)
+            y = tl.where(ok, (x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0)
+            if e0 == 0:
+                tl.store(Y + offs_n[:, None] * W + ck[None, :], y, mask=ok)
+            pw = tl.load(P + ck[:, None] * E + ce[None, :], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+            acc += tl.dot(y, pw, input_precision=PREC)
+        acc += tl.load(PB + ce, mask=e_ok, other=0.0)[None, :]
+        acc = tl.where(n_ok[:, None] & e_ok[None, :], acc, 0.0)
+        tl.store(Z + offs_n[:, None] * E + ce[None, :], acc, mask=n_ok[:, None] & e_ok[None, :])
+        sumsq += tl.sum(acc * acc, axis=1)
+    den = tl.where(normalize != 0, tl.maximum(tl.sqrt(sumsq), 1e-12), 1.0)
+    for e0 in range(0, E, BLOCK_E):
+        ce = e0 + offs_e
+        ok = n_ok[:, None] & (ce[None, :] < E)
+        z = tl.load(Z + offs_n[:, None] * E + ce[None, :], mask=ok, other=0.0)
+        tl.store(OUT + offs_n[:, None] * E + ce[None, :], (z / den[:, None]).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _head_bwd_gz_kernel(GO, Z, GZ, N, E, normalize, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_e = tl.arange(0, BLOCK_E)
+    sumsq = tl.zeros([BLOCK_N], tl.float32)
+    radial = tl.zeros([BLOCK_N], tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        ce = e0 + offs_e
+        ok = n_ok[:, None] & (ce[None, :] < E)
+        z = tl.load(Z + offs_n[:, None] * E + ce[None, :], mask=ok, other=0.0)
+        go = tl.load(GO + offs_n[:, None] * E + ce[None, :], mask=ok, other=0.0).to(tl.float32)
+        sumsq += tl.sum(z * z, axis=1)
+        radial += tl.sum(z * go, axis=1)
+    nrm = tl.sqrt(sumsq)
+    den = tl.maximum(nrm, 1e-12)
+    radial = tl.where(nrm > 1e-12, radial / den, 0.0)  # o . g with o = z / den (the norm's own term)
+    for e0 in range(0, E, BLOCK_E):
+        ce = e0 + offs_e
+        ok = n_ok[:, None] & (ce[None, :] < E)
+        z = tl.load(Z + offs_n[:, None] * E + ce[None, :], mask=ok, other=0.0)
+        go = tl.load(GO + offs_n[:, None] * E + ce[None, :], mask=ok, other=0.0).to(tl.float32)
+        gz = tl.where(normalize != 0, (go - z / den[:, None] * radial[:, None]) / den[:, None], go)
+        tl.store(GZ + offs_n[:, None] * E + ce[None, :], gz, mask=ok)
+
+
+@triton.jit
+def _head_bwd_ln_kernel(GY, X, ROWS, LNW, MEAN, RSTD, DX, N, W, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
+    mean = tl.load(MEAN + offs_n, mask=n_ok, other=0.0)
+    rstd = tl.load(RSTD + offs_n, mask=n_ok, other=0.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    m1 = tl.zeros([BLOCK_N], tl.float32)
+    m2 = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, W, BLOCK_K):
+        ck = k0 + offs_k
+        k_ok = ck < W
+        ok = n_ok[:, None] & k_ok[None, :]
+        x = tl.load(X + rows[:, None] * W + ck[None, :], mask=ok, other=0.0).to(tl.float32)
+        gy = tl.load(GY + offs_n[:, None] * W + ck[None, :], mask=ok, other=0.0)
+        lw = tl.load(LNW + ck, mask=k_ok, other=0.0)
+        gh = gy * lw[None, :]
+        xh = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        m1 += tl.sum(gh, axis=1)
+        m2 += tl.sum(gh * xh, axis=1)
+    m1 = m1 / W
+    m2 = m2 / W
+    for k0 in range(0, W, BLOCK_K):
+        ck = k0 + offs_k
+        k_ok = ck < W
+        ok = n_ok[:, None] & k_ok[None, :]
+        x = tl.load(X + rows[:, None] * W + ck[None, :], mask=ok, other=0.0).to(tl.float32)
+        gy = tl.load(GY + offs_n[:, None] * W + ck[None, :], mask=ok, other=0.0)
+        lw = tl.load(LNW + ck, mask=k_ok, other=0.0)
+        xh = (x - mean[:, None]) * rstd[:, None]
+        dx = rstd[:, None] * (gy * lw[None, :] - m1[:, None] - xh * m2[:, None])
+        tl.store(DX + rows[:, None] * W + ck[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile specs: every kernel x dtype x block variant the launchers below can use
+# ---------------------------------------------------------------------------------------------
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _attn_sig(t: str, kernel: str) -> dict:
+    ptrs = {"fwd": ("Q", "K", "V", "KP", "VP", "OUT"),
+            "dq": ("Q", "K", "V", "KP", "VP", "O", "DO", "DQ"),
+            "dkv": ("Q", "K", "V", "KP", "VP", "O", "DO", "DK", "DV")}[kernel]
+    sig = {}
+    order = {"fwd": ["Q", "K", "V", "KP", "VP", "OUT", "LSE"],
+             "dq": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DQ"],
+             "dkv": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DK", "DV", "DKP", "DVP"]}[kernel]
+    for name in order:
+        sig[name] = f"*{t}" if name in ptrs else "*fp32"
+    sig.update({"START": "*i64", "LEN": "*i64", "GROUP": "*i64"})
+    for name in ("s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_kpg", "s_kpl", "s_kph", "s_vpg", "s_vpl", "s_vph",
+                 "H", "LP", "DIM"):
+        sig[name] = "i32"
+    sig["scale"] = "fp32"
+    if kernel == "dkv":
+        sig["n_prefix_blocks"] = "i32"
+    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "WIDEN")})
+    return sig
+
+
+def _specs() -> list[CompileSpec]:
+    specs = []
+    for dtype, t in _TL.items():
+        for src_t in _TL.values():
+            specs.append(CompileSpec(f"prompt_assemble[{src_t}->{t}]", _assemble_kernel,
+                                     {"SRC": f"*{src_t}", "SIDX": "*i64", "POS": f"*{t}", "PIDX": "*i64",
+                                      "OUT": f"*{t}", "W": "i32", "BLOCK_W": "constexpr"},
+                                     {"BLOCK_W": ROW_BLOCK_W}))
+        specs.append(CompileSpec(f"prompt_index_add_rows[{t}]", _index_add_rows_kernel,
+                                 {"G": f"*{t}", "IDX": "*i64", "OUT": "*fp32", "W": "i32", "BLOCK_W": "constexpr"},
+                                 {"BLOCK_W": ROW_BLOCK_W}))
+        for block_d in BLOCK_DS:
+            cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": _prec(dtype), "WIDEN": False}
+            for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel), ("dkv", _attn_bwd_dkv_kernel)):
+                specs.append(CompileSpec(f"prompt_attn_{kernel}[{t},D{block_d}]", fn, _attn_sig(t, kernel), dict(cx)))
+        specs.append(CompileSpec(
+            f"prompt_head_fwd[{t}]", _head_fwd_kernel,
+            {"X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "LNB": "*fp32", "P": "*fp32", "PB": "*fp32",
+             "OUT": f"*{t}", "Y": "*fp32", "Z": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "N": "i32", "W": "i32",
+             "E": "i32", "eps": "fp32", "normalize": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+             "BLOCK_E": "constexpr", "PREC": "constexpr"},
+            {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": "ieee"}))
+        specs.append(CompileSpec(
+            f"prompt_head_bwd_gz[{t}]", _head_bwd_gz_kernel,
+            {"GO": f"*{t}", "Z": "*fp32", "GZ": "*fp32", "N": "i32", "E": "i32", "normalize": "i32",
+             "BLOCK_N": "constexpr", "BLOCK_E": "constexpr"},
+            {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_E": HEAD_BLOCK_E}))
+        specs.append(CompileSpec(
+            f"prompt_head_bwd_ln[{t}]", _head_bwd_ln_kernel,
+            {"GY": "*fp32", "X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+             "DX": f"*{t}", "N": "i32", "W": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K}))
+    return specs
+
+
+COMPILE_SPECS: list[CompileSpec] = _specs()
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (the primitives of autograd.backend_ops)
+# ---------------------------------------------------------------------------------------------
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _TL:
+        raise TypeError(f"the triton backend runs float32/bfloat16/float16; {name} is {t.dtype} "
+                        "(use backend='cpp', 'cuda' or 'reference')")
+
+
+def assemble_fwd(src, src_index, pos, pos_index, dtype):
+    _check_dtype("src", src)
+    if dtype not in _TL:
+        raise TypeError(f"the triton backend runs float32/bfloat16/float16 activations, got {dtype}")
+    src = src.contiguous()
+    pos = pos.to(dtype).contiguous()  # small [C, W]: cast once, as open_clip casts it
+    t, w = src_index.numel(), src.shape[1]
+    out = torch.empty(t, w, dtype=dtype, device=src.device)
+    if t:
+        _assemble_kernel[(t, triton.cdiv(w, ROW_BLOCK_W))](src, src_index.long().contiguous(), pos,
+                                                          pos_index.long().contiguous(), out, w, BLOCK_W=ROW_BLOCK_W)
+    return out
+
+
+def index_add_rows(grad, index, rows):
+    _check_dtype("grad", grad)
+    grad = grad.contiguous()
+    w = grad.shape[1]
+    out = torch.zeros(rows, w, dtype=torch.float32, device=grad.device)
+    if grad.shape[0]:
+        _index_add_rows_kernel[(grad.shape[0], triton.cdiv(w, ROW_BLOCK_W))](grad, index.long().contiguous(), out, w,
+                                                                            BLOCK_W=ROW_BLOCK_W)
+    return out
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_d(dim: int) -> int:
+    for b in BLOCK_DS:
+        if dim <= b:
+            return b
+    raise ValueError(f"the triton prompt attention supports head dims up to {BLOCK_DS[-1]}, got {dim}")
+
+
+def _attn_meta(dtype, dim) -> dict:
+    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen)
+
+
+def _attn_common(q, k, v, kp, vp):
+    for name, t in (("q", q), ("k", k), ("v", v), ("kp", kp), ("vp", vp)):
+        _check_dtype(name, t)
+    q, k, v, kp, vp = (_unit_last(t) for t in (q, k, v, kp, vp))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2))
+    return q, k, v, kp, vp, strides
+
+
+def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale):
+    q, k, v, kp, vp, strides = _attn_common(q, k, v, kp, vp)
+    t, heads, dim = q.shape
+    out = torch.empty(t, heads, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, heads, dtype=torch.float32, device=q.device)
+    n = seq_len.numel()
+    grid = (n, heads, triton.cdiv(max_len, BLOCK_M))
+    _attn_fwd_kernel[grid](q, k, v, kp, vp, out, lse, seq_start.long().contiguous(), seq_len.long().contiguous(),
+                           seq_group.long().contiguous(), *strides, heads, kp.shape[1], dim, float(scale),
+                           **_attn_meta(q.dtype, dim))
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_group, max_len, scale):
+    q, k, v, kp, vp, strides = _attn_common(q, k, v, kp, vp)
+    t, heads, dim = q.shape
+    g, lp = kp.shape[0], kp.shape[1]
+    do = grad_out.to(q.dtype).contiguous()
+    out = out.contiguous()
+    st, ln, gr = seq_start.long().contiguous(), seq_len.long().contiguous(), seq_group.long().contiguous()
+    dq = torch.empty_like(out)
+    dk = torch.empty_like(out)
+    dv = torch.empty_like(out)
+    dkp = torch.zeros(g, lp, heads, dim, dtype=torch.float32, device=q.device)
+    dvp = torch.zeros_like(dkp)
+    n = seq_len.numel()
+    common = _attn_meta(q.dtype, dim)
+    _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
+        q, k, v, kp, vp, out, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
+    n_pb = triton.cdiv(lp, BLOCK_N)
+    _attn_bwd_dkv_kernel[(n, heads, n_pb + triton.cdiv(max_len, BLOCK_N))](
+        q, k, v, kp, vp, out, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
+        **common)
+    return dq, dk, dv, dkp.to(q.dtype), dvp.to(q.dtype)
+
+
+def _head_params(w, ln_w, ln_b, proj, proj_b, dev):
+    lw = torch.ones(w, device=dev) if ln_w is None else ln_w.float().contiguous()
+    lb = torch.zeros(w, device=dev) if ln_b is None else ln_b.float().contiguous()
+    p = torch.eye(w, device=dev) if proj is None else proj.float().contiguous()
+    e = p.shape[1]
+    pb = torch.zeros(e, device=dev) if proj_b is None else proj_b.float().contiguous()
+    return lw, lb, p, pb
+
+
+def head_fwd(x, rows, ln_w, ln_b, eps, proj, proj_b, normalize):
+    _check_dtype("x", x)
+    x = x.contiguous()
+    n, w = rows.numel(), x.shape[1]
+    lw, lb, p, pb = _head_params(w, ln_w, ln_b, proj, proj_b, x.device)
+    e = p.shape[1]
+    out = torch.empty(n, e, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, w, dtype=torch.float32, device=x.device)
+    z = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    mean = torch.empty(n, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _head_fwd_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](
+        x, rows.long().contiguous(), lw, lb, p, pb, out, y, z, mean, rstd, n, w, e, float(eps), int(bool(normalize)),
+        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC="ieee")
+    return out, y, z, mean, rstd
+
+
+def head_bwd(grad_out, x, rows, ln_w, eps, proj, y, z, mean, rstd, normalize):
+    x = x.contiguous()
+    n, w = rows.numel(), x.shape[1]
+    e = z.shape[1]
+    go = grad_out.contiguous()
+    gz = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    _head_bwd_gz_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](go, z, gz, n, e, int(bool(normalize)),
+                                                         BLOCK_N=HEAD_BLOCK_N, BLOCK_E=HEAD_BLOCK_E)
+    if proj is None:
+        gy, dproj = gz, torch.empty(0, device=x.device)
+    else:
+        p = proj.float()
+        gy, dproj = gz @ p.t(), y.t() @ gz
+    gy = gy.contiguous()
+    rows = rows.long().contiguous()
+    lw = torch.ones(w, device=x.device) if ln_w is None else ln_w.float().contiguous()
+    dx = torch.zeros_like(x)
+    _head_bwd_ln_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](gy, x, rows, lw, mean, rstd, dx, n, w,
+                                                         BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K)
+    xhat = (x.index_select(0, rows).float() - mean[:, None]) * rstd[:, None]
+    return dx, (gy * xhat).sum(0), gy.sum(0), dproj, gz.sum(0)
+
+
+PRIMS = SimpleNamespace(assemble=assemble_fwd, index_add_rows=index_add_rows, attention=attention_fwd,
+                        attention_backward=attention_bwd, head=head_fwd, head_backward=head_bwd)
+_OPS = backend_ops(PRIMS)
+assemble = _OPS.assemble
+prefix_attention = _OPS.prefix_attention
+eot_head = _OPS.eot_head
