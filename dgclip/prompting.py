@@ -5,8 +5,9 @@ for every class in ONE text-tower call, whatever the context shape:
   ctx [M, W]        -> [1, K, E]  (shared context, CoOp)
   ctx [G, M, W]     -> [G, K, E]  (one context per group: image (CoCoOp), domain (DPL))
   ctx [K, M, W] with class_specific=True, or [G, K, M, W] -> [G, K, E]
-It uses `dgkernels.PromptEncoder` when that op is available (same call contract) and otherwise a
-plain batched PyTorch path: frozen token embeddings of the class-name suffixes are computed once,
+It uses `dgkernels.PromptEncoder` when that op is available (same call contract; its backend is
+picked by dgkernels' dispatch, e.g. DGKERNELS_BACKEND=reference) and otherwise a plain batched
+PyTorch path: frozen token embeddings of the class-name suffixes are computed once,
 prompts are truncated to the longest EOT (exact under the causal mask), and no Python loop runs
 over classes or images.
 """
@@ -35,14 +36,30 @@ def init_context(backbone: CLIPBackbone, n_ctx: int, init_text: str | None = Non
     return torch.randn(n_ctx, width, generator=generator) * std
 
 
+def _dgkernels_encoder():
+    try:
+        import dgkernels
+
+        return getattr(dgkernels, "PromptEncoder", None)
+    except ImportError:  # pragma: no cover
+        return None
+
+
 class ClassPromptEncoder(nn.Module):
+    """Outputs are L2-normalised text features [G, K, E] (callers may normalise again)."""
+
     def __init__(self, backbone: CLIPBackbone, classnames: list[str], n_ctx: int, *,
-                 suffix_template: str = "{}."):
+                 suffix_template: str = "{}.", use_dgkernels: bool = True):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # frozen; not part of the state dict
         self.n_ctx = int(n_ctx)
         self.num_classes = len(classnames)
         model = backbone.model
+        self.kernel = None
+        fast = _dgkernels_encoder() if use_dgkernels else None
+        if fast is not None:
+            # shares the frozen tower's tensors, so Method.method_state_dict leaves them out
+            self.kernel = fast(model, list(classnames), backbone.tokenizer, template=suffix_template)
         placeholder = " ".join(["X"] * self.n_ctx)
         texts = [f"{placeholder} {suffix_template.format(c)}" for c in classnames]
         tokens = backbone.tokenize(texts)
@@ -58,6 +75,11 @@ class ClassPromptEncoder(nn.Module):
         self.length = length
 
     def forward(self, ctx: torch.Tensor, *, class_specific: bool = False) -> torch.Tensor:
+        if self.kernel is not None:
+            if ctx.shape[-2] != self.n_ctx:
+                raise ValueError(f"ctx must have M={self.n_ctx} context vectors, got {tuple(ctx.shape)}")
+            with self.backbone.autocast():
+                return self.kernel(ctx, class_specific=class_specific).float()
         K, M = self.num_classes, self.n_ctx
         if class_specific:
             if ctx.dim() == 3:
@@ -75,7 +97,7 @@ class ClassPromptEncoder(nn.Module):
         prompts = torch.cat([self.prefix.expand(G, -1, -1, -1).to(ctx.dtype), ctx,
                              self.suffix.expand(G, -1, -1, -1).to(ctx.dtype)], dim=2)  # [G, K, L, W]
         feats = self._encode(prompts.reshape(G * K, self.length, -1), self.eot.repeat(G))
-        return feats.view(G, K, -1)
+        return nn.functional.normalize(feats.view(G, K, -1), dim=-1)
 
     def _encode(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         model = self.backbone.model

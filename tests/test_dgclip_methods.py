@@ -82,9 +82,13 @@ def test_dpl_domain_mean_matches_loop(backbone):
 def test_prompt_encoder_matches_encode_text(backbone):
     from dgclip.prompting import ClassPromptEncoder, init_context
 
+    import torch.nn.functional as F
+
     enc = ClassPromptEncoder(backbone, NAMES, 4)
     out = enc(init_context(backbone, 4, "a photo of a"))[0]
-    ref = backbone.encode_text([f"a photo of a {n}." for n in NAMES])
+    ref = F.normalize(backbone.encode_text([f"a photo of a {n}." for n in NAMES]), dim=-1)
+    fallback = ClassPromptEncoder(backbone, NAMES, 4, use_dgkernels=False)
+    torch.testing.assert_close(fallback(init_context(backbone, 4, "a photo of a"))[0], ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     ctx = torch.randn(3, 4, 64)
     many = enc(ctx)
