@@ -2,6 +2,8 @@
 written once per session into a temporary root."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -25,4 +27,7 @@ def backbone(cache_dir):
     from dgclip.backbone import load_backbone
 
     torch.manual_seed(0)
-    return load_backbone("tiny-digits", "none", cache_dir=cache_dir)
+    bb = load_backbone("tiny-digits", "none", cache_dir=cache_dir)
+    with torch.no_grad():  # a trained CLIP's temperature, so random-weight logits are not flat
+        bb.model.logit_scale.fill_(math.log(100.0))
+    return bb

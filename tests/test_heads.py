@@ -77,9 +77,10 @@ def build(op, case):
     raise KeyError(op)
 
 
-def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1):
+def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1, device="cpu"):
     """Output and gradients of sum(out * r) w.r.t. the differentiable args (r fixed random)."""
     leaves = []
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     call = []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
@@ -88,25 +89,26 @@ def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1):
                               (torch.float64 if dtype == torch.float64 else torch.float32))
             if noncontig and t.dim() >= 1:
                 t = _noncontig(t)
+            t = t.to(device)
             if i in diff:
                 t.requires_grad_(True)
                 leaves.append(t)
             call.append(t)
         else:
-            call.append(a)
+            call.append(a.to(device) if isinstance(a, torch.Tensor) else a)
     out = getattr(dgkernels, op)(*call, **kwargs, backend=backend)
     g = torch.Generator().manual_seed(seed)
-    r = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    r = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device, out.dtype)
     grads = torch.autograd.grad((out * r).sum(), leaves)
-    return out, grads
+    return out.cpu(), [t.cpu() for t in grads]
 
 
-def compare(op, case, backend, dtype, noncontig=False):
+def compare(op, case, backend, dtype, noncontig=False, device="cpu"):
     torch.manual_seed(case.get("seed", 0))
     args, kwargs, diff = build(op, case)
     exp_out, exp_g = run(op, args, kwargs, diff, torch.float64, "reference")
-    base_out, base_g = run(op, args, kwargs, diff, dtype, "reference")
-    out, grads = run(op, args, kwargs, diff, dtype, backend, noncontig=noncontig)
+    base_out, base_g = run(op, args, kwargs, diff, dtype, "reference", device=device)
+    out, grads = run(op, args, kwargs, diff, dtype, backend, noncontig=noncontig, device=device)
     assert out.dtype == base_out.dtype, (out.dtype, base_out.dtype)
     assert_close_to_fp64(out, exp_out, base_out, dtype=dtype, name=f"{op} value")
     for k, (a, e, bl) in enumerate(zip(grads, exp_g, base_g)):
@@ -150,13 +152,14 @@ def test_cpp_noncontiguous(op, case):
     compare(op, case, "cpp", torch.float32, noncontig=True)
 
 
-# Several row blocks (C++ tiles hold 2**18 logits: 151 rows at D*K = 1725, 759 rows at K = 345).
+# Several row blocks (C++ tiles: max(1024, 2**20 // logits per row) rows: 1024 at D*K = 1725,
+# 3039 at K = 345).
 BIG = [
-    ("domain_cross_entropy", {"B": 401, "D": 5, "K": 345, "F": 8, "all_heads": True}),
-    ("domain_cross_entropy", {"B": 1701, "D": 2, "K": 345, "F": 8, "label_smoothing": 0.1}),
-    ("head_agreement", {"B": 401, "D": 5, "K": 345, "F": 8}),
-    ("head_agreement", {"B": 401, "D": 5, "K": 345, "F": 8, "kind": "sym_kl"}),
-    ("cosine_cross_entropy", {"B": 1601, "K": 345, "F": 8, "ignore": True}),
+    ("domain_cross_entropy", {"B": 1100, "D": 5, "K": 345, "F": 4, "all_heads": True}),
+    ("domain_cross_entropy", {"B": 6200, "D": 2, "K": 345, "F": 4, "label_smoothing": 0.1}),
+    ("head_agreement", {"B": 1100, "D": 5, "K": 345, "F": 4}),
+    ("head_agreement", {"B": 1100, "D": 5, "K": 345, "F": 4, "kind": "sym_kl"}),
+    ("cosine_cross_entropy", {"B": 3100, "K": 345, "F": 4, "ignore": True}),
     ("cosine_cross_entropy", {"B": 64, "K": 1500, "F": 8, "per_sample": True}),
 ]
 
@@ -174,10 +177,19 @@ TRITON_CASES = [(op, dict(c, B=5)) for op, c in CASES if not c.get("D") == 5]
 @pytest.mark.parametrize("op,case", TRITON_CASES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(TRITON_CASES)])
 def test_triton_matches_reference(op, case, dtype):
     _skip_unless("triton")
-    import importlib.util
-    if importlib.util.find_spec("dgkernels.heads.triton") is None:  # TEMP until the Triton backend lands
-        pytest.skip("heads Triton backend not written yet")
     compare(op, case, "triton", dtype, noncontig=dtype == torch.float32)
+
+
+GPU_CASES = CASES + [(op, dict(c, B=300, K=345, D=5, F=512)) for op, c in CASES if op != "mapper_project"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,case", GPU_CASES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(GPU_CASES)])
+def test_gpu_matches_reference(op, case, dtype, backend):
+    _skip_unless(backend)
+    compare(op, case, backend, dtype, noncontig=dtype == torch.float32, device="cuda")
 
 
 # ---- the reference itself ------------------------------------------------------------------------

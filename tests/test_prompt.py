@@ -237,3 +237,17 @@ def test_bad_inputs_raise_clear_errors():
         dgkernels.encode_text(model, tok[:0])
     with pytest.raises(ValueError, match="K = 4"):
         dgkernels.PromptEncoder(model, CLASSES)(torch.randn(3, 2, 32), class_specific=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_float64_end_to_end_and_gradcheck(backend):
+    if dgkernels.explain("prompt_prefix_attention")[backend]:
+        pytest.skip(dgkernels.explain("prompt_prefix_attention")[backend])
+    twin = pm.fp64_twin("tiny")
+    prefix, suffix, lengths = _prompt_inputs(g=2, k=3, lp=3, ls=4, lengths=[4, 1, 2])
+    out = dgkernels.encode_prompts(twin, prefix, suffix, lengths, backend=backend)
+    assert rel_error(out, naive_encode_prompts(twin, prefix, suffix, lengths)) < 1e-12
+    p = prefix[:1, :2].clone().requires_grad_()
+    s = suffix[:2, :2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: dgkernels.encode_prompts(twin, a, b, torch.tensor([2, 1]), backend=backend), (p, s))

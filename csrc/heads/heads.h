@@ -21,7 +21,10 @@ namespace heads {
 using at::Tensor;
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-constexpr int64_t kTileElems = int64_t(1) << 18;  // logits per tile (1 MiB in float32)
+// Logit tiles: about 2**20 elements (4 MiB in float32) but at least kMinTileRows rows, since
+// thinner GEMMs run far below peak (measured on the 2-core dev box: 8 GF/s at 150 rows, 23 at 1024).
+constexpr int64_t kTileElems = int64_t(1) << 20;
+constexpr int64_t kMinTileRows = 1024;
 constexpr double kNormEps = 1e-12;                 // F.normalize's eps
 
 inline at::ScalarType acc_type(const Tensor& t) {
@@ -29,7 +32,8 @@ inline at::ScalarType acc_type(const Tensor& t) {
 }
 inline Tensor to_acc(const Tensor& t) { return t.to(acc_type(t)).contiguous(); }
 inline int64_t tile_rows(int64_t per_row, int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(rows, 1), kTileElems / std::max<int64_t>(per_row, 1)));
+  const int64_t want = std::max<int64_t>(kMinTileRows, kTileElems / std::max<int64_t>(per_row, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, want));
 }
 
 // Samples grouped by domain: order[i] = original row of sorted row i; offsets on the host (one

@@ -31,8 +31,20 @@ MAX_D = 512
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    # DOT_F32 is set only under TRITON_INTERPRET for bfloat16 inputs: the interpreter's tl.dot
+    # misreads bfloat16 operands, so they are widened first (exact: bf16 products fit in fp32,
+    # which is what the tensor cores compute). Compiled kernels always take the first branch.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _lse_fwd_kernel(Q, K, LSE, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd, scale, exclude_diag,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                    DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -45,7 +57,7 @@ def _lse_fwd_kernel(Q, K, LSE, N, M, D, stride_qn, stride_qd, stride_kn, stride_
         cols = c0 + tl.arange(0, BLOCK_N)
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(cols[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = _dot(q, tl.trans(k), PREC, DOT_F32) * scale
         drop = (cols[None, :] >= M) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
         s = tl.where(drop, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -59,7 +71,8 @@ def _lse_fwd_kernel(Q, K, LSE, N, M, D, stride_qn, stride_qd, stride_kn, stride_
 @triton.jit
 def _lse_bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, DQ, DS_PART, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
                     scale, exclude_diag, use_r, use_c,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                    DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -76,7 +89,7 @@ def _lse_bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, DQ, DS_PART, N, M, D, stride_q
         col_ok = cols < M
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        s = _dot(q, tl.trans(k), PREC, DOT_F32) * scale
         drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
         s = tl.where(drop, float("-inf"), s)
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -86,7 +99,7 @@ def _lse_bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, DQ, DS_PART, N, M, D, stride_q
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)
             w_c = tl.load(W_C + cols, mask=col_ok, other=0.0)
             g += w_c[None, :] * tl.exp(s - lse_c[None, :])
-        acc += tl.dot(g.to(k.dtype), k, input_precision=PREC)
+        acc += _dot(g.to(k.dtype), k, PREC, DOT_F32)
     tl.store(DS_PART + pid, tl.sum(tl.sum(q.to(tl.float32) * acc, axis=1), axis=0))
     tl.store(DQ + rows[:, None] * D + offs_d[None, :], acc * scale, mask=row_ok[:, None] & d_ok[None, :])
 
@@ -121,7 +134,7 @@ def _fwd_signature(t: str) -> dict:
     sig = {"Q": f"*{t}", "K": f"*{t}", "LSE": "*fp32"}
     sig.update({n: "i32" for n in ("N", "M", "D", "stride_qn", "stride_qd", "stride_kn", "stride_kd")})
     sig.update({"scale": "fp32", "exclude_diag": "i32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")})
+    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "DOT_F32")})
     return sig
 
 
@@ -130,7 +143,7 @@ def _bwd_signature(t: str) -> dict:
            "DQ": "*fp32", "DS_PART": "*fp32"}
     sig.update({n: "i32" for n in ("N", "M", "D", "stride_qn", "stride_qd", "stride_kn", "stride_kd")})
     sig.update({"scale": "fp32", "exclude_diag": "i32", "use_r": "i32", "use_c": "i32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")})
+    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "DOT_F32")})
     return sig
 
 
@@ -144,7 +157,7 @@ def _specs() -> list[CompileSpec]:
             dtypes = [torch.bfloat16] + ([torch.float32] if ieee else [])
             for dtype in dtypes:
                 t = _TL[dtype]
-                cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=_prec(dtype))
+                cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=_prec(dtype), DOT_F32=False)
                 tag = f"{t}_d{block_d}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
                 for name, kern, sig in (("contrastive_lse_fwd", _lse_fwd_kernel, _fwd_signature(t)),
                                         ("contrastive_lse_bwd", _lse_bwd_kernel, _bwd_signature(t))):
@@ -168,16 +181,18 @@ def _tuned(kernel_name: str, block_d: int):
     return triton.autotune(configs=configs, key=["N", "M", "D"])(kernel)
 
 
-def _launch(kernel_name: str, n: int, block_d: int, args: tuple, prec: str):
+def _launch(kernel_name: str, n: int, block_d: int, args: tuple, dtype):
+    prec = _prec(dtype)
     if _interpret():
         # The interpreter cannot time configs: run the first one (the others are compile-checked).
         cfg = _configs(block_d)[0]
         kernel = {"fwd": _lse_fwd_kernel, "bwd": _lse_bwd_kernel}[kernel_name]
         grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-        kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=prec)
+        kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=prec,
+                     DOT_F32=dtype == torch.bfloat16)
         return
     tuned = _tuned(kernel_name, block_d)
-    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, BLOCK_D=block_d, PREC=prec)
+    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, BLOCK_D=block_d, PREC=prec, DOT_F32=False)
 
 
 def _block_d(d: int) -> int:
@@ -202,7 +217,7 @@ def _rows_lse(q, k, scale, exclude_diag):
     n, d = q.shape
     out = torch.empty(n, dtype=torch.float32, device=q.device)
     args = (q, k, out, n, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, int(exclude_diag))
-    _launch("fwd", n, _block_d(d), args, _prec(q.dtype))
+    _launch("fwd", n, _block_d(d), args, q.dtype)
     return out
 
 
@@ -222,7 +237,7 @@ def _rows_grad(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c, use_r, use_c):
     ds_part = torch.zeros(triton.cdiv(n, block_m_min), dtype=torch.float32, device=q.device)
     args = (q, k, lse_r, lse_c, w_r, w_c, dq, ds_part, n, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), scale, int(exclude_diag), int(use_r), int(use_c))
-    _launch("bwd", n, _block_d(d), args, _prec(q.dtype))
+    _launch("bwd", n, _block_d(d), args, q.dtype)
     return dq, ds_part.sum()
 
 

@@ -12,7 +12,7 @@ for _op in OPS:
     _dispatch.register(_op, "cpp", _cpp)
     _dispatch.register(_op, "cuda", _cpp)
     _dispatch.register(_op, "triton", _triton)
-# TRITON_REGISTER
+_triton_compile.register_module("dgkernels.heads.triton")
 if _extension.load()[0]:
     _cpp.register_fakes()
 

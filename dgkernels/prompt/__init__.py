@@ -3,6 +3,18 @@
 Public: encode_text, encode_prompts, PromptEncoder. Three ops with per-backend implementations
 (registered with dgkernels._dispatch): prompt assembly + positional embedding, shared-prefix
 causal attention, EOT gather + ln_final + projection + L2 norm.
+
+Memory budget (ViT-B/16 text tower, W = 512, 12 layers; suffix = class name + "." + EOT, about
+5.5 tokens). Saved activations per packed token: about 10 W values per layer (LayerNorm inputs,
+q/k/v, attention output, the MLP's 4W hidden), i.e. ~240 KB float32 / ~120 KB bfloat16 per token;
+measured peak on CPU, float32, G=8 x K=65, M=4: 987 MiB plain, 333 MiB with chunk_size=130 and
+checkpoint=True (~1.9 MiB per sequence in flight).
+GOPro step (3 views x B=32 x K=65 = 6,240 sequences, M=4): the naive 77-token encoder keeps
+~480k tokens (over 100 GB float32: does not fit an 80 GB GPU); encode_prompts keeps ~34.8k
+tokens: ~12 GB float32 / ~6 GB bfloat16 unchunked, and with `chunk_size=512, checkpoint=True`
+a fixed ~1.1 GB float32 (~0.6 GB bfloat16): the chunk in flight (~1.9 MiB x 512) plus the packed
+suffix inputs (T x W) and the G prefixes' per-layer keys/values; the price is one extra suffix
+forward (about +30% time).
 """
 from .. import _dispatch, _triton_compile
 from . import cpp as _cpp

@@ -31,9 +31,10 @@ class Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps).to(x.dtype)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 LN for 16-bit
+        w = None if self.weight is None else self.weight.to(acc)
+        b = None if self.bias is None else self.bias.to(acc)
+        return F.layer_norm(x.to(acc), (x.shape[-1],), w, b, self.eps).to(x.dtype)
 
 
 @dataclass

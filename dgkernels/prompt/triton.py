@@ -18,6 +18,7 @@ Float64 is not a Triton path here (the cpp/cuda and reference backends take it).
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -45,9 +46,10 @@ def _assemble_kernel(SRC, SIDX, POS, PIDX, OUT, W, BLOCK_W: tl.constexpr):
     ok = cols < W
     s = tl.load(SIDX + r).to(tl.int64)
     p = tl.load(PIDX + r).to(tl.int64)
-    a = tl.load(SRC + s * W + cols, mask=ok, other=0.0).to(OUT.dtype.element_ty)
-    b = tl.load(POS + p * W + cols, mask=ok, other=0.0)
-    tl.store(OUT + r.to(tl.int64) * W + cols, a + b, mask=ok)
+    # round src to the output dtype first (as open_clip casts before adding), add in float32
+    a = tl.load(SRC + s * W + cols, mask=ok, other=0.0).to(OUT.dtype.element_ty).to(tl.float32)
+    b = tl.load(POS + p * W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + r.to(tl.int64) * W + cols, (a + b).to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -60,6 +62,16 @@ def _index_add_rows_kernel(G, IDX, OUT, W, BLOCK_W: tl.constexpr):
     tl.atomic_add(OUT + i * W + cols, g, mask=ok)
 
 
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    # WIDEN only under TRITON_INTERPRET with bfloat16: the interpreter's tl.dot misreads bfloat16
+    # operands, so they are widened first (exact: bf16 products fit in float32).
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
 # ---------------------------------------------------------------------------------------------
 # shared-prefix attention
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +79,8 @@ def _index_add_rows_kernel(G, IDX, OUT, W, BLOCK_W: tl.constexpr):
 def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
                      s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                      H, LP, DIM, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -92,13 +105,13 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
             s = tl.where(c_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
             m_i = m_new
         # the sequence's own keys up to the query (causal)
         for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
@@ -107,13 +120,13 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
             s = tl.where(c_ok[None, :] & (cols[None, :] <= offs_m[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
             m_i = m_new
         acc = acc / l_i[:, None]
         rows = r0 + offs_m
@@ -126,7 +139,8 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
 def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                         H, LP, DIM, scale,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -153,23 +167,23 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
             p = tl.where(c_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
         for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
             cols = n0 + offs_n
             c_ok = cols < length
             kv_mask = c_ok[:, None] & d_ok[None, :]
             k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
             vis = c_ok[None, :] & m_ok[:, None] & (cols[None, :] <= offs_m[:, None])
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
         tl.store(DQ + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=qmask)
 
@@ -178,7 +192,8 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
 def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                          H, LP, DIM, scale, n_prefix_blocks,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     WIDEN: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     kb = tl.program_id(2)
@@ -217,15 +232,15 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
             o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
             lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN]
+            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale  # [BM, BN]
             vis = m_ok[:, None] & c_ok[None, :]
             if not is_prefix:
                 vis = vis & (cols[None, :] <= qi[:, None])
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, WIDEN)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, WIDEN)
         dk = dk * scale
         if is_prefix:
             dst = (g * LP + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
@@ -378,7 +393,7 @@ def _attn_sig(t: str, kernel: str) -> dict:
     sig["scale"] = "fp32"
     if kernel == "dkv":
         sig["n_prefix_blocks"] = "i32"
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")})
+    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "WIDEN")})
     return sig
 
 
@@ -394,7 +409,7 @@ def _specs() -> list[CompileSpec]:
                                  {"G": f"*{t}", "IDX": "*i64", "OUT": "*fp32", "W": "i32", "BLOCK_W": "constexpr"},
                                  {"BLOCK_W": ROW_BLOCK_W}))
         for block_d in BLOCK_DS:
-            cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": _prec(dtype)}
+            cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": _prec(dtype), "WIDEN": False}
             for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel), ("dkv", _attn_bwd_dkv_kernel)):
                 specs.append(CompileSpec(f"prompt_attn_{kernel}[{t},D{block_d}]", fn, _attn_sig(t, kernel), dict(cx)))
         specs.append(CompileSpec(
@@ -465,6 +480,11 @@ def _block_d(dim: int) -> int:
     raise ValueError(f"the triton prompt attention supports head dims up to {BLOCK_DS[-1]}, got {dim}")
 
 
+def _attn_meta(dtype, dim) -> dict:
+    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen)
+
+
 def _attn_common(q, k, v, kp, vp):
     for name, t in (("q", q), ("k", k), ("v", v), ("kp", kp), ("vp", vp)):
         _check_dtype(name, t)
@@ -483,7 +503,7 @@ def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale
     grid = (n, heads, triton.cdiv(max_len, BLOCK_M))
     _attn_fwd_kernel[grid](q, k, v, kp, vp, out, lse, seq_start.long().contiguous(), seq_len.long().contiguous(),
                            seq_group.long().contiguous(), *strides, heads, kp.shape[1], dim, float(scale),
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(q.dtype))
+                           **_attn_meta(q.dtype, dim))
     return out, lse
 
 
@@ -500,7 +520,7 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     dkp = torch.zeros(g, lp, heads, dim, dtype=torch.float32, device=q.device)
     dvp = torch.zeros_like(dkp)
     n = seq_len.numel()
-    common = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(q.dtype))
+    common = _attn_meta(q.dtype, dim)
     _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
         q, k, v, kp, vp, out, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
     n_pb = triton.cdiv(lp, BLOCK_N)

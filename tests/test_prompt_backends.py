@@ -1,0 +1,191 @@
+"""Each prompt backend (cpp, triton under the interpreter, cuda on a GPU) against the reference."""
+import pytest
+import torch
+
+import dgkernels
+from dgkernels import _dispatch
+from dgkernels.prompt import reference
+from dgkernels.prompt.api import OP_ASSEMBLE, OP_ATTENTION, OP_HEAD
+from dgkernels.prompt.reference import naive_encode_prompts
+from dgkernels.testing import assert_close_to_fp64, rel_error
+
+import prompt_models as pm
+
+DTYPE_OF = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _available(backend, device="cpu"):
+    why = _dispatch.explain(OP_ATTENTION, device)[backend]
+    if why:
+        pytest.skip(why)
+
+
+def _loss(feats):
+    weights = torch.linspace(-1, 1, feats.numel(), dtype=feats.dtype).view_as(feats)
+    return (feats * weights).sum() + feats.square().sum()
+
+
+def _run(fn, model, prefix, suffix, lengths, dtype, **kw):
+    p = prefix.to(dtype).requires_grad_()
+    s = suffix.to(dtype).requires_grad_()
+    feats = fn(model, p, s, lengths, **kw)
+    return (feats, *torch.autograd.grad(_loss(feats), (p, s)))
+
+
+def _compare(backend, precision, g, k, lp, ls, lengths, per_group=False, chunk_size=None):
+    dtype = DTYPE_OF[precision]
+    model, twin = pm.model("tiny", precision), pm.fp64_twin("tiny", precision)
+    prefix = torch.randn(g, lp, 32, dtype=torch.float64) * 0.5
+    suffix = torch.randn(*((g,) if per_group else ()), k, ls, 32, dtype=torch.float64) * 0.5
+    lengths = torch.tensor(lengths)
+    out = _run(dgkernels.encode_prompts, model, prefix, suffix, lengths, dtype, backend=backend, chunk_size=chunk_size)
+    base = _run(naive_encode_prompts, model, prefix, suffix, lengths, dtype)
+    exact = _run(naive_encode_prompts, twin, prefix, suffix, lengths, torch.float64)
+    for o, b, e, what in zip(out, base, exact, ("features", "grad prefix", "grad suffix")):
+        assert_close_to_fp64(o, e, b, dtype=dtype, name=f"{backend} {what}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    dict(g=1, k=7, lp=17, ls=6, lengths=[1, 6, 3, 2, 5, 4, 6]),
+    dict(g=3, k=5, lp=5, ls=5, lengths=[3, 1, 5, 2, 4], chunk_size=4),
+    dict(g=2, k=3, lp=1, ls=9, lengths=[9, 5, 7], per_group=True),
+])
+def test_cpp_encode_prompts(precision, case):
+    _available("cpp")
+    _compare("cpp", precision, **case)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_triton_encode_prompts(precision):
+    _available("triton")
+    # two prefix key blocks and two query blocks (block size 16), an odd K, a chunk boundary
+    _compare("triton", precision, g=2, k=3, lp=18, ls=17, lengths=[17, 1, 4], chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_backend_encode_text(backend):
+    _available(backend)
+    model = pm.model("tiny")
+    tokens = pm.random_tokens(3, [2, 9, 20])
+    with torch.no_grad():
+        out = dgkernels.encode_text(model, tokens, normalize=True, backend=backend)
+        exact = pm.fp64_twin("tiny").encode_text(tokens, normalize=True)
+        assert_close_to_fp64(out, exact, model.encode_text(tokens, normalize=True))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_backend_gradients_reach_head_weights(backend):
+    # the head kernels also give ln_final and projection gradients (towers that are not frozen)
+    _available(backend)
+    model = pm.model("tiny")
+    tokens = pm.random_tokens(3, [2, 9, 5])
+    params = (model.ln_final.weight, model.ln_final.bias, model.text_projection)
+    ref = torch.autograd.grad(_loss(dgkernels.encode_text(model, tokens, True, backend="reference")), params)
+    out = torch.autograd.grad(_loss(dgkernels.encode_text(model, tokens, True, backend=backend)), params)
+    for a, b in zip(out, ref):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_non_contiguous_inputs():
+    _available("cpp")
+    model = pm.model("tiny")
+    prefix = torch.randn(4, 2, 32).transpose(0, 1)  # [2, 4, 32], strided
+    suffix = torch.randn(32, 5, 3).permute(2, 1, 0)  # [3, 5, 32], strided
+    lengths = torch.tensor([5, 2, 3])
+    assert not suffix.is_contiguous() and not prefix.is_contiguous()
+    ref = naive_encode_prompts(model, prefix, suffix, lengths)
+    for backend in ("reference", "cpp"):
+        out = dgkernels.encode_prompts(model, prefix, suffix, lengths, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# low-level ops: float64 gradcheck and opcheck
+# ---------------------------------------------------------------------------------------------
+def _attention_inputs(dtype=torch.float64):
+    torch.manual_seed(3)
+    lengths = torch.tensor([3, 1, 4, 2, 3])  # 5 sequences, groups 0 0 1 1 2 (K = 2, last chunked off)
+    seq_start = torch.cumsum(lengths, 0) - lengths
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    t, heads, dim, lp = int(lengths.sum()), 2, 4, 3
+    qkv = torch.randn(t, 3, heads, dim, dtype=dtype)
+    kvp = torch.randn(3, lp, 2, heads, dim, dtype=dtype)
+    return (qkv[:, 0], qkv[:, 1], qkv[:, 2], kvp[:, :, 0], kvp[:, :, 1], seq_start, lengths, groups, 4, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_attention_gradcheck_fp64(backend):
+    if backend != "reference":
+        _available(backend)
+    impl = _dispatch.select(OP_ATTENTION, torch.device("cpu"), backend)[1]
+    q, k, v, kp, vp, *rest = _attention_inputs()
+    tensors = [t.clone().requires_grad_() for t in (q, k, v, kp, vp)]
+    assert torch.autograd.gradcheck(lambda *x: impl.prefix_attention(*x, *rest), tensors)
+    # and the values equal the reference
+    torch.testing.assert_close(impl.prefix_attention(q, k, v, kp, vp, *rest),
+                               reference.prefix_attention(q, k, v, kp, vp, *rest))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_head_and_assemble_gradcheck_fp64(normalize):
+    _available("cpp")
+    impl = _dispatch.select(OP_HEAD, torch.device("cpu"), "cpp")[1]
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([6, 0, 3])
+    ln_w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ln_b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    proj = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w, b, p: impl.eot_head(a, rows, w, b, 1e-5, p, None, normalize),
+                                    (x, ln_w, ln_b, proj))
+    torch.testing.assert_close(impl.eot_head(x, rows, ln_w, ln_b, 1e-5, proj, None, normalize),
+                               reference.eot_head(x, rows, ln_w, ln_b, 1e-5, proj, None, normalize))
+    asm = _dispatch.select(OP_ASSEMBLE, torch.device("cpu"), "cpp")[1]
+    src = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    si, pi = torch.tensor([3, 0, 3, 1]), torch.tensor([0, 1, 4, 4])
+    assert torch.autograd.gradcheck(lambda s, p: asm.assemble(s, si, p, pi, torch.float64), (src, pos))
+
+
+def test_opcheck_compiled_ops():
+    _available("cpp")
+    ops = torch.ops.dgkernels
+    q, k, v, kp, vp, st, ln, gr, max_len, scale = _attention_inputs(torch.float32)
+    q, k, v, kp, vp = (t.contiguous() for t in (q, k, v, kp, vp))
+    torch.library.opcheck(ops.prompt_prefix_attention, (q, k, v, kp, vp, st, ln, gr, max_len, scale))
+    out, lse = ops.prompt_prefix_attention(q, k, v, kp, vp, st, ln, gr, max_len, scale)
+    torch.library.opcheck(ops.prompt_prefix_attention_backward,
+                          (torch.randn_like(out), q, k, v, kp, vp, out, lse, st, ln, gr, max_len, scale))
+    x, rows = torch.randn(7, 6), torch.tensor([6, 0, 3])
+    w, b, p = torch.randn(6), torch.randn(6), torch.randn(6, 5)
+    torch.library.opcheck(ops.prompt_eot_head, (x, rows, w, b, 1e-5, p, None, True))
+    res = ops.prompt_eot_head(x, rows, w, b, 1e-5, p, None, True)
+    torch.library.opcheck(ops.prompt_eot_head_backward,
+                          (torch.randn(3, 5), x, rows, w, 1e-5, p, res[1], res[2], res[3], res[4], True))
+    torch.library.opcheck(ops.prompt_assemble, (torch.randn(4, 6), torch.tensor([3, 0]), torch.randn(5, 6),
+                                                torch.tensor([1, 4]), torch.bfloat16))
+    torch.library.opcheck(ops.prompt_index_add_rows, (torch.randn(4, 6), torch.tensor([3, 0, 3, 1]), 5))
+
+
+def test_named_backend_refusals_say_why():
+    with pytest.raises(dgkernels.BackendUnavailableError, match="cuda"):
+        dgkernels.encode_prompts(pm.model("tiny"), torch.randn(1, 2, 32), torch.randn(2, 3, 32), torch.tensor([3, 1]),
+                                 backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_backends_match_reference(backend, precision):
+    dtype = DTYPE_OF[precision]
+    model = pm.model("tiny", precision)
+    gpu = __import__("copy").deepcopy(model).cuda()
+    prefix = torch.randn(3, 17, 32) * 0.5
+    suffix = torch.randn(7, 9, 32) * 0.5
+    lengths = torch.tensor([9, 1, 4, 6, 3, 2, 8])
+    ref = _run(dgkernels.encode_prompts, gpu, prefix.cuda(), suffix.cuda(), lengths, dtype, backend="reference")
+    out = _run(dgkernels.encode_prompts, gpu, prefix.cuda(), suffix.cuda(), lengths, dtype, backend=backend)
+    exact = _run(naive_encode_prompts, pm.fp64_twin("tiny", precision), prefix.double(), suffix.double(), lengths,
+                 torch.float64)
+    for o, b, e in zip(out, ref, exact):
+        assert_close_to_fp64(o.cpu(), e, b.cpu(), dtype=dtype)
