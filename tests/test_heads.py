@@ -192,6 +192,20 @@ def test_gpu_matches_reference(op, case, dtype, backend):
     compare(op, case, backend, dtype, noncontig=dtype == torch.float32, device="cuda")
 
 
+# Triton cosine CE: several row/class blocks of the fused kernels (16 rows x 32 classes), and the
+# row-tile fallback for features wider than 512.
+TRITON_COSINE = [
+    {"B": 37, "K": 70, "F": 21, "ignore": True, "label_smoothing": 0.1},
+    {"B": 3, "K": 5, "F": 530},
+]
+
+
+@pytest.mark.parametrize("case", TRITON_COSINE, ids=["blocks", "wide"])
+def test_triton_cosine_blocks_and_fallback(case):
+    _skip_unless("triton")
+    compare("cosine_cross_entropy", case, "triton", torch.float32)
+
+
 # ---- the reference itself ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ls", [0.0, 0.15])
@@ -363,3 +377,16 @@ def test_all_ignored_mean_is_nan_like_torch():
     t = torch.full((3,), -100)
     for backend in ["reference"] + (["cpp"] if _available("cpp") else []):
         assert torch.isnan(dgkernels.cosine_cross_entropy(x, c, 2.0, t, backend=backend))
+
+
+def test_triton_refuses_float64_and_auto_falls_back(monkeypatch):
+    x, w, b = (t.double() for t in _heads(4, 3, 5, 6))
+    if _available("triton"):
+        with pytest.raises(dgkernels.BackendUnavailableError, match="float64"):
+            dgkernels.domain_fanout(x, w, b, backend="triton")
+    from dgkernels.heads import api
+    monkeypatch.setattr(api._dispatch, "select", lambda op, device, backend=None: ("triton", None))
+    name, _ = api._select("domain_fanout", x.device, None, torch.float64)
+    assert name in ("cuda", "reference")
+    name, _ = api._select("head_agreement", x.device, None, torch.float32, "too big")
+    assert name in ("cuda", "reference")

@@ -178,7 +178,10 @@ def _tuned(kernel_name: str, block_d: int):
     kernel = {"fwd": _lse_fwd_kernel, "bwd": _lse_bwd_kernel}[kernel_name]
     configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                              num_stages=c["num_stages"]) for c in _configs(block_d)]
-    return triton.autotune(configs=configs, key=["N", "M", "D"])(kernel)
+    # DS_PART is indexed by program id: zero it before every trial so a config with fewer row
+    # blocks never leaves another config's partial sums behind.
+    reset = ["DS_PART"] if kernel_name == "bwd" else None
+    return triton.autotune(configs=configs, key=["N", "M", "D"], reset_to_zero=reset)(kernel)
 
 
 def _launch(kernel_name: str, n: int, block_d: int, args: tuple, dtype):

@@ -40,6 +40,24 @@ def _check_fanout(features, weight, bias):
     return device
 
 
+def _select(op, device, backend, dtype, triton_limit=""):
+    """_dispatch.select, plus the Triton kernels' own limits (no float64; head_agreement holds one
+    row's D x K logits in registers): an explicit request is refused with the reason, automatic
+    selection falls through to the next backend (cuda, then reference)."""
+    name, impl = _dispatch.select(op, device, backend)
+    if name != "triton":
+        return name, impl
+    why = "the triton head kernels run float32/bfloat16/float16, got float64" if dtype == torch.float64 else triton_limit
+    if not why:
+        return name, impl
+    if _dispatch.requested_backend(backend) == "triton":
+        raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: backend 'triton' is unavailable: {why}")
+    for cand in ("cuda", "reference"):
+        if not _dispatch._refusal(op, cand, device):
+            return cand, _dispatch._REGISTRY[op][cand]
+    raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: no backend can run this call ({why})")
+
+
 def _precompute(reduction, *tensors):
     """Run the fused forward+backward in the forward (see autograd._FusedLoss)?"""
     return (reduction != "none" and torch.is_grad_enabled()
@@ -52,7 +70,7 @@ def domain_fanout(features, weight, bias=None, *, backend=None):
     features [B, F], weight [D, K, F], bias [D, K] or None -> [B, D, K].
     """
     device = _check_fanout(features, weight, bias)
-    name, impl = _dispatch.select("domain_fanout", device, backend)
+    name, impl = _select("domain_fanout", device, backend, features.dtype)
     if name == "reference":
         return _ref.domain_fanout(features, weight, bias)
     return _ag.DomainFanout.apply(impl, features, weight, bias)
@@ -79,7 +97,7 @@ def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=Fa
         check_index("domain", domain, D, length=B)
     check_index("target", target, K, length=B)
     check_same_device(features=features, domain=domain, target=target)
-    name, impl = _dispatch.select("domain_cross_entropy", device, backend)
+    name, impl = _select("domain_cross_entropy", device, backend, features.dtype)
     if name == "reference":
         return _ref.domain_cross_entropy(features, weight, bias, domain, target, all_heads=all_heads,
                                          reduction=reduction, label_smoothing=label_smoothing)
@@ -105,7 +123,10 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     check_choice("reduction", reduction, REDUCTIONS)
     if kind == "sym_kl" and weight.shape[0] < 2:
         raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
-    name, impl = _dispatch.select("head_agreement", device, backend)
+    D, K, _ = weight.shape
+    limit = (f"one row's D x K = {D} x {K} logits exceed the kernel's register tile (2**16)"
+             if _pow2(D) * max(16, _pow2(K)) > 1 << 16 else "")
+    name, impl = _select("head_agreement", device, backend, features.dtype, limit)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
     loss = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind], reduction,
@@ -143,7 +164,7 @@ def mapper_project(features, weight, bias=None, *, domain=None, residual=True, n
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1]):
         raise ValueError(f"bias must have shape {tuple(weight.shape[:-1])} for weight {tuple(weight.shape)}, "
                          f"got {tuple(bias.shape)}")
-    name, impl = _dispatch.select("mapper_project", device, backend)
+    name, impl = _select("mapper_project", device, backend, features.dtype)
     if name == "reference":
         return _ref.mapper_project(features, weight, bias, domain=domain, residual=residual, normalize=normalize)
     out, _ = _ag.MapperProject.apply(impl, features, weight, bias, domain, bool(residual), bool(normalize))
@@ -178,7 +199,7 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_index("target", target, K, length=B, ignore_index=ignore_index)
-    name, impl = _dispatch.select("cosine_cross_entropy", device, backend)
+    name, impl = _select("cosine_cross_entropy", device, backend, features.dtype)
     if name == "reference":
         return _ref.cosine_cross_entropy(features, class_embeds, logit_scale, target, normalize=normalize,
                                          label_smoothing=label_smoothing, reduction=reduction,
@@ -191,6 +212,10 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
                                         float(label_smoothing), int(ignore_index), reduction,
                                         _precompute(reduction, features, class_embeds, scale))
     return loss.to(features.dtype)
+
+
+def _pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _check_smoothing(value):

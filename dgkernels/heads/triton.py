@@ -3,9 +3,11 @@
 Same scheme as the C++ backend (csrc/heads/heads.h): logits exist only as row tiles of at most
 _TILE_ELEMS elements; a tiled `tl.dot` GEMM kernel builds them and the gradients' GEMMs, and one
 fused row kernel per op does the per-row work (cross-entropy with an online log-sum-exp over
-BLOCK_K class chunks, head agreement, normalisation). The per-sample cosine cross-entropy is a
-single kernel per sample that streams its K x E class block (online log-sum-exp), then again for
-the gradients. Logits and gradients of logits are float32; GEMM operands are the input dtype for
+BLOCK_K class chunks, head agreement, normalisation). The cosine cross-entropy is fused
+Cut-Cross-Entropy style: with shared class embeddings (E <= 512) three kernels stream the classes
+(forward: online log-sum-exp; backward: dxn per row block, dcn per class block, logits recomputed),
+so no logit tile ever reaches memory; with per-sample embeddings one kernel per sample streams its
+K x E block (online log-sum-exp), then again for the gradients. Logits and gradients of logits are float32; GEMM operands are the input dtype for
 bf16/fp16 (tensor cores) and float32 with IEEE products for float32 inputs.
 """
 from __future__ import annotations
@@ -237,6 +239,122 @@ def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_pt
             tl.store(gc_ptr + b * K * E + rk[:, None] * E + re[None, :], gc, mask=cm)
         tl.store(dx_ptr + b * E + re, sc * acc, mask=emask)
         tl.store(dot_ptr + b, d)
+
+
+@triton.jit
+def _cos_dot(x, c, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # x [M, E] @ c[N, E]^T -> [M, N] float32
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(x, tl.trans(c), input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(c))
+
+
+@triton.jit
+def _cos_lse_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, per_ptr, B, K, E, ls, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Shared-class cosine CE forward, Cut-Cross-Entropy style: a BLOCK_M row block streams the
+    classes BLOCK_K at a time (tl.dot logits, online log-sum-exp); no logits leave the chip."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    re = tl.arange(0, BLOCK_E)
+    rk0 = tl.arange(0, BLOCK_K)
+    mmask = rm < B
+    x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & (re[None, :] < E), other=0.0)
+    t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
+    sc = tl.load(scale_ptr)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        kmask = rk < K
+        c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & (re[None, :] < E), other=0.0)
+        z = _cos_dot(x, c, IEEE, UPCAST) * sc
+        z = tl.where(kmask[None, :], z, float("-inf"))
+        nm = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - nm) + tl.sum(tl.exp(z - nm[:, None]), 1)
+        zsum += tl.sum(tl.where(kmask[None, :], z, 0.0), 1)
+        zt += tl.sum(tl.where(rk[None, :] == t[:, None], z, 0.0), 1)
+        m = nm
+    lse = m + tl.log(s)
+    per = tl.where(t >= 0, lse - (1.0 - ls) * zt - ls / K * zsum, 0.0)
+    tl.store(lse_ptr + rm, lse, mask=mmask)
+    tl.store(per_ptr + rm, per, mask=mmask)
+
+
+@triton.jit
+def _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    z = _cos_dot(x, c, IEEE, UPCAST) * sc
+    dz = g[:, None] * (tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0))
+    dz = tl.where(kmask[None, :] & (t[:, None] >= 0), dz, 0.0)
+    return z, dz
+
+
+@triton.jit
+def _cos_dx_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dx_ptr, dot_ptr, B, K, E, ls,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_E: tl.constexpr):
+    """dL/dxn = s sum_k dz_k cn_k for a row block (logits recomputed chunk by chunk), and
+    sum_k dz_k z_k per row for the logit scale."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    re = tl.arange(0, BLOCK_E)
+    rk0 = tl.arange(0, BLOCK_K)
+    mmask = rm < B
+    emask = re < E
+    x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+    t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
+    lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
+    g = tl.load(g_ptr + rm, mask=mmask, other=0.0)
+    sc = tl.load(scale_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    d = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        kmask = rk < K
+        c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+        z, dz = _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE, UPCAST)
+        d += tl.sum(dz * z, 1)
+        if UPCAST:
+            acc = tl.dot(dz, c.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(dz, c, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dz.to(c.dtype), c, acc)
+    tl.store(dx_ptr + rm[:, None] * E + re[None, :], acc * sc, mask=mmask[:, None] & emask[None, :])
+    tl.store(dot_ptr + rm, d, mask=mmask)
+
+
+@triton.jit
+def _cos_dc_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dc_ptr, B, K, E, ls,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_E: tl.constexpr):
+    """dL/dcn = s sum_b dz_bk xn_b for a class block, streaming the rows BLOCK_M at a time."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    re = tl.arange(0, BLOCK_E)
+    rm0 = tl.arange(0, BLOCK_M)
+    kmask = rk < K
+    emask = re < E
+    c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+    sc = tl.load(scale_ptr)
+    acc = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        rm = m0 + rm0
+        mmask = rm < B
+        x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+        t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
+        lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
+        g = tl.load(g_ptr + rm, mask=mmask, other=0.0)
+        z, dz = _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE, UPCAST)
+        if UPCAST:
+            acc = tl.dot(tl.trans(dz), x.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(tl.trans(dz), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(dz).to(x.dtype), x, acc)
+    tl.store(dc_ptr + rk[:, None] * E + re[None, :], acc * sc, mask=kmask[:, None] & emask[None, :])
 
 
 # ---- host helpers ----------------------------------------------------------------------------------
@@ -557,24 +675,13 @@ def _cosce(g, x, c, scale, target, normalize, ls, ignore_index):
             cn, cden = _normalize(c)
         else:
             cn, cden = c.float(), None
-        xo, co = xn.to(opd), cn.to(opd)
+        xo, co = xn.to(opd).contiguous(), cn.to(opd).contiguous()
         dxn = torch.empty(B, E, dtype=torch.float32, device=dev) if grad else None
-        dcn = torch.zeros(K, E, dtype=torch.float32, device=dev) if grad else None
-        R = _tile_rows(K, B)
-        for r0 in range(0, B, R):
-            n = min(R, B - r0)
-            xb = xo[r0:r0 + n]
-            z = _mm(xb, co.t())
-            z.mul_(s)
-            _ce_rows(z, tgt[r0:r0 + n], gf[r0:r0 + n] if grad else None, ls, per[r0:r0 + n],
-                     dot[r0:r0 + n] if grad else None)
-            if grad:
-                zo = z.to(opd)
-                _mm(zo, co, out=dxn[r0:r0 + n])
-                _mm(zo.t(), xb, out=dcn, accumulate=True)
+        if E <= _CCE_MAX_E:
+            dcn = _cce(xo, co, tgt, s, gf, ls, per, dxn, dot) if B else torch.zeros(K, E, device=dev)
+        else:
+            dcn = _cos_tiles(xo, co, tgt, s, gf, ls, per, dxn, dot)
         if grad:
-            dxn.mul_(s)
-            dcn.mul_(s)
             gc = _normalize_backward(dcn, cn, cden) if normalize else dcn
             gc = gc.to(c.dtype)
     if not grad:
@@ -582,6 +689,53 @@ def _cosce(g, x, c, scale, target, normalize, ls, ignore_index):
     gs = (dot.sum() / s[0]).to(scale.dtype).reshape(scale.shape)
     gx = _normalize_backward(dxn, xn, xden) if normalize else dxn
     return gx.to(x.dtype), gc, gs, per
+
+
+_CCE_MAX_E = 512  # the fused kernels hold a row block's E features in registers (CLIP ViT-B: 512)
+_CCE_BLOCKS = dict(BLOCK_M=16, BLOCK_K=32)
+
+
+def _cce(xo, co, tgt, s, g, ls, per, dxn, dot):
+    """Fused shared-class cosine CE (forward; with g also dxn, dot and the returned dcn)."""
+    B, E = xo.shape
+    K = co.shape[0]
+    be = max(16, triton.next_power_of_2(E))
+    flags = dict(IEEE=xo.dtype == torch.float32, UPCAST=xo.dtype == torch.bfloat16 and _interpreting(),
+                 BLOCK_E=be, **_CCE_BLOCKS)
+    lse = torch.empty(B, dtype=torch.float32, device=xo.device)
+    bm, bk = _CCE_BLOCKS["BLOCK_M"], _CCE_BLOCKS["BLOCK_K"]
+    _cos_lse_kernel[(triton.cdiv(B, bm),)](xo, co, tgt, s, lse, per, B, K, E, float(ls), **flags, num_warps=4)
+    if g is None:
+        return None
+    _cos_dx_kernel[(triton.cdiv(B, bm),)](xo, co, tgt, s, lse, g, dxn, dot, B, K, E, float(ls), **flags,
+                                         num_warps=4)
+    dcn = torch.empty(K, E, dtype=torch.float32, device=xo.device)
+    _cos_dc_kernel[(triton.cdiv(K, bk),)](xo, co, tgt, s, lse, g, dcn, B, K, E, float(ls), **flags, num_warps=4)
+    return dcn
+
+
+def _cos_tiles(xo, co, tgt, s, g, ls, per, dxn, dot):
+    """Row-tile fallback for wide features: [R, K] logit tiles, tl.dot GEMMs, fused row kernel."""
+    B, E = xo.shape
+    K = co.shape[0]
+    grad = g is not None
+    dcn = torch.zeros(K, E, dtype=torch.float32, device=xo.device) if grad else None
+    R = _tile_rows(K, B)
+    for r0 in range(0, B, R):
+        n = min(R, B - r0)
+        xb = xo[r0:r0 + n]
+        z = _mm(xb, co.t())
+        z.mul_(s)
+        _ce_rows(z, tgt[r0:r0 + n], g[r0:r0 + n] if grad else None, ls, per[r0:r0 + n],
+                 dot[r0:r0 + n] if grad else None)
+        if grad:
+            zo = z.to(xo.dtype)
+            _mm(zo, co, out=dxn[r0:r0 + n])
+            _mm(zo.t(), xb, out=dcn, accumulate=True)
+    if grad:
+        dxn.mul_(s)
+        dcn.mul_(s)
+    return dcn
 
 
 def cosce_forward(x, c, scale, target, normalize, ls, ignore_index):
@@ -641,6 +795,20 @@ def _specs():
                          dx_ptr="*fp32", gc_ptr=p, scale_ptr="*fp32", K="i32", E="i32", ls="fp32",
                          NORMALIZE="constexpr", HAS_GRAD="constexpr", BLOCK_K="constexpr", BLOCK_E="constexpr"),
                     dict(NORMALIZE=normalize, HAS_GRAD=has_grad, BLOCK_K=32, BLOCK_E=512), num_warps=4))
+    for p, dt in (("*fp32", torch.float32), ("*bf16", torch.bfloat16), ("*fp16", torch.float16)):
+        for be in (64, 512):
+            flags = dict(IEEE=dt == torch.float32, UPCAST=False, BLOCK_E=be, **_CCE_BLOCKS)
+            base = dict(x_ptr=p, c_ptr=p, tgt_ptr="*i64", scale_ptr="*fp32", lse_ptr="*fp32", B="i32", K="i32",
+                        E="i32", ls="fp32", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
+                        BLOCK_K="constexpr", BLOCK_E="constexpr")
+            sig_f = {k: v for k, v in base.items()}
+            sig_f = dict(list(sig_f.items())[:5] + [("per_ptr", "*fp32")] + list(sig_f.items())[5:])
+            specs.append(CompileSpec(f"_cos_lse_kernel[{p},E{be}]", _cos_lse_kernel, sig_f, flags, num_warps=4))
+            sig_x = dict(list(base.items())[:5] + [("g_ptr", "*fp32"), ("dx_ptr", "*fp32"), ("dot_ptr", "*fp32")]
+                         + list(base.items())[5:])
+            specs.append(CompileSpec(f"_cos_dx_kernel[{p},E{be}]", _cos_dx_kernel, sig_x, flags, num_warps=4))
+            sig_c = dict(list(base.items())[:5] + [("g_ptr", "*fp32"), ("dc_ptr", "*fp32")] + list(base.items())[5:])
+            specs.append(CompileSpec(f"_cos_dc_kernel[{p},E{be}]", _cos_dc_kernel, sig_c, flags, num_warps=4))
     return specs
 
 
