@@ -37,7 +37,7 @@ def test_method_step(benchmark, backbone, method, k, variant):
     benchmark.extra_info.update({"method": method, "classes": k, "batch": b, "variant": variant, "model": factories.MODEL,
                                  "prompt_sequences": sequences, "threads": torch.get_num_threads()})
     naive = variant == "naive"
-    benchmark.pedantic(step, rounds=1 if naive else 2, warmup_rounds=0 if naive else 1, iterations=1)
+    benchmark.pedantic(step, rounds=1 if naive else 3, warmup_rounds=0 if naive else 1, iterations=1)
     median = benchmark.stats.stats.median
     _MEDIANS[(method, k, variant)] = median
     for base in ("reference", "naive"):
