@@ -27,6 +27,10 @@ def _extension_modules():
     if _flag("DGKERNELS_SKIP_EXTENSION", "0") in ("1", "true", "yes"):
         print("[dgkernels] DGKERNELS_SKIP_EXTENSION=1: not compiling dgkernels._C")
         return [], {}
+    # torch guesses CUDA_HOME from `which nvcc` when unset; with nvcc linked into /usr/local/bin that
+    # guess (/usr/local) has no lib64/libcudart. Prefer the conventional toolkit folder.
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils import cpp_extension
 

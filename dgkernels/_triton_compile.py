@@ -51,8 +51,11 @@ def compile_spec(spec: CompileSpec, cc: int) -> dict:
 def all_specs() -> list[CompileSpec]:
     import dgkernels  # noqa: F401 - importing the package registers the Triton modules
 
+    # Read the package's list: under `python -m` this file runs as __main__, a second copy whose
+    # TRITON_MODULES nobody fills.
+    registry = importlib.import_module("dgkernels._triton_compile").TRITON_MODULES
     specs = []
-    for mod in TRITON_MODULES:
+    for mod in registry:
         specs.extend(importlib.import_module(mod).COMPILE_SPECS)
     return specs
 

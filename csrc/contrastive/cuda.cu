@@ -1,0 +1,43 @@
+// CUDA kernels of the contrastive log-sum-exp primitive (the compiled fallback when Triton is
+// unavailable, and the float64 / D > 512 path of the Triton backend).
+//
+// Same tiled algorithm as the CPU kernels (tiled.h): each tile is one cuBLAS GEMM on views of the
+// inputs followed by fused-by-ATen exp/reduce kernels, issued in order on the current stream, so
+// only two tile buffers (bm x bn, fp32) live at once beyond the O(N + M) statistics.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "contrastive/tiled.h"
+
+namespace dgkernels::contrastive {
+namespace {
+
+// 2048 x 4096 fp32 tiles (32 MiB each): large enough that each GEMM fills an H100.
+constexpr Tiling kCudaTiling{2048, 4096, false};
+
+std::tuple<at::Tensor, at::Tensor> lse_fwd_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
+                                                bool exclude_diag, bool want_cols) {
+  DGK_CHECK_CUDA(q, "q");
+  DGK_CHECK_CUDA(k, "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return lse_forward(q, k, scale, exclude_diag, want_cols, kCudaTiling);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
+                                                            bool exclude_diag, const at::Tensor& lse_r,
+                                                            const at::Tensor& lse_c, const at::Tensor& w_r,
+                                                            const c10::optional<at::Tensor>& w_c) {
+  DGK_CHECK_CUDA(q, "q");
+  DGK_CHECK_CUDA(k, "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c, kCudaTiling);
+}
+
+}  // namespace
+}  // namespace dgkernels::contrastive
+
+TORCH_LIBRARY_IMPL(dgkernels, CUDA, m) {
+  m.impl("contrastive_lse_fwd", &dgkernels::contrastive::lse_fwd_cuda);
+  m.impl("contrastive_lse_bwd", &dgkernels::contrastive::lse_bwd_cuda);
+}

@@ -1,0 +1,213 @@
+// Tiled row/column log-sum-exp of S = scale * Q K^T and its backward, without ever holding S.
+//
+// Shared by the CPU kernels (tiles spread over threads with at::parallel_for) and the CUDA
+// kernels (tiles issued in order on the current stream). Each tile is one GEMM through at::
+// (MKL / cuBLAS on views of the inputs) followed by elementwise exp/reduce ATen ops, which are
+// vectorised and dispatched at run time; only a few tile buffers live at once, so the memory
+// beyond inputs and outputs is O(N + M + threads * tile).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace dgkernels::contrastive {
+
+struct Tiling {
+  int64_t bm;     // rows of Q per tile
+  int64_t bn;     // rows of K per tile
+  bool parallel;  // spread row blocks over at::parallel_for threads (CPU)
+};
+
+inline at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_inputs(const at::Tensor& q, const at::Tensor& k, bool exclude_diag) {
+  DGK_CHECK_DIM(q, 2, "q");
+  DGK_CHECK_DIM(k, 2, "k");
+  DGK_CHECK_FLOAT(q, "q");
+  DGK_CHECK_FLOAT(k, "k");
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature size, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must share a dtype, got ", q.scalar_type(), " and ",
+              k.scalar_type());
+  TORCH_CHECK(q.device() == k.device(), "q and k must be on one device");
+  TORCH_CHECK(!exclude_diag || q.size(0) == k.size(0), "exclude_diag needs N == M, got ", q.sizes(), " and ",
+              k.sizes());
+}
+
+// S_tile = scale * qb kb^T (beta = 0: the buffer's old content is ignored), then -inf on i == j.
+inline void tile_logits(at::Tensor& S, const at::Tensor& qb, const at::Tensor& kb, double scale, bool exclude_diag,
+                        int64_t r0, int64_t c0) {
+  at::addmm_out(S, S, qb, kb.t(), /*beta=*/0, /*alpha=*/scale);
+  if (exclude_diag) {
+    const int64_t lo = std::max(r0, c0), hi = std::min(r0 + S.size(0), c0 + S.size(1));
+    // global (i, i) is local (i - r0, i - c0): the tile diagonal at offset r0 - c0
+    if (lo < hi) S.diagonal(r0 - c0).fill_(-std::numeric_limits<double>::infinity());
+  }
+}
+
+// A running max that is -inf (no entry yet) is replaced by 0 as the exp reference (avoids inf - inf).
+inline at::Tensor safe_ref(const at::Tensor& m) {
+  return at::where(at::isneginf(m), at::zeros({}, m.options()), m);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at::Tensor& k_in, double scale,
+                                                      bool exclude_diag, bool want_cols, const Tiling& tiling) {
+  check_inputs(q_in, k_in, exclude_diag);
+  // Pure kernels: the tile ops inside must never record autograd history.
+  at::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t N = q.size(0), M = k.size(0);
+  const auto fopt = q.options().dtype(acc);
+  at::Tensor lse_r = at::empty({N}, fopt);
+  const int64_t bm = std::max<int64_t>(1, std::min(tiling.bm, N)), bn = std::max<int64_t>(1, std::min(tiling.bn, M));
+  const int64_t R = (N + bm - 1) / bm, C = (M + bn - 1) / bn;
+  const int64_t T = tiling.parallel ? std::max(1, at::get_num_threads()) : 1;
+  // Per-thread running column statistics (max, sum of exp below the max), merged at the end.
+  at::Tensor cmax, csum;
+  if (want_cols) {
+    cmax = at::full({T, M}, -std::numeric_limits<double>::infinity(), fopt);
+    csum = at::zeros({T, M}, fopt);
+  }
+  auto body = [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_in_worker;  // thread-local state: worker threads need their own guards
+    at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
+    const int64_t tid = tiling.parallel ? at::get_thread_num() : 0;
+    at::Tensor sbuf = at::empty({bm * bn}, fopt), ebuf = at::empty({bm * bn}, fopt);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * bm, rn = std::min(bm, N - r0);
+      const at::Tensor qb = q.narrow(0, r0, rn).to(acc);
+      at::Tensor m = at::full({rn}, -std::numeric_limits<double>::infinity(), fopt);
+      at::Tensor l = at::zeros({rn}, fopt);
+      for (int64_t cb = 0; cb < C; ++cb) {
+        const int64_t c0 = cb * bn, cn = std::min(bn, M - c0);
+        const at::Tensor kb = k.narrow(0, c0, cn).to(acc);
+        at::Tensor S = sbuf.narrow(0, 0, rn * cn).view({rn, cn});
+        at::Tensor E = ebuf.narrow(0, 0, rn * cn).view({rn, cn});
+        tile_logits(S, qb, kb, scale, exclude_diag, r0, c0);
+        // rows: online log-sum-exp
+        at::Tensor m_new = at::maximum(m, at::amax(S, 1));
+        at::Tensor ref = safe_ref(m_new);
+        at::sub_out(E, S, ref.unsqueeze(1)).exp_();
+        l.mul_(at::exp(m - ref)).add_(E.sum(1));
+        m = m_new;
+        if (want_cols) {
+          at::Tensor cm = cmax[tid].narrow(0, c0, cn), cs = csum[tid].narrow(0, c0, cn);
+          at::Tensor cm_new = at::maximum(cm, at::amax(S, 0));
+          at::Tensor cref = safe_ref(cm_new);
+          at::sub_out(E, S, cref.unsqueeze(0)).exp_();
+          cs.mul_(at::exp(cm - cref)).add_(E.sum(0));
+          cm.copy_(cm_new);
+        }
+      }
+      lse_r.narrow(0, r0, rn).copy_(at::log(l).add_(safe_ref(m)));
+    }
+  };
+  if (tiling.parallel) {
+    at::parallel_for(0, R, 1, body);
+  } else {
+    body(0, R);
+  }
+  at::Tensor lse_c;
+  if (want_cols) {
+    at::Tensor m = at::amax(cmax, 0);
+    at::Tensor ref = safe_ref(m);
+    at::Tensor l = (csum * at::exp(cmax - ref.unsqueeze(0))).sum(0);
+    lse_c = at::log(l).add_(ref);
+  } else {
+    lse_c = at::empty({0}, fopt);
+  }
+  return {lse_r, lse_c};
+}
+
+// Gradients of L = sum_i w_r[i] lse_r[i] + sum_j w_c[j] lse_c[j]:
+//   G = w_r P_row + w_c P_col (P_row = exp(S - lse_r), P_col = exp(S - lse_c)),
+//   dQ = scale G K, dK = scale G^T Q, dscale = sum_i q_i . (G K)_i.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
+    const at::Tensor& q_in, const at::Tensor& k_in, double scale, bool exclude_diag, const at::Tensor& lse_r_in,
+    const at::Tensor& lse_c_in, const at::Tensor& w_r_in, const c10::optional<at::Tensor>& w_c_opt,
+    const Tiling& tiling) {
+  check_inputs(q_in, k_in, exclude_diag);
+  // Pure kernels: the tile ops inside must never record autograd history.
+  at::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = acc_type(q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t N = q.size(0), M = k.size(0), D = q.size(1);
+  const bool cols = w_c_opt.has_value() && w_c_opt->defined();
+  TORCH_CHECK(lse_r_in.dim() == 1 && lse_r_in.size(0) == N, "lse_r must have shape [", N, "], got ", lse_r_in.sizes());
+  TORCH_CHECK(w_r_in.dim() == 1 && w_r_in.size(0) == N, "w_r must have shape [", N, "], got ", w_r_in.sizes());
+  const at::Tensor lse_r = lse_r_in.to(acc).contiguous(), w_r = w_r_in.to(acc).contiguous();
+  at::Tensor lse_c, w_c;
+  if (cols) {
+    TORCH_CHECK(lse_c_in.dim() == 1 && lse_c_in.size(0) == M, "lse_c must have shape [", M, "], got ", lse_c_in.sizes());
+    TORCH_CHECK(w_c_opt->dim() == 1 && w_c_opt->size(0) == M, "w_c must have shape [", M, "], got ", w_c_opt->sizes());
+    lse_c = lse_c_in.to(acc).contiguous();
+    w_c = w_c_opt->to(acc).contiguous();
+  }
+  const auto fopt = q.options().dtype(acc);
+  at::Tensor dq = at::zeros({N, D}, fopt), dk = at::zeros({M, D}, fopt);
+  const int64_t bm = std::max<int64_t>(1, std::min(tiling.bm, N)), bn = std::max<int64_t>(1, std::min(tiling.bn, M));
+  const int64_t R = (N + bm - 1) / bm, C = (M + bn - 1) / bn;
+  at::Tensor ds_part = at::zeros({R}, fopt);
+  std::vector<std::mutex> col_locks(tiling.parallel ? C : 0);
+  auto body = [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_in_worker;  // thread-local state: worker threads need their own guards
+    at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
+    at::Tensor sbuf = at::empty({bm * bn}, fopt), ebuf = at::empty({bm * bn}, fopt);
+    at::Tensor dkbuf = at::empty({bn * D}, fopt);
+    for (int64_t rb = b0; rb < b1; ++rb) {
+      const int64_t r0 = rb * bm, rn = std::min(bm, N - r0);
+      const at::Tensor qb = q.narrow(0, r0, rn).to(acc);
+      const at::Tensor lr = lse_r.narrow(0, r0, rn).unsqueeze(1), wr = w_r.narrow(0, r0, rn).unsqueeze(1);
+      at::Tensor dqb = dq.narrow(0, r0, rn);
+      // Stagger the column order per row block so threads rarely wait on the same dK lock.
+      for (int64_t step = 0; step < C; ++step) {
+        const int64_t cb = (rb + step) % C;
+        const int64_t c0 = cb * bn, cn = std::min(bn, M - c0);
+        const at::Tensor kb = k.narrow(0, c0, cn).to(acc);
+        at::Tensor S = sbuf.narrow(0, 0, rn * cn).view({rn, cn});
+        at::Tensor G = ebuf.narrow(0, 0, rn * cn).view({rn, cn});
+        tile_logits(S, qb, kb, scale, exclude_diag, r0, c0);
+        if (cols) {
+          // G = w_r exp(S - lse_r) + w_c exp(S - lse_c); S is overwritten by the second term.
+          at::sub_out(G, S, lr).exp_().mul_(wr);
+          S.sub_(lse_c.narrow(0, c0, cn).unsqueeze(0)).exp_().mul_(w_c.narrow(0, c0, cn).unsqueeze(0));
+          G.add_(S);
+        } else {
+          at::sub_out(G, S, lr).exp_().mul_(wr);
+        }
+        dqb.addmm_(G, kb);
+        if (tiling.parallel) {
+          at::Tensor dkt = dkbuf.narrow(0, 0, cn * D).view({cn, D});
+          at::mm_out(dkt, G.t(), qb);
+          std::lock_guard<std::mutex> guard(col_locks[cb]);
+          dk.narrow(0, c0, cn).add_(dkt);
+        } else {
+          at::Tensor dkb = dk.narrow(0, c0, cn);
+          dkb.addmm_(G.t(), qb);
+        }
+      }
+      ds_part.narrow(0, rb, 1).copy_((qb * dqb).sum().reshape({1}));
+      dqb.mul_(scale);
+    }
+  };
+  if (tiling.parallel) {
+    at::parallel_for(0, R, 1, body);
+  } else {
+    body(0, R);
+  }
+  dk.mul_(scale);
+  return {dq, dk, ds_part.sum()};
+}
+
+}  // namespace dgkernels::contrastive

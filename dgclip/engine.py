@@ -1,0 +1,280 @@
+"""Training engine: one run = (method, dataset, held-out domains, seed).
+
+DomainBed conventions: per-domain seeded 80/20 in/out splits, evaluation every `eval_every`
+steps, model selection by training-domain validation (mean accuracy on the sources' out-splits;
+ties -> earliest), target-domain selection only when asked and then labelled "oracle". Batches
+are drawn with replacement from a seeded generator whose state is checkpointed, so `--resume`
+continues to the same result as an uninterrupted run. Under torchrun every rank draws the same
+global batch and keeps its own slice; `Method.step` averages gradients across ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .backbone import ImageFeatures, default_cache_dir, load_backbone
+from .data.cache import compute_features, feature_cache_key
+from .data.catalog import get_spec
+from .data.domainbed import DataError, ImageDataset, scan
+from .data.embedded import ensure_rotated_digits
+from .data.splits import make_protocol, seed_hash
+from .methods import Batch, get_method
+from .metrics import accuracy, closed_set_accuracy, open_set_metrics
+
+__all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    dataset: str
+    root: str
+    test_domains: list
+    seed: int = 0
+    output_dir: str = "runs"
+    backbone: str = "tiny-digits"
+    pretrained: str = "default"
+    cache_dir: Optional[str] = None
+    steps: int = 300
+    eval_every: int = 50
+    hparams_seed: int = 0
+    hparams: dict = field(default_factory=dict)
+    holdout_fraction: float = 0.2
+    selection: str = "training-domain"  # or "oracle"
+    train_domains: Optional[list] = None
+    eval_batch_size: int = 256
+    device: str = "cpu"
+    precision: str = "auto"
+    progress: bool = True
+    resume: bool = False
+    feature_cache: bool = True
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_key(cfg: TrainConfig) -> str:
+    return (f"{cfg.method}__{cfg.dataset}__{'+'.join(cfg.test_domains)}__s{cfg.seed}"
+            f"__h{cfg.hparams_seed}__{cfg.selection}").replace("/", "_").replace(" ", "_")
+
+
+def _versions() -> dict:
+    import open_clip
+
+    return {"dgclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line with a single write (no half-written lines), then fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Split:
+    """Images (lazy) or cached features of one set of records, with method labels/domains."""
+
+    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures]):
+        self.ds, self.feats = ds, feats
+        self.labels = torch.as_tensor(ds.labels, dtype=torch.long)
+        self.domains = torch.as_tensor(ds.domains, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        if self.feats is not None:
+            return Batch(None, self.labels[idx], self.domains[idx], self.feats.index(idx))
+        items = [self.ds[int(i)] for i in idx]  # image decoding (as a DataLoader would)
+        imgs = items[0][0]
+        if isinstance(imgs, dict):
+            images = {k: torch.stack([it[0][k] for it in items]) for k in imgs}
+        else:
+            images = torch.stack([it[0] for it in items])
+        return Batch(images, self.labels[idx], self.domains[idx])
+
+
+@torch.no_grad()
+def _logits(method, split: _Split, bs: int, device) -> torch.Tensor:
+    method.eval()
+    out = []
+    for start in range(0, len(split), bs):
+        idx = torch.arange(start, min(start + bs, len(split)))
+        b = split.batch(idx).to(device)
+        out.append(method.predict(b.features if b.features is not None else b.original()).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, method.num_classes)
+
+
+def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
+    C = protocol.num_classes
+    val_accs = {d: closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device), s.labels, C)
+                for d, s in val.items()}
+    entry = {"val_acc": float(np.mean(list(val_accs.values()))), "val_acc_by_domain": val_accs}
+    tests = {}
+    for d, s in test.items():
+        lg = _logits(method, s, cfg.eval_batch_size, device)
+        if protocol.open_set:
+            m = open_set_metrics(lg, s.labels, C)
+            m["acc"] = m["closed_acc"]
+        else:
+            m = {"acc": accuracy(lg, s.labels)}
+        tests[d] = m
+    # several held-out domains at once: pool by sample count
+    n = {d: len(s) for d, s in test.items()}
+    entry["test"] = tests
+    entry["test_acc"] = float(sum(tests[d]["acc"] * n[d] for d in tests) / max(sum(n.values()), 1))
+    if oracle:
+        entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device),
+                                                                 s.labels, C) for s in oracle.values()]))
+    return entry
+
+
+def _select(history: list[dict], selection: str) -> dict:
+    key = "oracle_acc" if selection == "oracle" else "val_acc"
+    best = max(range(len(history)), key=lambda i: (history[i][key], -i))
+    return history[best]
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train and evaluate one run; returns (and on rank 0 appends) its results record."""
+    if cfg.selection not in ("training-domain", "oracle"):
+        raise ValueError(f"selection must be 'training-domain' or 'oracle', got {cfg.selection!r}")
+    rank, world = _rank_world()
+    out_dir = Path(cfg.output_dir)
+    results_path = out_dir / "results.jsonl"
+    key = run_key(cfg)
+    if cfg.resume:
+        done = [r for r in read_records(results_path) if r.get("run_key") == key]
+        if done:
+            return done[-1]
+    method_cls = get_method(cfg.method)  # clear error for unknown methods before any work
+    spec = get_spec(cfg.dataset)
+    if spec.embedded:
+        ensure_rotated_digits(cfg.root)
+    records = scan(cfg.root, spec)
+    protocol = make_protocol(spec, records, list(cfg.test_domains), trial_seed=cfg.seed,
+                             holdout_fraction=cfg.holdout_fraction, train_domains=cfg.train_domains,
+                             oracle=cfg.selection == "oracle")
+    device = torch.device(cfg.device)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
+                             precision=cfg.precision)
+    hparams = {**method_cls.hparams_for(cfg.hparams_seed), **cfg.hparams}
+    classnames = [spec.classname(c) for c in protocol.classnames]
+    torch.manual_seed(seed_hash(cfg.seed, "init"))
+    method = method_cls(backbone, classnames, len(protocol.source_domains), hparams)
+    method.to(device)
+    method.configure_optimizers(cfg.steps)
+
+    eval_tf = backbone.preprocess_val
+    train_tf = method.make_train_transform(eval_tf)
+    cached = cfg.feature_cache and method.uses_frozen_features and train_tf is eval_tf
+
+    def split(recs, tf, name):
+        ds = ImageDataset(recs, tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
+        feats = None
+        if cached:
+            wid = str(getattr(backbone, "weights_id", ""))
+            fkey = feature_cache_key(backbone, spec.name, recs.paths, tf, patches=method.needs_patches,
+                                     layer_stats=method.needs_layer_stats, weights_id=wid)
+            feats = compute_features(backbone, ds, patches=method.needs_patches,
+                                     layer_stats=method.needs_layer_stats,
+                                     cache_dir=cache_dir / "features", key=fkey)
+        return _Split(ds, feats)
+
+    train = split(protocol.train, train_tf, "train")
+    val = {d: split(r, eval_tf, "val") for d, r in protocol.val.items()}
+    test = {d: split(r, eval_tf, "test") for d, r in protocol.test.items()}
+    oracle = {d: split(r, eval_tf, "oracle") for d, r in protocol.oracle_val.items()}
+
+    gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
+    ckpt_path = out_dir / "checkpoints" / f"{key}.pt"
+    start, history, losses = 0, [], []
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        method.load_checkpoint_state(state["method_state"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history, losses = state["step"], state["history"], state["losses"]
+
+    trainable = bool(method.trainable_parameters()) and method.optimizer is not None
+    steps = cfg.steps if trainable else 0
+    bs = int(hparams.get("batch_size", 32))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
+               disable=not cfg.progress or rank != 0, leave=False)
+    t0 = time.time()
+    for step in range(start, steps):
+        idx = torch.randint(len(train), (bs,), generator=gen)[rank::world]
+        method.train()
+        out = method.update(train.batch(idx).to(device))
+        losses.append(float(out.get("loss", 0.0)))
+        bar.update(1)
+        if out:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
+            entry["step"] = step + 1
+            entry["loss"] = float(np.mean(losses[-cfg.eval_every:])) if losses else None
+            history.append(entry)
+            if rank == 0:
+                _atomic_save({"step": step + 1, "method_state": method.checkpoint_state(),
+                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "history": history, "losses": losses, "config": asdict(cfg)}, ckpt_path)
+    bar.close()
+    if not history:  # nothing trainable (zero-shot): one evaluation
+        entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
+        entry["step"] = 0
+        history.append(entry)
+    chosen = _select(history, cfg.selection)
+    record = {
+        "run_key": key, "method": cfg.method, "dataset": spec.name, "test_domain": "+".join(cfg.test_domains),
+        "seed": cfg.seed, "hparams_seed": cfg.hparams_seed,
+        "selection": "oracle (target-domain validation)" if cfg.selection == "oracle" else "training-domain validation",
+        "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
+        "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
+        "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
+        "train_seconds": round(time.time() - t0, 2), "history": history,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+    }
+    if protocol.open_set:
+        pooled = {}
+        for m in chosen["test"][cfg.test_domains[0]]:
+            pooled[m] = float(np.mean([chosen["test"][d][m] for d in cfg.test_domains]))
+        record.update({k: v for k, v in pooled.items() if k != "acc"})
+    if rank == 0:
+        append_record(results_path, record)
+    return record

@@ -1,0 +1,247 @@
+"""The method interface every dgclip method implements.
+
+A method owns its trainable modules and its optimiser; the engine hands it `Batch`es through
+`update` (one optimisation step, returns the losses as floats) and asks `predict` for logits.
+The frozen backbone is held as a plain attribute, not a submodule, so method state dicts and
+checkpoints carry only what the method learns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..backbone import CLIPBackbone, ImageFeatures
+
+__all__ = ["Batch", "Method", "cosine_logits"]
+
+Images = Union[torch.Tensor, dict]
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    images:   [B, 3, H, W], or a dict of views (key "original" always present); may be None when
+              cached `features` are given.
+    labels:   [B] long class indices.
+    domains:  [B] long source-domain indices in 0..S-1.
+    features: cached frozen `ImageFeatures` of the original view (engine feature cache), or None.
+    """
+
+    images: Optional[Images]
+    labels: torch.Tensor
+    domains: torch.Tensor
+    features: Optional[ImageFeatures] = None
+
+    def original(self) -> torch.Tensor:
+        if isinstance(self.images, dict):
+            return self.images["original"]
+        return self.images
+
+    def view(self, key: str) -> torch.Tensor:
+        if not isinstance(self.images, dict):
+            raise KeyError(f"batch has a single view; asked for {key!r}")
+        return self.images[key]
+
+    def to(self, device) -> "Batch":
+        imgs = self.images
+        if isinstance(imgs, dict):
+            imgs = {k: v.to(device, non_blocking=True) for k, v in imgs.items()}
+        elif imgs is not None:
+            imgs = imgs.to(device, non_blocking=True)
+        return replace(self, images=imgs, labels=self.labels.to(device), domains=self.domains.to(device),
+                       features=self.features.to(device) if self.features is not None else None)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * cos(image, text) for image [B, E] and text [K, E] (shared) or [B, K, E] (per image)."""
+    image = nn.functional.normalize(image.float(), dim=-1)
+    text = nn.functional.normalize(text.float(), dim=-1)
+    if text.dim() == 2:
+        return scale * image @ text.t()
+    return scale * torch.einsum("be,bke->bk", image, text)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set the class attributes and implement `update` and `predict`.
+
+    Class attributes:
+      name                 registry name (set by @register_method)
+      open_set             True if `predict` returns [B, K+1] logits, last column = unknown
+      default_hparams      defaults from the paper (DomainBed convention: trial seed 0 uses these)
+      uses_frozen_features True if the method only needs frozen features of the un-augmented
+                           original view, so the engine may cache them on disk
+      needs_patches / needs_layer_stats: which optional ImageFeatures fields the method reads
+    """
+
+    name: str = "base"
+    open_set: bool = False
+    default_hparams: dict = {"lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9,
+                             "weight_decay": 5e-4, "warmup_steps": 0}
+    uses_frozen_features: bool = False
+    needs_patches: bool = False
+    needs_layer_stats: bool = False
+
+    def __init__(self, backbone: CLIPBackbone, classnames: list[str], num_domains: int, hparams: dict):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: frozen, never saved
+        self.classnames = list(classnames)
+        self.num_classes = len(self.classnames)
+        self.num_domains = int(num_domains)
+        unknown = set(hparams) - set(self.all_defaults())
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters for {self.name}: {sorted(unknown)}; "
+                             f"known: {sorted(self.all_defaults())}")
+        self.hparams = {**self.all_defaults(), **hparams}
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler = None
+
+    # ----- hyper-parameters -------------------------------------------------------------------
+    @classmethod
+    def all_defaults(cls) -> dict:
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "default_hparams", {}) or {})
+        return merged
+
+    @classmethod
+    def search_space(cls, rng: np.random.Generator) -> dict:
+        """A random draw of hyper-parameters (DomainBed style). Subclasses extend it."""
+        hp = cls.all_defaults()
+        hp["lr"] = float(10 ** rng.uniform(math.log10(hp["lr"]) - 1, math.log10(hp["lr"]) + 0.5))
+        hp["batch_size"] = int(rng.choice([16, 32, 64]))
+        if "weight_decay" in hp and hp["weight_decay"] > 0:
+            hp["weight_decay"] = float(10 ** rng.uniform(-6, -3))
+        return hp
+
+    @classmethod
+    def hparams_for(cls, hparams_seed: int = 0) -> dict:
+        """Trial hyper-parameters: seed 0 = defaults, others = a seeded random-search draw."""
+        if hparams_seed == 0:
+            return cls.all_defaults()
+        return cls.search_space(np.random.default_rng(hparams_seed))
+
+    # ----- data hooks --------------------------------------------------------------------------
+    def make_train_transform(self, base_transform):
+        """Return the training transform (may return a dict of views); default: unchanged."""
+        return base_transform
+
+    def features(self, x) -> ImageFeatures:
+        """ImageFeatures for raw images (one frozen forward) or pass-through for cached ones."""
+        if isinstance(x, ImageFeatures):
+            if not x.has(patches=self.needs_patches, layer_stats=self.needs_layer_stats):
+                raise ValueError(f"{self.name} needs patches={self.needs_patches}, "
+                                 f"layer_stats={self.needs_layer_stats} in its cached features")
+            return x
+        return self.backbone.image_features(x, patches=self.needs_patches,
+                                            layer_stats=self.needs_layer_stats)
+
+    def batch_features(self, batch: Batch) -> ImageFeatures:
+        return batch.features if batch.features is not None else self.features(batch.original())
+
+    # ----- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.trainable_parameters()}]
+
+    def configure_optimizers(self, total_steps: int):
+        """Build self.optimizer / self.scheduler from hparams (SGD or AdamW, cosine, warm-up)."""
+        hp = self.hparams
+        groups = [g for g in self.param_groups() if g["params"]]
+        if not groups:
+            self.optimizer, self.scheduler = None, None
+            return None
+        if hp.get("optimizer", "sgd") == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp.get("momentum", 0.9),
+                                  weight_decay=hp.get("weight_decay", 0.0))
+        elif hp["optimizer"] == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
+        else:
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp['optimizer']!r}")
+        warm = int(hp.get("warmup_steps", 0))
+        total = max(int(total_steps), 1)
+
+        def factor(step):
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
+
+        self.optimizer = opt
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return opt
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward + (data-parallel gradient average) + optimiser and scheduler step."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{self.name}: configure_optimizers() was not called")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync_gradients()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _sync_gradients(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        params = self.trainable_parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    # ----- API -------------------------------------------------------------------------------
+    def update(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict(self, x) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.model.eval()  # a text tower held by a submodule must stay in eval mode
+        return self
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def _frozen_ptrs(self) -> set[int]:
+        m = self.backbone.model
+        return {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+
+    def method_state_dict(self) -> dict:
+        """state_dict without any tensor that belongs to the frozen backbone."""
+        frozen = self._frozen_ptrs()
+        return {k: v for k, v in self.state_dict().items() if v.data_ptr() not in frozen}
+
+    def checkpoint_state(self) -> dict:
+        return {"method": self.method_state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        own = self.method_state_dict()
+        missing = set(own) - set(state["method"])
+        unexpected = set(state["method"]) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match {self.name}: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state["method"], strict=False)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])

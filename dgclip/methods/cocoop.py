@@ -1,0 +1,53 @@
+"""CoCoOp (Zhou et al., CVPR 2022): context shifted per image by a meta-net.
+
+M = 4 context vectors initialised from "a photo of a"; meta-net Linear(E, E/16) -> ReLU ->
+Linear(E/16, W) maps each image feature to a shift added to every context vector, giving
+B x K prompts per step, all encoded in one batched call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..prompting import ClassPromptEncoder, init_context
+from . import register_method
+from .base import Batch, Method
+
+
+@register_method("cocoop")
+class CoCoOp(Method):
+    open_set = False
+    uses_frozen_features = True
+    default_hparams = {"lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9,
+                       "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 4, "ctx_init": "a photo of a",
+                       "meta_reduction": 16}
+
+    def __init__(self, backbone, classnames, num_domains, hparams):
+        super().__init__(backbone, classnames, num_domains, hparams)
+        n_ctx = int(self.hparams["n_ctx"])
+        init = self.hparams["ctx_init"] or None
+        if init is not None and n_ctx != 4:
+            init = None  # the init phrase has 4 tokens
+        self.prompt_encoder = ClassPromptEncoder(backbone, self.classnames, n_ctx)
+        self.ctx = nn.Parameter(init_context(backbone, n_ctx, init).to(backbone.device))
+        e, w = backbone.embed_dim, backbone.text_width
+        hidden = max(e // int(self.hparams["meta_reduction"]), 1)
+        self.meta_net = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, w))
+        self.meta_net.to(backbone.device)
+
+    def logits(self, x) -> torch.Tensor:
+        f = self.features(x).pooled
+        ctx = self.ctx.unsqueeze(0) + self.meta_net(f).unsqueeze(1)  # [B, M, W]
+        text = F.normalize(self.prompt_encoder(ctx), dim=-1)          # [B, K, E]
+        img = F.normalize(f, dim=-1)
+        return self.backbone.logit_scale * torch.einsum("be,bke->bk", img, text)
+
+    def update(self, batch: Batch) -> dict:
+        loss = F.cross_entropy(self.logits(self.batch_features(batch)), batch.labels)
+        self.step(loss)
+        return {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def predict(self, x) -> torch.Tensor:
+        return self.logits(x)

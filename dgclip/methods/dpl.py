@@ -1,0 +1,65 @@
+"""DPL, domain prompt learning (Zhang et al.): an MLP maps image features to M = 16 prompt
+tokens; during training the tokens are averaged over each source domain's part of the batch
+(D x K prompts); every image is scored with its own domain's prompts.
+
+At test time the tokens are averaged over the test batch ("batch", as the released code) or
+computed per image ("instance", B x K prompts): option `test_prompt`.
+Paper: 3-layer MLP 512->512->512->512*16, dropout 0.1, SGD lr 1e-3, momentum 0.1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..prompting import ClassPromptEncoder
+from . import register_method
+from .base import Batch, Method
+
+
+@register_method("dpl")
+class DPL(Method):
+    open_set = False
+    uses_frozen_features = True
+    default_hparams = {"lr": 1e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.1,
+                       "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 16, "hidden": 0,
+                       "dropout": 0.1, "test_prompt": "batch"}
+
+    def __init__(self, backbone, classnames, num_domains, hparams):
+        super().__init__(backbone, classnames, num_domains, hparams)
+        if self.hparams["test_prompt"] not in ("batch", "instance"):
+            raise ValueError("test_prompt must be 'batch' or 'instance'")
+        m = int(self.hparams["n_ctx"])
+        e, w = backbone.embed_dim, backbone.text_width
+        h = int(self.hparams["hidden"]) or e
+        p = float(self.hparams["dropout"])
+        self.mlp = nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, h), nn.ReLU(),
+                                 nn.Dropout(p), nn.Linear(h, w * m)).to(backbone.device)
+        self.prompt_encoder = ClassPromptEncoder(backbone, self.classnames, m)
+
+    def tokens(self, f: torch.Tensor) -> torch.Tensor:
+        return self.mlp(f).view(f.shape[0], int(self.hparams["n_ctx"]), -1)  # [B, M, W]
+
+    def update(self, batch: Batch) -> dict:
+        f = self.batch_features(batch).pooled
+        tok = self.tokens(f)
+        # per-domain mean tokens, all domains at once: one_hot^T @ tokens / counts
+        dom, inverse = torch.unique(batch.domains, return_inverse=True)
+        onehot = F.one_hot(inverse, len(dom)).to(tok.dtype)                     # [B, D]
+        mean_tok = torch.einsum("bd,bmw->dmw", onehot, tok) / onehot.sum(0).view(-1, 1, 1)
+        text = F.normalize(self.prompt_encoder(mean_tok), dim=-1)               # [D, K, E]
+        img = F.normalize(f, dim=-1)
+        logits = self.backbone.logit_scale * torch.einsum("be,bke->bk", img, text[inverse])
+        loss = F.cross_entropy(logits, batch.labels)
+        self.step(loss)
+        return {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def predict(self, x) -> torch.Tensor:
+        f = self.features(x).pooled
+        tok = self.tokens(f)
+        if self.hparams["test_prompt"] == "batch":
+            text = self.prompt_encoder(tok.mean(0))[0]           # [K, E]
+            return self.backbone.logit_scale * F.normalize(f, dim=-1) @ F.normalize(text, dim=-1).t()
+        text = F.normalize(self.prompt_encoder(tok), dim=-1)     # [B, K, E]
+        return self.backbone.logit_scale * torch.einsum("be,bke->bk", F.normalize(f, dim=-1), text)

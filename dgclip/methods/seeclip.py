@@ -1,0 +1,172 @@
+"""SeeCLIP (arXiv 2511.16979): semantic-enhanced prompts for open-set domain generalization.
+
+Per image, K_s = 4 learnable queries attend over the projected patch features and give semantic
+tokens v_k; the mean patch feature gives a domain token Phi(mean_i f_i). Known prompts (per image
+and class): [SOS][Phi(v_dom)][Psi_1(v_1)..Psi_Ks(v_Ks)] "classname." [EOS]; the unknown prompt:
+[SOS][Phi(v_dom)][u_1..u_4] "unknown." [EOS]. Logits are (C+1)-way, last column = unknown.
+
+Loss = L_ali + rep_weight * L_rep + coh_weight * L_coh + reg_weight * L_reg (1.0 / 0.5 / 0.01):
+  L_ali: (C+1)-way CE on the known images and on pseudo-unknowns (target C);
+  L_rep = mean_{b,k} max(0, cos(u_b, t_{b,k}) - rep_margin): pushes the unknown prompt AWAY from
+          the known ones (the paper's sign; the released code has it reversed: rep_sign=-1);
+  L_coh = MSE(u_b, mean_k t_{b,k}) on L2-normalised text features (the unknown prompt stays near
+          the known centroid);
+  L_reg = sum_k ||Psi_k||_1 over the Psi weights (reg_reduction="sum", as the paper writes it;
+          "mean" divides by the number of weights).
+Pseudo-unknowns come from a generator behind one interface (`pseudo_unknown.py`): "feature"
+(default, no extra weights), "diffusion" (Stable Diffusion 1.5 via diffusers) or "none".
+At test time the model sees only images (or their cached features): no label is an input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dgkernels
+
+from . import register_method
+from ..backbone import ImageFeatures
+from .base import Batch, Method, cosine_logits
+from .seeclip_losses import cohesion_loss, l1_regularizer, repulsion_loss
+from .prompt_modules import SemanticTokenizer, StackedLinear, make_prompt_encoder
+from .pseudo_unknown import SD15_MODEL_ID, DiffusionUnknowns, FeatureSpaceUnknowns, UnknownRequest, normalize_images
+
+
+def _normalisation(backbone) -> tuple[tuple, tuple]:
+    """Mean/std of the backbone's eval transform (OpenAI CLIP's when none is found)."""
+    for t in getattr(getattr(backbone, "preprocess_val", None), "transforms", []) or []:
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            return tuple(t.mean), tuple(t.std)
+    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_method("seeclip")
+class SeeCLIP(Method):
+    open_set = True
+    uses_frozen_features = True  # the paper trains without augmentation: patch features are cacheable
+    needs_patches = True
+    default_hparams = {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "batch_size": 32,
+        "warmup_steps": 0,
+        "n_semantic_tokens": 4,
+        "n_unknown_ctx": 4,
+        "unknown_name": "unknown",
+        "rep_weight": 1.0,
+        "coh_weight": 0.5,
+        "reg_weight": 0.01,
+        "rep_margin": 0.5,
+        "rep_sign": 1.0,  # +1 = paper (repel the unknown prompt); -1 = the released code's reversed sign, max(0, margin - cos)
+        "reg_reduction": "sum",
+        "unknown_generator": "feature",  # "feature" | "diffusion" | "none"
+        "unknown_ratio": 0.1,  # pseudo-unknowns per known image in a batch (paper: ~0.1 B)
+        "unknown_noise_std": 0.2,
+        "unknown_mix_low": 0.3,
+        "unknown_mix_high": 0.7,
+        "diffusion_model_id": SD15_MODEL_ID,
+        "diffusion_guidance": 15.0,
+        "diffusion_steps": 20,
+        "prompt_chunk_size": 0,
+    }
+
+    @classmethod
+    def search_space(cls, rng) -> dict:
+        hp = cls.all_defaults()
+        hp.update({
+            "lr": float(10 ** rng.uniform(-4, -2.5)),
+            "weight_decay": float(10 ** rng.uniform(-6, -3)),
+            "batch_size": int(rng.choice([16, 32, 64])),
+            "rep_weight": float(10 ** rng.uniform(-1, 0.5)),
+            "coh_weight": float(10 ** rng.uniform(-1.5, 0.5)),
+            "reg_weight": float(10 ** rng.uniform(-4, -1)),
+            "unknown_ratio": float(rng.choice([0.1, 0.25, 0.5])),
+            "unknown_noise_std": float(rng.uniform(0.05, 0.4)),
+        })
+        return hp
+
+    def __init__(self, backbone, classnames, num_domains, hparams=None, *, unknown_generator=None):
+        super().__init__(backbone, classnames, num_domains, hparams or {})
+        hp = self.hparams
+        dim, width, ks = backbone.embed_dim, backbone.text_width, int(hp["n_semantic_tokens"])
+        self.tokenizer = SemanticTokenizer(dim, ks)
+        self.phi = nn.Linear(dim, width)
+        self.psi = StackedLinear(ks, dim, width)
+        self.unknown_ctx = nn.Parameter(torch.randn(int(hp["n_unknown_ctx"]), width) * 0.02)
+        chunk = int(hp["prompt_chunk_size"]) or None
+        self.known_encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
+        self.unknown_encoder = make_prompt_encoder(backbone, [hp["unknown_name"]], chunk_size=chunk)
+        self.to(backbone.device)
+        # the generator holds no trainable state: a plain attribute, never in the state dict
+        object.__setattr__(self, "generator", unknown_generator if unknown_generator is not None else self._build_generator())
+
+    def _build_generator(self):
+        hp = self.hparams
+        kind = hp["unknown_generator"]
+        if kind == "none":
+            return None
+        if kind == "feature":
+            return FeatureSpaceUnknowns(hp["unknown_ratio"], hp["unknown_noise_std"], hp["unknown_mix_low"], hp["unknown_mix_high"])
+        if kind == "diffusion":
+            return DiffusionUnknowns.from_pretrained(
+                self.classnames, self.encode_generated, model_id=hp["diffusion_model_id"], device=self.backbone.device,
+                ratio=hp["unknown_ratio"], guidance_scale=hp["diffusion_guidance"], num_inference_steps=int(hp["diffusion_steps"]),
+                token_noise_std=hp["unknown_noise_std"])
+        raise ValueError(f"unknown_generator must be 'feature', 'diffusion' or 'none', got {kind!r}")
+
+    def encode_generated(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated images in [0, 1] -> frozen (pooled, patches), through the backbone's normalisation."""
+        mean, std = _normalisation(self.backbone)
+        feats = self.backbone.image_features(normalize_images(images, self.backbone.image_size, mean, std), patches=True)
+        return feats.pooled, feats.patches
+
+    # -- forward pieces -------------------------------------------------------------------------
+    def text_features(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """patches [N, P, E] -> (known text [N, K, E], unknown text [N, E])."""
+        tokens, _ = self.tokenizer(patches)  # [N, Ks, E]
+        domain = self.phi(patches.to(self.phi.weight.dtype).mean(1))[:, None, :]  # [N, 1, W]
+        known_ctx = torch.cat([domain, self.psi(tokens)], dim=1)  # [N, 1 + Ks, W]
+        unknown_ctx = torch.cat([domain, self.unknown_ctx[None].expand(domain.shape[0], -1, -1)], dim=1)
+        return self.known_encoder(known_ctx).float(), self.unknown_encoder(unknown_ctx)[:, 0].float()
+
+    def losses(self, pooled: torch.Tensor, patches: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pooled [N, E], patches [N, P, E], labels [N] in 0..C (C = pseudo-unknown)."""
+        hp = self.hparams
+        known, unknown = self.text_features(patches)
+        text = torch.cat([known, unknown[:, None]], dim=1)  # [N, C+1, E]
+        ali = dgkernels.cosine_cross_entropy(pooled, text, self.backbone.logit_scale, labels)
+        rep = repulsion_loss(unknown, known, hp["rep_margin"], hp["rep_sign"])
+        coh = cohesion_loss(unknown, known)
+        reg = l1_regularizer(self.psi.weight, hp["reg_reduction"])
+        total = ali + hp["rep_weight"] * rep + hp["coh_weight"] * coh + hp["reg_weight"] * reg
+        return {"loss": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg}
+
+    def training_inputs(self, batch: Batch, generator: torch.Generator | None = None):
+        """Frozen features of the batch plus its pseudo-unknowns: (pooled, patches, labels)."""
+        feats = self.batch_features(batch)
+        pooled, patches, labels = feats.pooled, feats.patches, batch.labels
+        if self.generator is not None:
+            fake = self.generator(UnknownRequest(pooled, patches, labels, batch.domains), generator=generator)
+            if fake is not None:
+                pooled = torch.cat([pooled, fake.pooled.to(pooled.dtype)])
+                patches = torch.cat([patches, fake.patches.to(patches.dtype)])
+                labels = torch.cat([labels, labels.new_full((fake.pooled.shape[0],), self.num_classes)])
+        return pooled, patches, labels
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        self.train()
+        batch = batch.to(self.backbone.device)
+        out = self.losses(*self.training_inputs(batch))
+        self.step(out["loss"])
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    @torch.no_grad()
+    def predict(self, x) -> torch.Tensor:
+        """[B, C+1] logits (last column = unknown) from images or cached features; no label is an input."""
+        if isinstance(x, dict):
+            x = x["original"]
+        feats = self.features(x if isinstance(x, ImageFeatures) else x.to(self.backbone.device))
+        known, unknown = self.text_features(feats.patches)
+        return cosine_logits(feats.pooled, torch.cat([known, unknown[:, None]], dim=1), self.backbone.logit_scale)

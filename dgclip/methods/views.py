@@ -1,0 +1,66 @@
+"""GOPro's three training views, built in the data loader from the raw (PIL) image.
+
+original: random resized crop + horizontal flip; moco: MoCo-v3 style (crop scale 0.08-1, colour
+jitter 0.4/0.4/0.2/0.1 with p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2, flip); augmix:
+torchvision AugMix (3 chains of 1-3 ops, severity 1, Dirichlet(1,1,1) weights, Beta(1,1) mix).
+Every view is augmented at the image's own resolution and then passed through the backbone's
+`base_transform` (resize, crop, to tensor, normalise), so the augmentations see raw pixels, never
+normalised tensors (the released code's mistake), and each view is of its own image.
+"""
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+
+class PILGaussianBlur:
+    """Blur with a radius drawn uniformly from [sigma_min, sigma_max] (MoCo v3's recipe)."""
+
+    def __init__(self, sigma_min: float = 0.1, sigma_max: float = 2.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma_min, self.sigma_max)))
+
+
+class _OwnSizeCrop:
+    """RandomResizedCrop back to the image's own size (the base transform resizes afterwards)."""
+
+    def __init__(self, scale: tuple[float, float]):
+        self.scale = scale
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        return T.RandomResizedCrop((h, w), scale=self.scale)(img)
+
+
+def original_view(crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    return T.Compose([_OwnSizeCrop(crop_scale), T.RandomHorizontalFlip()])
+
+
+def moco_view(blur_p: float = 1.0) -> T.Compose:
+    return T.Compose([
+        _OwnSizeCrop((0.08, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([PILGaussianBlur(0.1, 2.0)], p=blur_p),
+        T.RandomHorizontalFlip(),
+    ])
+
+
+def augmix_view() -> T.AugMix:
+    return T.AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0)
+
+
+class MultiViewTransform:
+    """PIL image -> {"original": tensor, "moco": tensor, "augmix": tensor}."""
+
+    def __init__(self, base_transform, *, crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 1.0):
+        self.base = base_transform
+        self.views = {"original": original_view(crop_scale), "moco": moco_view(blur_p), "augmix": augmix_view()}
+
+    def __call__(self, img: Image.Image) -> dict:
+        img = img.convert("RGB")
+        return {name: self.base(aug(img)) for name, aug in self.views.items()}

@@ -1,0 +1,123 @@
+"""`dgclip results DIR`: DomainBed-style tables from results.jsonl files.
+
+Per (dataset, method, selection): one column per held-out domain and "Avg". A cell is the mean
++- standard error over seeds (sample std / sqrt(n)); "Avg" averages the domains within each seed
+first, then takes mean +- s.e. over the seeds that have every domain. Also writes CSV and a PNG
+bar chart.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .engine import read_records
+
+__all__ = ["load_results", "summarise", "format_table", "write_csv", "plot", "METRIC_LABELS"]
+
+METRIC_LABELS = {"test_acc": "accuracy"}
+
+
+def load_results(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}")
+    files = [path] if path.is_file() else sorted(path.rglob("results.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no results.jsonl under {path}")
+    records = []
+    for f in files:
+        records += read_records(f)
+    return records
+
+
+def _mse(vals) -> tuple[float, float, int]:
+    v = np.asarray([x for x in vals if x is not None and not math.isnan(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+    return float(v.mean()), se, int(v.size)
+
+
+def summarise(records: list[dict], metric: str = "test_acc") -> list[dict]:
+    """Rows: dataset, method, selection, domains -> (mean, se, n), avg -> (mean, se, n)."""
+    groups = defaultdict(list)
+    for r in records:
+        if metric in r:
+            groups[(r["dataset"], r["method"], r["selection"])].append(r)
+    rows = []
+    for (dataset, method, selection), recs in sorted(groups.items()):
+        by = defaultdict(dict)  # seed -> domain -> value (last record wins on duplicates)
+        for r in recs:
+            by[r["seed"]][r["test_domain"]] = r[metric]
+        domains = sorted({d for s in by.values() for d in s})
+        cells = {d: _mse([by[s][d] for s in by if d in by[s]]) for d in domains}
+        full = [np.mean([by[s][d] for d in domains]) for s in by if all(d in by[s] for d in domains)]
+        rows.append({"dataset": dataset, "method": method, "selection": selection, "metric": metric,
+                     "domains": domains, "cells": cells, "avg": _mse(full)})
+    return rows
+
+
+def _fmt(cell, scale=100.0) -> str:
+    m, se, n = cell
+    if n == 0:
+        return "-"
+    return f"{m * scale:.1f} +- {se * scale:.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    out = []
+    for (dataset, selection, metric) in sorted({(r["dataset"], r["selection"], r["metric"]) for r in rows}):
+        sub = [r for r in rows if (r["dataset"], r["selection"], r["metric"]) == (dataset, selection, metric)]
+        domains = sorted({d for r in sub for d in r["domains"]})
+        head = ["Method"] + domains + ["Avg"]
+        body = [[r["method"]] + [_fmt(r["cells"].get(d, (0, 0, 0))) for d in domains] + [_fmt(r["avg"])]
+                for r in sub]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        nseeds = max(r["avg"][2] for r in sub)
+        out.append(f"{dataset} | {metric} (%) | selection: {selection} | mean +- s.e. over seeds "
+                   f"(up to {nseeds})")
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        out += [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict], path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "selection", "metric", "method", "domain", "mean", "se", "n_seeds"])
+        for r in rows:
+            for d in r["domains"] + ["Avg"]:
+                m, se, n = r["avg"] if d == "Avg" else r["cells"][d]
+                w.writerow([r["dataset"], r["selection"], r["metric"], r["method"], d, m, se, n])
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["dataset"], r["selection"], r["metric"]) for r in rows})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3.2 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        sub = [r for r in rows if (r["dataset"], r["selection"], r["metric"]) == key]
+        cols = sorted({d for r in sub for d in r["domains"]}) + ["Avg"]
+        width = 0.8 / max(len(sub), 1)
+        for i, r in enumerate(sub):
+            vals = [(r["avg"] if c == "Avg" else r["cells"].get(c, (np.nan, 0, 0))) for c in cols]
+            ax.bar(np.arange(len(cols)) + i * width, [100 * v[0] for v in vals], width,
+                   yerr=[100 * v[1] for v in vals], label=r["method"], capsize=2)
+        ax.set_xticks(np.arange(len(cols)) + width * (len(sub) - 1) / 2, cols)
+        ax.set_ylabel(f"{key[2]} (%)")
+        ax.set_title(f"{key[0]} — {key[1]}")
+        ax.legend(fontsize=8, ncol=min(len(sub), 4))
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

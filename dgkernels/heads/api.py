@@ -1,0 +1,223 @@
+"""Public head ops: validation, backend choice, autograd wiring, reduction.
+
+Index checks (`domain`, `target` in range) run on the host before any kernel launch: one min/max
+reduction per index tensor plus a device->host copy, i.e. one synchronisation per call on GPU.
+That is the price of turning an out-of-range index into a ValueError instead of garbage or a
+device-side assert.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch
+from .._validate import (check_choice, check_index, check_positive_scalar, check_same_device, check_same_dtype,
+                         check_tensor)
+from . import autograd as _ag
+from . import reference as _ref
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_heads(features, weight, bias, *, weight_dims=(3,), bias_name="bias"):
+    check_tensor("features", features, dims=2)
+    check_tensor("weight", weight, dims=weight_dims)
+    if bias is not None:
+        check_tensor(bias_name, bias)
+    device = check_same_device(features=features, weight=weight, bias=bias)
+    check_same_dtype(features=features, weight=weight, bias=bias)
+    return device
+
+
+def _check_fanout(features, weight, bias):
+    device = _check_heads(features, weight, bias)
+    D, K, F = weight.shape
+    if features.shape[1] != F:
+        raise ValueError(f"features [B, F] and weight [D, K, F] disagree on F: features {tuple(features.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (D, K):
+        raise ValueError(f"bias must have shape [D, K] = {(D, K)} to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+    return device
+
+
+def _select(op, device, backend, dtype, triton_limit=""):
+    """_dispatch.select, plus the Triton kernels' own limits (no float64; head_agreement holds one
+    row's D x K logits in registers): an explicit request is refused with the reason, automatic
+    selection falls through to the next backend (cuda, then reference)."""
+    name, impl = _dispatch.select(op, device, backend)
+    if name != "triton":
+        return name, impl
+    why = "the triton head kernels run float32/bfloat16/float16, got float64" if dtype == torch.float64 else triton_limit
+    if not why:
+        return name, impl
+    if _dispatch.requested_backend(backend) == "triton":
+        raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: backend 'triton' is unavailable: {why}")
+    for cand in ("cuda", "reference"):
+        if not _dispatch._refusal(op, cand, device):
+            return cand, _dispatch._REGISTRY[op][cand]
+    raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: no backend can run this call ({why})")
+
+
+def _precompute(reduction, *tensors):
+    """Run the fused forward+backward in the forward (see autograd._FusedLoss)?"""
+    return (reduction != "none" and torch.is_grad_enabled()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
+def domain_fanout(features, weight, bias=None, *, backend=None):
+    """Every domain head on every sample: logits[b, d, k] = features[b] . weight[d, k] + bias[d, k].
+
+    features [B, F], weight [D, K, F], bias [D, K] or None -> [B, D, K].
+    """
+    device = _check_fanout(features, weight, bias)
+    name, impl = _select("domain_fanout", device, backend, features.dtype)
+    if name == "reference":
+        return _ref.domain_fanout(features, weight, bias)
+    return _ag.DomainFanout.apply(impl, features, weight, bias)
+
+
+def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=False, reduction="mean",
+                         label_smoothing=0.0, backend=None):
+    """Cross-entropy of each sample under its own domain's head, without building [B, D, K].
+
+    features [B, F], weight [D, K, F], bias [D, K] or None, domain [B] (int, head of each sample;
+    may be None when all_heads=True), target [B] (int class). all_heads=True: the mean over all D
+    heads of each head's cross-entropy. reduction 'mean' | 'sum' | 'none' ([B]); label_smoothing as
+    in F.cross_entropy. Gradients flow to features, weight and bias.
+    """
+    device = _check_fanout(features, weight, bias)
+    D, K, _ = weight.shape
+    B = features.shape[0]
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_smoothing(label_smoothing)
+    if domain is None:
+        if not all_heads:
+            raise ValueError("domain [B] is required unless all_heads=True")
+    else:
+        check_index("domain", domain, D, length=B)
+    check_index("target", target, K, length=B)
+    check_same_device(features=features, domain=domain, target=target)
+    name, impl = _select("domain_cross_entropy", device, backend, features.dtype)
+    if name == "reference":
+        return _ref.domain_cross_entropy(features, weight, bias, domain, target, all_heads=all_heads,
+                                         reduction=reduction, label_smoothing=label_smoothing)
+    loss = _ag.DomainCrossEntropy.apply(impl, features, weight, bias, None if all_heads else domain, target,
+                                        bool(all_heads), float(label_smoothing), reduction,
+                                        _precompute(reduction, features, weight, bias))
+    return loss.to(features.dtype)
+
+
+def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", backend=None):
+    """Disagreement among the D domain heads on each sample (what a domain-removing map drives down).
+
+    p_d = softmax(features @ weight[d].T + bias[d]) for each head d.
+    kind='kl': mean_d KL(p_d || m) with m = mean_d p_d, i.e. the generalised Jensen-Shannon
+      divergence H(m) - mean_d H(p_d) (bounded by log D; 0 iff all heads agree).
+    kind='sym_kl': mean over the D(D-1)/2 unordered head pairs of KL(p_d||p_e) + KL(p_e||p_d)
+      (needs D >= 2).
+    reduction over samples: 'mean' (default) | 'sum' | 'none' ([B]). Fused with the fan-out: the
+    backward recomputes the logits block by block instead of keeping [B, D, K].
+    """
+    device = _check_fanout(features, weight, bias)
+    check_choice("kind", kind, tuple(_ag.KINDS))
+    check_choice("reduction", reduction, REDUCTIONS)
+    if kind == "sym_kl" and weight.shape[0] < 2:
+        raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
+    D, K, _ = weight.shape
+    limit = (f"one row's D x K = {D} x {K} logits exceed the kernel's register tile (2**16)"
+             if _pow2(D) * max(16, _pow2(K)) > 1 << 16 else "")
+    name, impl = _select("head_agreement", device, backend, features.dtype, limit)
+    if name == "reference":
+        return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
+    loss = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind], reduction,
+                                   _precompute(reduction, features, weight, bias))
+    return loss.to(features.dtype)
+
+
+def mapper_project(features, weight, bias=None, *, domain=None, residual=True, normalize=True, backend=None):
+    """Linear map of the features, optionally removing it from them, optionally L2-normalised.
+
+    residual=True: f' = f - (f W^T + b) (removal of the mapped domain-specific component);
+    residual=False: f' = f W^T + b. weight [E, F] (E == F when residual) shared by all samples, or
+    [D, E, F] with domain [B] picking each sample's map (bias [E] or [D, E]). normalize=True
+    returns f' / max(||f'||, 1e-12) as F.normalize does.
+    """
+    check_tensor("features", features, dims=2)
+    check_tensor("weight", weight, dims=(2, 3))
+    if bias is not None:
+        check_tensor("bias", bias)
+    device = check_same_device(features=features, weight=weight, bias=bias, domain=domain)
+    check_same_dtype(features=features, weight=weight, bias=bias)
+    B, F = features.shape
+    E = weight.shape[-2]
+    if weight.shape[-1] != F:
+        raise ValueError(f"weight [.., E, F] must end in F = {F} (features {tuple(features.shape)}), "
+                         f"got weight {tuple(weight.shape)}")
+    if residual and E != F:
+        raise ValueError(f"residual=True needs a square map (E == F), got weight {tuple(weight.shape)}")
+    if weight.dim() == 3:
+        if domain is None:
+            raise ValueError(f"per-domain weight {tuple(weight.shape)} needs domain [B]")
+        check_index("domain", domain, weight.shape[0], length=B)
+    elif domain is not None:
+        raise ValueError(f"domain given but weight {tuple(weight.shape)} is one shared map; use [D, E, F]")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1]):
+        raise ValueError(f"bias must have shape {tuple(weight.shape[:-1])} for weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+    name, impl = _select("mapper_project", device, backend, features.dtype)
+    if name == "reference":
+        return _ref.mapper_project(features, weight, bias, domain=domain, residual=residual, normalize=normalize)
+    out, _ = _ag.MapperProject.apply(impl, features, weight, bias, domain, bool(residual), bool(normalize))
+    return out
+
+
+def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normalize=True, label_smoothing=0.0,
+                         reduction="mean", ignore_index=-100, backend=None):
+    """Cross-entropy over logit_scale * normalize(features) @ normalize(class_embeds).T, fused.
+
+    features [B, E]; class_embeds [K, E] shared, or [B, K, E] per sample (instance-conditioned
+    prompts); logit_scale a positive float or one-element tensor (gets a gradient when it requires
+    one; its dtype may differ from the features'); target [B] in [0, K) or ignore_index. The [B, K]
+    logits are never stored: the fused backends stream over blocks of classes/rows with an online
+    log-sum-exp and recompute in the backward. label_smoothing, reduction and ignore_index behave
+    as in F.cross_entropy (mean = over non-ignored samples).
+    """
+    check_tensor("features", features, dims=2)
+    check_tensor("class_embeds", class_embeds, dims=(2, 3))
+    check_positive_scalar("logit_scale", logit_scale)
+    device = check_same_device(features=features, class_embeds=class_embeds, target=target,
+                               logit_scale=logit_scale if isinstance(logit_scale, torch.Tensor) else None)
+    check_same_dtype(features=features, class_embeds=class_embeds)
+    check_choice("reduction", reduction, REDUCTIONS)
+    _check_smoothing(label_smoothing)
+    B, E = features.shape
+    if class_embeds.shape[-1] != E or (class_embeds.dim() == 3 and class_embeds.shape[0] != B):
+        want = "[K, E] or [B, K, E]"
+        raise ValueError(f"class_embeds must be {want} with B = {B}, E = {E} (features {tuple(features.shape)}), "
+                         f"got {tuple(class_embeds.shape)}")
+    K = class_embeds.shape[-2]
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_index("target", target, K, length=B, ignore_index=ignore_index)
+    name, impl = _select("cosine_cross_entropy", device, backend, features.dtype)
+    if name == "reference":
+        return _ref.cosine_cross_entropy(features, class_embeds, logit_scale, target, normalize=normalize,
+                                         label_smoothing=label_smoothing, reduction=reduction,
+                                         ignore_index=ignore_index)
+    if isinstance(logit_scale, torch.Tensor):
+        scale = logit_scale
+    else:
+        scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
+    loss = _ag.CosineCrossEntropy.apply(impl, features, class_embeds, scale, target, bool(normalize),
+                                        float(label_smoothing), int(ignore_index), reduction,
+                                        _precompute(reduction, features, class_embeds, scale))
+    return loss.to(features.dtype)
+
+
+def _pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_smoothing(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {value!r}")

@@ -1,0 +1,368 @@
+"""Contrastive family: every backend against the reference, the reference against the public
+peers (info-nce-pytorch, open_clip ClipLoss, a direct SupCon formula), gradients, gradcheck,
+opcheck, errors, NaN propagation and the distributed clip_loss path."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dgkernels
+from dgkernels.testing import EPS, assert_close_to_fp64
+
+HAS_CPP = dgkernels.backends()["cpp"].available
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="dgkernels._C not built")
+HAS_TRITON = dgkernels.backends()["triton"].available
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _noncontig(t):
+    """Same values, non-contiguous storage (every other column of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+# Each case builds (fn(backend, *tensors) -> loss, tensors); the last tensor is the scale/temperature.
+def _case(op, n, d, dtype, noncontig, g):
+    def rnd(*shape):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        return _noncontig(x) if noncontig else x
+
+    if op == "info_nce":
+        t = torch.tensor(0.2)
+        return (lambda b, q, p, t: dgkernels.info_nce(q, p, temperature=t, backend=b)), [rnd(n, d), rnd(n, d), t]
+    if op == "info_nce_symmetric":
+        t = torch.tensor(0.3)
+        return (lambda b, q, p, t: dgkernels.info_nce(q, p, temperature=t, reduction="sum", symmetric=True,
+                                                      backend=b)), [rnd(n, d), rnd(n, d), t]
+    if op == "info_nce_unpaired":
+        t = torch.tensor(0.1)
+        return (lambda b, q, p, nk, t: dgkernels.info_nce(q, p, nk, temperature=t, reduction="none", backend=b)), \
+            [rnd(n, d), rnd(n, d), rnd(n + 3, d), t]
+    if op == "clip_loss":
+        s = torch.tensor(14.0)
+        return (lambda b, x, y, s: dgkernels.clip_loss(x, y, s, backend=b)), [rnd(n, d), rnd(n, d), s]
+    if op == "multiview":
+        t = torch.tensor(0.2)
+        labels = torch.randint(0, max(1, n // 3), (n,), generator=g)
+        return (lambda b, v, t: dgkernels.multiview_info_nce(v, t, labels=labels, backend=b)), [rnd(n, 3, d), t]
+    raise KeyError(op)
+
+
+OPS = ["info_nce", "info_nce_symmetric", "info_nce_unpaired", "clip_loss", "multiview"]
+
+
+def _run(fn, backend, tensors, dtype=None):
+    ins = []
+    for i, t in enumerate(tensors):
+        if dtype is not None and i < len(tensors) - 1:
+            t = t.detach().to(dtype)
+        elif dtype is not None:
+            t = t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+        ins.append(t.detach().clone().requires_grad_())
+    out = fn(backend, *ins)
+    grads = torch.autograd.grad(out.sum(), ins)
+    return out, grads
+
+
+def _compare(backend, op, n, d, dtype, noncontig=False):
+    g = torch.Generator().manual_seed(1000 * n + d)
+    fn, tensors = _case(op, n, d, dtype, noncontig, g)
+    out, grads = _run(fn, backend, tensors)
+    assert out.dtype == dtype
+    exp, exp_grads = _run(fn, "reference", tensors, torch.float64)
+    base, base_grads = _run(fn, "reference", tensors)
+    _check(out, exp, base, dtype, f"{op} {backend} loss")
+    for i, (a, e, b) in enumerate(zip(grads, exp_grads, base_grads)):
+        assert a.dtype == tensors[i].dtype
+        _check(a, e, b, dtype, f"{op} {backend} grad[{i}]")
+
+
+def _check(actual, expected, baseline, dtype, name):
+    if expected.abs().max() <= 1e-12:
+        # Identically zero (e.g. N = 1: the only logit is the positive): a relative error is
+        # meaningless, so allow a few ulps of the largest logit (|scale| <= 14 here).
+        assert actual.abs().max() <= 16 * EPS[dtype] * 14, f"{name}: {actual} should be 0"
+        return
+    assert_close_to_fp64(actual, expected, baseline, dtype=dtype, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# cpp backend vs reference
+# --------------------------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n", [1, 7, 129, 1000])
+def test_cpp_matches_reference_fp32(op, n):
+    _compare("cpp", op, n, 37, torch.float32, noncontig=(n == 129))
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [7, 300])
+def test_cpp_matches_reference_low_precision(op, dtype, n):
+    _compare("cpp", op, n, 40, dtype, noncontig=(n == 7))
+
+
+@needs_cpp
+def test_cpp_tiles_cover_uneven_blocks():
+    # N, M not multiples of the CPU tile (256 x 1024), several column blocks, the diagonal in each.
+    _compare("cpp", "multiview", 1100, 19, torch.float32)
+    _compare("cpp", "info_nce_unpaired", 1030, 19, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend (interpreter without a GPU: tiny sizes)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (7, torch.float32), (20, torch.bfloat16), (20, torch.float16)])
+def test_triton_matches_reference(op, n, dtype):
+    _compare("triton", op, n, 24, dtype, noncontig=(n == 7))
+
+
+# --------------------------------------------------------------------------------------------
+# reference vs public peers
+# --------------------------------------------------------------------------------------------
+
+BACKENDS_CPU = ["reference"] + (["cpp"] if HAS_CPP else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("mode", [None, "unpaired", "paired"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_info_nce_matches_package(backend, mode, reduction):
+    info_nce_pkg = pytest.importorskip("info_nce")
+    n, m, d = 33, 17, 24
+    q, p = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    neg = None if mode is None else torch.randn(*((n, m, d) if mode == "paired" else (m, d)), requires_grad=True)
+    kw = dict(temperature=0.07, reduction=reduction, negative_mode=mode or "unpaired")
+    ins = [q, p] + ([neg] if neg is not None else [])
+    want = info_nce_pkg.info_nce(q, p, neg, **kw)
+    got = dgkernels.info_nce(q, p, neg, backend=backend, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gw = torch.autograd.grad(want.sum(), ins)
+    gg = torch.autograd.grad(got.sum(), ins)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    module = dgkernels.InfoNCE(**kw, backend=backend)
+    torch.testing.assert_close(module(q, p, neg), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_info_nce_symmetric_is_mean_of_both_directions(backend):
+    q, p = torch.randn(9, 5), torch.randn(9, 5)
+    got = dgkernels.info_nce(q, p, temperature=0.5, symmetric=True, reduction="none", backend=backend)
+    want = 0.5 * (dgkernels.info_nce(q, p, temperature=0.5, reduction="none", backend="reference")
+                  + dgkernels.info_nce(p, q, temperature=0.5, reduction="none", backend="reference"))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_clip_loss_matches_open_clip(backend, scale_kind):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    n, d = 40, 32
+    x, y = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    s = torch.tensor(10.0, requires_grad=True) if scale_kind == "tensor" else 10.0
+    ins = [x, y] + ([s] if scale_kind == "tensor" else [])
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    want = open_clip_loss.ClipLoss()(xn, yn, s)
+    got = dgkernels.clip_loss(x, y, s, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # normalize=False is ClipLoss on the raw features
+    raw = dgkernels.clip_loss(x * 0.3, y * 0.3, s, normalize=False, backend=backend)
+    torch.testing.assert_close(raw, open_clip_loss.ClipLoss()(x * 0.3, y * 0.3, s), rtol=1e-5, atol=1e-5)
+
+
+def _supcon(views, labels, t):
+    """SupContrast (Khosla et al.) contrast_mode='all', base_temperature = temperature, written out."""
+    n, v, _ = views.shape
+    z = F.normalize(torch.cat(torch.unbind(views, dim=1)), dim=-1)
+    lab = torch.arange(n) if labels is None else labels
+    mask = (lab[:, None] == lab[None, :]).float().repeat(v, v)
+    logits = z @ z.T / t
+    not_self = 1 - torch.eye(n * v)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    npos = mask.sum(1)
+    mean_pos = (mask * log_prob).sum(1) / torch.where(npos < 1e-6, torch.ones_like(npos), npos)
+    return (-mean_pos).view(v, n).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("v,with_labels", [(2, False), (3, False), (2, True), (1, True)])
+def test_multiview_matches_supcon(backend, v, with_labels):
+    n, d = 12, 16
+    views = torch.randn(n, v, d, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (n,)) if with_labels else None
+    got = dgkernels.multiview_info_nce(views, 0.2, labels=labels, backend=backend)
+    want = _supcon(views, labels, 0.2)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, views)[0], torch.autograd.grad(want, views)[0])
+    scaled = dgkernels.multiview_info_nce(views, 0.2, labels=labels, base_temperature=0.07, backend=backend)
+    torch.testing.assert_close(scaled, want * (0.2 / 0.07))
+    per = dgkernels.multiview_info_nce(views, 0.2, labels=labels, reduction="none", backend=backend)
+    assert per.shape == (n, v)
+    torch.testing.assert_close(per.mean(), got)
+
+
+def test_multiview_v2_is_nt_xent():
+    n, d, t = 10, 8, 0.5
+    a, b = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    logits = (z @ z.T / t).fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    want = F.cross_entropy(logits, target)
+    torch.testing.assert_close(dgkernels.multiview_info_nce(torch.stack([a, b], 1), t), want)
+
+
+# --------------------------------------------------------------------------------------------
+# float64 gradcheck, opcheck
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_float64(backend, op):
+    g = torch.Generator().manual_seed(3)
+    fn, tensors = _case(op, 6, 5, torch.float64, False, g)
+    ins = [t.to(torch.float64).requires_grad_() for t in tensors]
+    assert torch.autograd.gradcheck(lambda *a: fn(backend, *a), ins)
+
+
+@needs_cpp
+@pytest.mark.parametrize("exclude_diag,want_cols", [(False, False), (False, True), (True, False)])
+def test_opcheck_compiled_ops(exclude_diag, want_cols):
+    n = 9
+    q, k = torch.randn(n, 6), torch.randn(n, 6)
+    torch.library.opcheck(torch.ops.dgkernels.contrastive_lse_fwd.default, (q, k, 0.5, exclude_diag, want_cols))
+    lse_r, lse_c = torch.ops.dgkernels.contrastive_lse_fwd(q, k, 0.5, exclude_diag, want_cols)
+    w_c = torch.randn(n) if want_cols else None
+    torch.library.opcheck(torch.ops.dgkernels.contrastive_lse_bwd.default,
+                          (q, k, 0.5, exclude_diag, lse_r, lse_c, torch.randn(n), w_c))
+
+
+@needs_cpp
+def test_torch_compile_traces_cpp_ops():
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    compiled = torch.compile(lambda a, b: dgkernels.clip_loss(a, b, 5.0, backend="cpp"), backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x, y), dgkernels.clip_loss(x, y, 5.0, backend="reference"))
+
+
+# --------------------------------------------------------------------------------------------
+# errors and NaN policy
+# --------------------------------------------------------------------------------------------
+
+def _bad_calls():
+    q, p = torch.randn(4, 8), torch.randn(4, 8)
+    return [
+        ("query rank", lambda: dgkernels.info_nce(torch.randn(4), p), ValueError, "query"),
+        ("positive rank", lambda: dgkernels.info_nce(q, torch.randn(4, 8, 1)), ValueError, "positive_key"),
+        ("unpaired rank", lambda: dgkernels.info_nce(q, p, torch.randn(2, 3, 8)), ValueError, "negative_keys"),
+        ("paired rank", lambda: dgkernels.info_nce(q, p, torch.randn(3, 8), negative_mode="paired"), ValueError, "negative_keys"),
+        ("N mismatch", lambda: dgkernels.info_nce(q, torch.randn(5, 8)), ValueError, "same number of samples"),
+        ("paired N", lambda: dgkernels.info_nce(q, p, torch.randn(3, 2, 8), negative_mode="paired"), ValueError, "same number of samples"),
+        ("D mismatch", lambda: dgkernels.info_nce(q, torch.randn(4, 7)), ValueError, "components"),
+        ("neg D mismatch", lambda: dgkernels.info_nce(q, p, torch.randn(3, 7)), ValueError, "components"),
+        ("empty", lambda: dgkernels.info_nce(torch.randn(0, 8), torch.randn(0, 8)), ValueError, "empty"),
+        ("int dtype", lambda: dgkernels.info_nce(q.long(), p.long()), TypeError, "floating"),
+        ("mixed dtype", lambda: dgkernels.info_nce(q, p.double()), TypeError, "dtype"),
+        ("devices", lambda: dgkernels.info_nce(q, p.to("meta")), ValueError, "device"),
+        ("temperature 0", lambda: dgkernels.info_nce(q, p, temperature=0.0), ValueError, "temperature"),
+        ("temperature <0 tensor", lambda: dgkernels.info_nce(q, p, temperature=torch.tensor(-1.0)), ValueError, "temperature"),
+        ("reduction", lambda: dgkernels.info_nce(q, p, reduction="avg"), ValueError, "reduction"),
+        ("mode", lambda: dgkernels.info_nce(q, p, negative_mode="both"), ValueError, "negative_mode"),
+        ("symmetric with negatives", lambda: dgkernels.info_nce(q, p, torch.randn(3, 8), symmetric=True), ValueError, "symmetric"),
+        ("clip rank", lambda: dgkernels.clip_loss(torch.randn(4, 8, 1), p, 1.0), ValueError, "image_features"),
+        ("clip N", lambda: dgkernels.clip_loss(q, torch.randn(5, 8), 1.0), ValueError, "shape"),
+        ("clip D", lambda: dgkernels.clip_loss(q, torch.randn(4, 7), 1.0), ValueError, "shape"),
+        ("clip empty", lambda: dgkernels.clip_loss(torch.randn(0, 8), torch.randn(0, 8), 1.0), ValueError, "empty"),
+        ("clip int", lambda: dgkernels.clip_loss(q.int(), p.int(), 1.0), TypeError, "floating"),
+        ("clip devices", lambda: dgkernels.clip_loss(q, p.to("meta"), 1.0), ValueError, "device"),
+        ("clip scale", lambda: dgkernels.clip_loss(q, p, -2.0), ValueError, "logit_scale"),
+        ("clip scale shape", lambda: dgkernels.clip_loss(q, p, torch.ones(2)), ValueError, "logit_scale"),
+        ("mv rank", lambda: dgkernels.multiview_info_nce(q), ValueError, "views"),
+        ("mv empty", lambda: dgkernels.multiview_info_nce(torch.randn(0, 2, 8)), ValueError, "empty"),
+        ("mv single view", lambda: dgkernels.multiview_info_nce(torch.randn(1, 1, 8)), ValueError, "N \\* V"),
+        ("mv int", lambda: dgkernels.multiview_info_nce(torch.ones(3, 2, 4, dtype=torch.int64)), TypeError, "floating"),
+        ("mv temperature", lambda: dgkernels.multiview_info_nce(torch.randn(3, 2, 4), 0), ValueError, "temperature"),
+        ("mv reduction", lambda: dgkernels.multiview_info_nce(torch.randn(3, 2, 4), reduction="max"), ValueError, "reduction"),
+        ("mv labels shape", lambda: dgkernels.multiview_info_nce(torch.randn(3, 2, 4), labels=torch.zeros(4, dtype=torch.long)), ValueError, "labels"),
+        ("mv labels float", lambda: dgkernels.multiview_info_nce(torch.randn(3, 2, 4), labels=torch.zeros(3)), TypeError, "labels"),
+        ("mv labels device", lambda: dgkernels.multiview_info_nce(torch.randn(3, 2, 4), labels=torch.zeros(3, dtype=torch.long, device="meta")), ValueError, "device"),
+        ("backend", lambda: dgkernels.info_nce(q, p, backend="fortran"), ValueError, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_errors(case):
+    _, call, exc, match = case
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_unavailable_backend_names_reason():
+    with pytest.raises(dgkernels.BackendUnavailableError, match="cuda"):
+        dgkernels.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_nan_propagates(backend):
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    x[2, 1] = float("nan")
+    assert torch.isnan(dgkernels.clip_loss(x, y, 2.0, backend=backend))
+    assert torch.isnan(dgkernels.info_nce(x, y, backend=backend))
+    assert torch.isnan(dgkernels.multiview_info_nce(torch.stack([x, y], 1), backend=backend))
+
+
+# --------------------------------------------------------------------------------------------
+# distributed clip_loss: 2 gloo processes == one process over the global batch
+# --------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, backend, x, y, s0, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = x.shape[0] // world
+        xl = x[rank * n:(rank + 1) * n].clone().requires_grad_()
+        yl = y[rank * n:(rank + 1) * n].clone().requires_grad_()
+        s = torch.tensor(s0, requires_grad=True)
+        loss = dgkernels.clip_loss(xl, yl, s, group=dist.group.WORLD, backend=backend)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "gx": xl.grad, "gy": yl.grad, "gs": s.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_clip_loss_distributed_matches_single_process(backend, tmp_path):
+    import torch.multiprocessing as mp
+
+    world, n, d, s0 = 2, 6, 8, 7.0
+    x, y = torch.randn(world * n, d), torch.randn(world * n, d)
+    mp.spawn(_dist_worker, args=(world, _free_port(), backend, x, y, s0, str(tmp_path)), nprocs=world, join=True)
+    xs, ys, s = x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(s0, requires_grad=True)
+    want = dgkernels.clip_loss(xs, ys, s, backend="reference")
+    gx, gy, gs = torch.autograd.grad(want, [xs, ys, s])
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    for p in parts:
+        torch.testing.assert_close(p["loss"], want.detach())
+    torch.testing.assert_close(torch.cat([p["gx"] for p in parts]), gx)
+    torch.testing.assert_close(torch.cat([p["gy"] for p in parts]), gy)
+    torch.testing.assert_close(sum(p["gs"] for p in parts), gs)
