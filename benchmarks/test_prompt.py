@@ -40,9 +40,8 @@ def _wants_memory(k, g, impl):
 
 @functools.lru_cache(maxsize=None)
 def _cpu_peaks() -> dict:
-    """Every CPU memory probe, run before the parent process builds any model: Linux keeps a
-    process's peak RSS across fork + exec, so a child spawned by a large parent would report the
-    parent's size instead of its own."""
+    """Every CPU memory probe, run once before the parent process builds any model (each probe is
+    a fresh spawned process; see benchmarks/_memory.py)."""
     from _memory import cpu_peak_mib
 
     return {(k, g, impl): cpu_peak_mib("bench_factories_prompt:make_run", threads=THREADS, impl=impl, groups=g,
