@@ -1,4 +1,6 @@
 """encode_text / encode_prompts / PromptEncoder against open_clip and the naive CoOp encoder."""
+import copy
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_encode_text_layer_scale_and_text_transformer():
 
 
 def test_encode_text_gradients_reach_tower_weights():
-    model = pm.model("tiny")
+    model = copy.deepcopy(pm.model("tiny")).requires_grad_(True)  # PromptEncoder freezes the shared one
     tokens = pm.random_tokens(4, [3, 7, 2, 12])
     proj = model.text_projection
     w = model.transformer.resblocks[0].mlp.c_fc.weight

@@ -1,4 +1,6 @@
 """Each prompt backend (cpp, triton under the interpreter, cuda on a GPU) against the reference."""
+import copy
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ def test_backend_encode_text(backend):
 def test_backend_gradients_reach_head_weights(backend):
     # the head kernels also give ln_final and projection gradients (towers that are not frozen)
     _available(backend)
-    model = pm.model("tiny")
+    model = copy.deepcopy(pm.model("tiny")).requires_grad_(True)  # PromptEncoder freezes the shared one
     tokens = pm.random_tokens(3, [2, 9, 5])
     params = (model.ln_final.weight, model.ln_final.bias, model.text_projection)
     ref = torch.autograd.grad(_loss(dgkernels.encode_text(model, tokens, True, backend="reference")), params)

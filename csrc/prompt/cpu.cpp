@@ -54,23 +54,24 @@ at::Tensor assemble_cpu(const at::Tensor& src, const at::Tensor& src_index, cons
   const int64_t t = src_index.numel(), w = src.size(1);
   auto sidx = src_index.to(at::kLong).contiguous();
   auto pidx = pos_index.to(at::kLong).contiguous();
-  // Cast first (as open_clip: token_embedding(text).to(cast) + pos.to(cast)), then add in `dtype`.
-  auto s = src.to(dtype).contiguous();
-  auto p = pos.to(dtype).contiguous();
-  auto out = at::empty({t, w}, src.options().dtype(dtype));
+  const int64_t srows = src.size(0), prows = pos.size(0);
   const int64_t* si = sidx.data_ptr<int64_t>();
   const int64_t* pi = pidx.data_ptr<int64_t>();
-  const int64_t srows = s.size(0), prows = p.size(0);
   for (int64_t r = 0; r < t; ++r) {
     TORCH_CHECK(si[r] >= 0 && si[r] < srows && pi[r] >= 0 && pi[r] < prows, "prompt_assemble: index out of range");
   }
+  // Gather, then cast (as open_clip: token_embedding(text).to(cast) + pos.to(cast)) and add in
+  // `dtype`; gathering first never converts a whole embedding table.
+  auto s = src.index_select(0, sidx).to(dtype).contiguous();
+  auto p = pos.to(dtype).contiguous();
+  auto out = at::empty({t, w}, src.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "prompt_assemble", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* pp = p.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const scalar_t* a = sp + si[r] * w;
+        const scalar_t* a = sp + r * w;
         const scalar_t* c = pp + pi[r] * w;
         scalar_t* o = op + r * w;
         for (int64_t j = 0; j < w; ++j) o[j] = static_cast<scalar_t>(a[j] + c[j]);

@@ -68,7 +68,8 @@ class PromptEncoder(nn.Module):
     """Encodes learned prompts `[SOS][ctx_1..ctx_M] classname. [EOT]` for K classes at once.
 
     Holds the frozen text tower of an open_clip model (shared with the model unless `dtype` asks
-    for a bfloat16/float16 copy, run with float32 LayerNorms as open_clip's precision='bf16'), the
+    for a bfloat16/float16 copy, run with float32 LayerNorms as open_clip's precision='bf16'; a
+    shared tower has requires_grad set to False on the model's own text parameters), the
     tokenised class names and their token embeddings. A method owns the context parameters:
 
         enc = PromptEncoder(model, classnames)
