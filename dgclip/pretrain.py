@@ -20,7 +20,7 @@ import torch
 
 from .data.catalog import DIGIT_WORDS
 from .data.embedded import digit_pools, render_digits
-from .losses import clip_loss
+from dgkernels import clip_loss
 from .tiny_clip import TINY_MEAN, TINY_STD, build_tiny_model, weights_path
 
 __all__ = ["PRETRAIN_TEMPLATES", "pretrain_tiny_clip", "normalise_digits", "DEFAULTS"]

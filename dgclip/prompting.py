@@ -5,16 +5,16 @@ for every class in ONE text-tower call, whatever the context shape:
   ctx [M, W]        -> [1, K, E]  (shared context, CoOp)
   ctx [G, M, W]     -> [G, K, E]  (one context per group: image (CoCoOp), domain (DPL))
   ctx [K, M, W] with class_specific=True, or [G, K, M, W] -> [G, K, E]
-It uses `dgkernels.PromptEncoder` when that op is available (same call contract; its backend is
-picked by dgkernels' dispatch, e.g. DGKERNELS_BACKEND=reference) and otherwise a plain batched
-PyTorch path: frozen token embeddings of the class-name suffixes are computed once,
-prompts are truncated to the longest EOT (exact under the causal mask), and no Python loop runs
-over classes or images.
+All of it runs in `dgkernels.PromptEncoder` (truncation to the longest EOT, shared-prefix
+attention; backend picked by dgkernels' dispatch, e.g. DGKERNELS_BACKEND=reference), with no
+Python loop over classes or images.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+import dgkernels
 
 from .backbone import CLIPBackbone
 
@@ -36,79 +36,25 @@ def init_context(backbone: CLIPBackbone, n_ctx: int, init_text: str | None = Non
     return torch.randn(n_ctx, width, generator=generator) * std
 
 
-def _dgkernels_encoder():
-    try:
-        import dgkernels
-
-        return getattr(dgkernels, "PromptEncoder", None)
-    except ImportError:  # pragma: no cover
-        return None
-
-
 class ClassPromptEncoder(nn.Module):
-    """Outputs are L2-normalised text features [G, K, E] (callers may normalise again)."""
+    """"[SOS] ctx_1..ctx_M <class name>. [EOS]" for every class through `dgkernels.PromptEncoder`.
+
+    Outputs are L2-normalised text features [G, K, E] in float32, the tower run under the
+    backbone's autocast. The encoder shares the frozen tower's tensors, so
+    Method.method_state_dict leaves them out.
+    """
 
     def __init__(self, backbone: CLIPBackbone, classnames: list[str], n_ctx: int, *,
-                 suffix_template: str = "{}.", use_dgkernels: bool = True):
+                 suffix_template: str = "{}."):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # frozen; not part of the state dict
         self.n_ctx = int(n_ctx)
         self.num_classes = len(classnames)
-        model = backbone.model
-        self.kernel = None
-        fast = _dgkernels_encoder() if use_dgkernels else None
-        if fast is not None:
-            # shares the frozen tower's tensors, so Method.method_state_dict leaves them out
-            self.kernel = fast(model, list(classnames), backbone.tokenizer, template=suffix_template)
-        placeholder = " ".join(["X"] * self.n_ctx)
-        texts = [f"{placeholder} {suffix_template.format(c)}" for c in classnames]
-        tokens = backbone.tokenize(texts)
-        eot = tokens.argmax(dim=-1)
-        if int(eot.max()) >= tokens.shape[1] - 1 and tokens[0, -1] != 0:
-            raise ValueError(f"prompts do not fit the context length {tokens.shape[1]} with n_ctx={n_ctx}")
-        length = int(eot.max()) + 1  # truncate: positions after the last EOT never influence it
-        with torch.no_grad():
-            emb = model.token_embedding(tokens[:, :length]).float()
-        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)               # [K, 1, W]
-        self.register_buffer("suffix", emb[:, 1 + self.n_ctx:].clone(), persistent=False)  # [K, S, W]
-        self.register_buffer("eot", eot.clone(), persistent=False)
-        self.length = length
+        self.kernel = dgkernels.PromptEncoder(backbone.model, list(classnames), backbone.tokenizer,
+                                              template=suffix_template)
 
     def forward(self, ctx: torch.Tensor, *, class_specific: bool = False) -> torch.Tensor:
-        if self.kernel is not None:
-            if ctx.shape[-2] != self.n_ctx:
-                raise ValueError(f"ctx must have M={self.n_ctx} context vectors, got {tuple(ctx.shape)}")
-            with self.backbone.autocast():
-                return self.kernel(ctx, class_specific=class_specific).float()
-        K, M = self.num_classes, self.n_ctx
-        if class_specific:
-            if ctx.dim() == 3:
-                ctx = ctx.unsqueeze(0)
-            if ctx.dim() != 4 or ctx.shape[1] != K or ctx.shape[2] != M:
-                raise ValueError(f"class-specific ctx must be [K={K}, M={M}, W] or [G, K, M, W], "
-                                 f"got {tuple(ctx.shape)}")
-        else:
-            if ctx.dim() == 2:
-                ctx = ctx.unsqueeze(0)
-            if ctx.dim() != 3 or ctx.shape[1] != M:
-                raise ValueError(f"ctx must be [M={M}, W] or [G, M, W], got {tuple(ctx.shape)}")
-            ctx = ctx.unsqueeze(1).expand(-1, K, -1, -1)
-        G = ctx.shape[0]
-        prompts = torch.cat([self.prefix.expand(G, -1, -1, -1).to(ctx.dtype), ctx,
-                             self.suffix.expand(G, -1, -1, -1).to(ctx.dtype)], dim=2)  # [G, K, L, W]
-        feats = self._encode(prompts.reshape(G * K, self.length, -1), self.eot.repeat(G))
-        return nn.functional.normalize(feats.view(G, K, -1), dim=-1)
-
-    def _encode(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        model = self.backbone.model
-        L = x.shape[1]
+        if ctx.shape[-2] != self.n_ctx:
+            raise ValueError(f"ctx must have M={self.n_ctx} context vectors, got {tuple(ctx.shape)}")
         with self.backbone.autocast():
-            x = x + model.positional_embedding[:L].to(x.dtype)
-            mask = model.attn_mask[:L, :L] if model.attn_mask is not None else None
-            x = model.transformer(x, attn_mask=mask)
-            x = model.ln_final(x)
-            x = x[torch.arange(x.shape[0], device=x.device), eot]
-            proj = model.text_projection
-            if proj is not None:
-                x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return x.float()
+            return self.kernel(ctx, class_specific=class_specific).float()
