@@ -21,7 +21,11 @@ QUICKSTART = {
     "steps": 200,
     "eval_every": 50,
     "hparams": {"coop": {"lr": 0.01, "n_ctx": 4, "ctx_init": "a photo of a"}, "cocoop": {"lr": 0.05},
-                "dpl": {"lr": 0.05, "momentum": 0.9, "n_ctx": 4, "ctx_init": "a photo of a"}},
+                "dpl": {"lr": 0.05, "momentum": 0.9, "n_ctx": 4, "ctx_init": "a photo of a"},
+                # README table only (GOPro is not in the quickstart): no mirroring for digits, milder
+                # crops on 32 px images, and a smaller lr / larger batch for the 200-step schedule.
+                "gopro": {"hflip": False, "crop_scale_min": 0.6, "lr": 0.0005, "batch_size": 16,
+                          "projector_feeds_logits": False}},
 }
 
 

@@ -56,6 +56,11 @@ class GOPro(Method):
         "consistency_on_normalized": True,
         "moco_blur_p": 1.0,
         "prompt_chunk_size": 0,  # 0 = the encoder's default
+        # INFERRED (not published): "zero" starts the Linear(L->1) layer mix at zero so the first
+        # prompts are the "a photo of a" context; "default" = nn.Linear's init as in the released code.
+        "shift_init": "zero",
+        "crop_scale_min": 0.08,  # random-resized-crop scale (0.08, 1) of the original and MoCo views
+        "hflip": True,  # off for data whose meaning mirroring changes (digits)
     }
 
     @classmethod
@@ -78,7 +83,8 @@ class GOPro(Method):
         chunk = int(hp["prompt_chunk_size"]) or None
         self.encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
         self.ctx = nn.Parameter(initial_context(self.encoder, self.n_ctx, hp["ctx_init"] or None))
-        self.shift = StyleContentShift(backbone.num_layers, backbone.vision_width, backbone.text_width)
+        self.shift = StyleContentShift(backbone.num_layers, backbone.vision_width, backbone.text_width,
+                                       zero_init=hp["shift_init"] == "zero")
         dim = backbone.embed_dim
         self.projector = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim))
         self.to(backbone.device)
@@ -94,7 +100,9 @@ class GOPro(Method):
         return self.optimizer
 
     def make_train_transform(self, base_transform):
-        return MultiViewTransform(base_transform, blur_p=float(self.hparams["moco_blur_p"]))
+        hp = self.hparams
+        return MultiViewTransform(base_transform, blur_p=float(hp["moco_blur_p"]),
+                                  crop_scale=(float(hp["crop_scale_min"]), 1.0), hflip=bool(hp["hflip"]))
 
     # -- forward pieces -------------------------------------------------------------------------
     def text_features(self, feats) -> torch.Tensor:

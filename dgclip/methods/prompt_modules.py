@@ -46,13 +46,18 @@ class StyleContentShift(nn.Module):
 
     style_l = Linear_l((mu_l + sigma_l) / 2), content_l = Linear'_l(mu_l), m_l = (style_l + content_l) / 2,
     shift = Linear(L -> 1) over the layer axis: one ctx_dim vector per image.
+    zero_init: start the layer mix at zero, so training starts from the plain context (the shift
+    is otherwise far larger than CLIP's token embeddings and scrambles the initial prompts).
     """
 
-    def __init__(self, num_layers: int, width: int, ctx_dim: int):
+    def __init__(self, num_layers: int, width: int, ctx_dim: int, *, zero_init: bool = False):
         super().__init__()
         self.style = StackedLinear(num_layers, width, ctx_dim)
         self.content = StackedLinear(num_layers, width, ctx_dim)
         self.layer_mix = nn.Linear(num_layers, 1)
+        if zero_init:
+            nn.init.zeros_(self.layer_mix.weight)
+            nn.init.zeros_(self.layer_mix.bias)
 
     def forward(self, layer_mean: torch.Tensor, layer_std: torch.Tensor) -> torch.Tensor:
         if layer_mean.shape != layer_std.shape or layer_mean.dim() != 3:

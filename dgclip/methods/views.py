@@ -36,17 +36,22 @@ class _OwnSizeCrop:
         return T.RandomResizedCrop((h, w), scale=self.scale)(img)
 
 
-def original_view(crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
-    return T.Compose([_OwnSizeCrop(crop_scale), T.RandomHorizontalFlip()])
+def _flip(hflip: bool) -> list:
+    # Mirroring changes what a digit (or text) means: a dataset-level switch, on for natural images.
+    return [T.RandomHorizontalFlip()] if hflip else []
 
 
-def moco_view(blur_p: float = 1.0) -> T.Compose:
+def original_view(crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> T.Compose:
+    return T.Compose([_OwnSizeCrop(crop_scale), *_flip(hflip)])
+
+
+def moco_view(blur_p: float = 1.0, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> T.Compose:
     return T.Compose([
-        _OwnSizeCrop((0.08, 1.0)),
+        _OwnSizeCrop(crop_scale),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([PILGaussianBlur(0.1, 2.0)], p=blur_p),
-        T.RandomHorizontalFlip(),
+        *_flip(hflip),
     ])
 
 
@@ -57,9 +62,11 @@ def augmix_view() -> T.AugMix:
 class MultiViewTransform:
     """PIL image -> {"original": tensor, "moco": tensor, "augmix": tensor}."""
 
-    def __init__(self, base_transform, *, crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 1.0):
+    def __init__(self, base_transform, *, crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 1.0,
+                 hflip: bool = True):
         self.base = base_transform
-        self.views = {"original": original_view(crop_scale), "moco": moco_view(blur_p), "augmix": augmix_view()}
+        self.views = {"original": original_view(crop_scale, hflip), "moco": moco_view(blur_p, crop_scale, hflip),
+                      "augmix": augmix_view()}
 
     def __call__(self, img: Image.Image) -> dict:
         img = img.convert("RGB")
