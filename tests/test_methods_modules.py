@@ -149,3 +149,25 @@ def test_gopro_views_from_raw_pil():
     assert set(views) == {"original", "moco", "augmix"}
     assert all(v.shape == (3, 32, 32) for v in views.values())
     assert not torch.equal(views["moco"], views["augmix"])
+
+
+def test_style_content_shift_zero_init_starts_from_plain_context():
+    m = StyleContentShift(3, 5, 4, zero_init=True)
+    shift = m(torch.randn(2, 3, 5), torch.rand(2, 3, 5))
+    assert torch.equal(shift, torch.zeros(2, 4))
+    assert m.layer_mix.weight.requires_grad  # zero start, still trained
+    default = StyleContentShift(3, 5, 4)
+    assert default(torch.randn(2, 3, 5), torch.rand(2, 3, 5)).abs().sum() > 0
+
+
+def test_gopro_original_view_without_mirroring_keeps_full_image():
+    from dgclip.methods.views import original_view
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    # crop scale (1, 1) at the image's own aspect ratio and no flip: the view is the image itself
+    same = [np.array(original_view((1.0, 1.0), hflip=False)(img)) for _ in range(4)]
+    assert all(np.array_equal(s, np.array(img)) for s in same)
+    flipped = [np.array(original_view((1.0, 1.0), hflip=True)(img)) for _ in range(16)]
+    assert any(np.array_equal(f, np.array(img)[:, ::-1]) for f in flipped)
