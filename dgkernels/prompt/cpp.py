@@ -33,7 +33,8 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 def register_fakes() -> None:
-    if not _extension.load()[0]:
+    # A _C built before this family existed (stale in-place build) lacks its ops: nothing to register.
+    if not _extension.load()[0] or not hasattr(torch.ops.dgkernels, "prompt_assemble"):
         return
     reg = torch.library.register_fake
 
