@@ -8,6 +8,7 @@ edited. Weights come from `dgclip pretrain` (see dgclip/pretrain.py) and are cac
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -63,7 +64,15 @@ def build_tiny_model(name: str = "tiny-digits", cache_dir: Optional[Path] = None
     import open_clip
 
     register_configs(cache_dir)
-    model = open_clip.create_model(name, pretrained=None, device=device)
+    # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger;
+    # the embedded weights are loaded right after from the project's cache, so that is misleading.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        root.setLevel(level)
     tokenizer = open_clip.get_tokenizer(name)
     return model, tokenizer
 
