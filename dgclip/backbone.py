@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+import dgkernels
+
 __all__ = ["ImageFeatures", "CLIPBackbone", "load_backbone", "default_cache_dir", "BackboneError"]
 
 
@@ -162,7 +164,8 @@ class CLIPBackbone(nn.Module):
     def encode_text(self, texts) -> torch.Tensor:
         tokens = self.tokenize(texts) if isinstance(texts, (list, tuple)) else texts.to(self.device)
         with self.autocast():
-            return self.model.encode_text(tokens).float()
+            # exact drop-in for model.encode_text, truncated to the longest EOT
+            return dgkernels.encode_text(self.model, tokens).float()
 
     def _require_vit(self, what: str):
         if not self._is_vit:
