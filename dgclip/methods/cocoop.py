@@ -7,12 +7,13 @@ B x K prompts per step, all encoded in one batched call.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import dgkernels
 
 from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
-from .base import Batch, Method
+from .base import Batch, Method, cosine_logits
 
 
 @register_method("cocoop")
@@ -36,18 +37,19 @@ class CoCoOp(Method):
         self.meta_net = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, w))
         self.meta_net.to(backbone.device)
 
-    def logits(self, x) -> torch.Tensor:
-        f = self.features(x).pooled
+    def text_features(self, f: torch.Tensor) -> torch.Tensor:
+        """[B, K, E]: one prompt set per image, context shifted by the meta-net."""
         ctx = self.ctx.unsqueeze(0) + self.meta_net(f).unsqueeze(1)  # [B, M, W]
-        text = F.normalize(self.prompt_encoder(ctx), dim=-1)          # [B, K, E]
-        img = F.normalize(f, dim=-1)
-        return self.backbone.logit_scale * torch.einsum("be,bke->bk", img, text)
+        return self.prompt_encoder(ctx)
 
     def update(self, batch: Batch) -> dict:
-        loss = F.cross_entropy(self.logits(self.batch_features(batch)), batch.labels)
+        f = self.batch_features(batch).pooled
+        # fused cosine CE over per-image class embeddings: no [B, K] logits kept for the backward
+        loss = dgkernels.cosine_cross_entropy(f, self.text_features(f), self.backbone.logit_scale, batch.labels)
         self.step(loss)
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
     def predict(self, x) -> torch.Tensor:
-        return self.logits(x)
+        f = self.features(x).pooled
+        return cosine_logits(f, self.text_features(f), self.backbone.logit_scale)

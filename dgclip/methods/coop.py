@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import dgkernels
 
 from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
@@ -46,7 +47,9 @@ class CoOp(Method):
         return cosine_logits(self.features(x).pooled, self.text_features(), self.backbone.logit_scale)
 
     def update(self, batch: Batch) -> dict:
-        loss = F.cross_entropy(self.logits(self.batch_features(batch)), batch.labels)
+        f = self.batch_features(batch).pooled
+        # fused cosine CE: no [B, K] logits kept for the backward
+        loss = dgkernels.cosine_cross_entropy(f, self.text_features(), self.backbone.logit_scale, batch.labels)
         self.step(loss)
         return {"loss": float(loss.detach())}
 

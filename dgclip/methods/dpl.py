@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dgkernels
+
 from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
-from .base import Batch, Method
+from .base import Batch, Method, cosine_logits
 
 
 @register_method("dpl")
@@ -52,10 +54,8 @@ class DPL(Method):
         dom, inverse = torch.unique(batch.domains, return_inverse=True)
         onehot = F.one_hot(inverse, len(dom)).to(tok.dtype)                     # [B, D]
         mean_tok = torch.einsum("bd,bmw->dmw", onehot, tok) / onehot.sum(0).view(-1, 1, 1)
-        text = F.normalize(self.prompt_encoder(mean_tok), dim=-1)               # [D, K, E]
-        img = F.normalize(f, dim=-1)
-        logits = self.backbone.logit_scale * torch.einsum("be,bke->bk", img, text[inverse])
-        loss = F.cross_entropy(logits, batch.labels)
+        text = self.prompt_encoder(mean_tok)                                    # [D, K, E]
+        loss = dgkernels.cosine_cross_entropy(f, text[inverse], self.backbone.logit_scale, batch.labels)
         self.step(loss)
         return {"loss": float(loss.detach())}
 
@@ -65,6 +65,6 @@ class DPL(Method):
         tok = self.tokens(f)
         if self.hparams["test_prompt"] == "batch":
             text = self.prompt_encoder(tok.mean(0))[0]           # [K, E]
-            return self.backbone.logit_scale * F.normalize(f, dim=-1) @ F.normalize(text, dim=-1).t()
-        text = F.normalize(self.prompt_encoder(tok), dim=-1)     # [B, K, E]
-        return self.backbone.logit_scale * torch.einsum("be,bke->bk", F.normalize(f, dim=-1), text)
+        else:
+            text = self.prompt_encoder(tok)                      # [B, K, E]
+        return cosine_logits(f, text, self.backbone.logit_scale)
