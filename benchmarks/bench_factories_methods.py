@@ -2,7 +2,8 @@
 
 Variants of the same method, same weights, same batch:
   dgkernels  every op on its automatic backend (compiled/Triton kernels where they exist);
-  reference  every dgkernels op forced to its plain PyTorch reference (DGKERNELS_BACKEND=reference);
+  reference  every dgkernels op forced to its plain PyTorch reference (DGKERNELS_BACKEND=reference;
+             for prompt encoding: every prompt at the full context length, no prefix sharing);
   naive      the released-code style peer: prompts run at the full context length through
              open_clip's own modules (dgkernels.prompt.reference.naive_encode_prompts), the other
              ops on the reference backend.

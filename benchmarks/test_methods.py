@@ -5,8 +5,9 @@
     DGCLIP_BENCH_MODEL=ViT-B-16 ...      the full ViT-B/16 text tower (big machines)
 
 Variants (see bench_factories_methods): dgkernels (automatic backends), reference (every dgkernels op
-on its PyTorch reference, DGKERNELS_BACKEND=reference) and naive (the released code's way: prompts at
-the full 77-token context through open_clip's modules). K = 7 (PACS-like) and 65 (OfficeHome-like).
+on its plain PyTorch reference, DGKERNELS_BACKEND=reference: prompts at the full 77-token context,
+no prefix sharing) and naive (the released code's way: the same prompts through open_clip's own
+modules, the public peer). K = 7 (PACS-like) and 65 (OfficeHome-like).
 extra_info carries the sizes, the median time of the reference and naive runs of the same case
 (when they ran first in this session) and the speed-up of this variant over them.
 """

@@ -115,14 +115,15 @@ def test_encode_prompts_unnormalized_and_max_context():
     _check_prompts("fp32", prefix, suffix, lengths, normalize=False)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])  # the reference chunks its full-context prompts
 @pytest.mark.parametrize("chunk_size, checkpoint", [(1, False), (4, False), (4, True), (None, True), (100, True)])
-def test_chunked_and_checkpointed_equal_plain(chunk_size, checkpoint):
+def test_chunked_and_checkpointed_equal_plain(chunk_size, checkpoint, backend):
     model = pm.model("tiny")
     prefix, suffix, lengths = _prompt_inputs(g=3, k=5, lp=4, ls=6, lengths=[6, 1, 3, 2, 5])
     outs = []
     for kw in ({}, dict(chunk_size=chunk_size, checkpoint=checkpoint)):
         p, s = prefix.float().requires_grad_(), suffix.float().requires_grad_()
-        feats = dgkernels.encode_prompts(model, p, s, lengths, **kw)
+        feats = dgkernels.encode_prompts(model, p, s, lengths, backend=backend, **kw)
         outs.append((feats, *torch.autograd.grad(_loss(feats), (p, s))))
     for a, b in zip(*outs):  # the same arithmetic, only matmul shapes differ: float32 rounding
         assert rel_error(a, b) < 64 * EPS[torch.float32]

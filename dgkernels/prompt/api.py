@@ -9,6 +9,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from .. import _dispatch
 from .._validate import check_same_dtype, check_tensor
+from . import reference
 from .text_tower import Ops, PackedLayout, TextTower, dense_forward, prefix_stack, resolve, suffix_stack
 
 OP_ASSEMBLE = "prompt_assemble"
@@ -23,7 +24,7 @@ def select_ops(device: torch.device, backend: Optional[str]) -> tuple[str, Ops]:
     pinned = backend if backend is not None else _dispatch.requested_backend(None)
     _, attention = _dispatch.select(OP_ATTENTION, device, pinned or name)
     _, head = _dispatch.select(OP_HEAD, device, pinned or name)
-    return name, Ops(assemble, attention, head)
+    return name, Ops(name, assemble, attention, head)
 
 
 def _check_model_device(tower: TextTower, device: torch.device, what: str) -> None:
@@ -36,7 +37,8 @@ def _check_model_device(tower: TextTower, device: torch.device, what: str) -> No
 # ---------------------------------------------------------------------------------------------
 def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
     """Drop-in for open_clip `model.encode_text(tokens, normalize)` (CLIP, CustomTextCLIP or a
-    TextTransformer with the standard causal tower), truncated to the longest pooled position.
+    TextTransformer with the standard causal tower), truncated to the longest pooled position
+    (backend="reference": all L positions, the plain computation).
 
     tokens: [N, L] integer token ids, L <= the model's context length. Returns [N, E] in the
     model's cast dtype. The text tower is causal and pools one token per row (the EOT for the
@@ -60,7 +62,8 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
 
     n = tokens.shape[0]
     pooled = tower.pool_index(tokens)
-    length = int(pooled.max()) + 1
+    # The reference backend is the plain computation: every one of the L positions, as open_clip.
+    length = tokens.shape[1] if ops.name == "reference" else int(pooled.max()) + 1
     dev = tokens.device
     ids = tokens[:, :length].reshape(-1).long()
     pos_index = torch.arange(length, device=dev).repeat(n)
@@ -122,6 +125,8 @@ def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths, chunk_siz
 def encode_prompts_tower(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
                          normalize: bool, chunk_size: Optional[int], checkpoint: bool, ops: Ops) -> torch.Tensor:
     """encode_prompts on validated inputs with a resolved tower (used by PromptEncoder)."""
+    if ops.name == "reference":
+        return reference.full_context_encode(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint)
     g, lp, w = prefix.shape
     k, ls = suffix.shape[-3], suffix.shape[-2]
     dev = prefix.device
@@ -165,7 +170,9 @@ def encode_prompts(model, prefix: torch.Tensor, suffix: torch.Tensor,
     chunk_size: run the G*K suffix sequences in chunks of this many (bounds transient memory;
         with checkpoint=True also the saved activations: one chunk's at a time).
     checkpoint: recompute each chunk's suffix activations in backward instead of keeping them.
-    backend: "triton" | "cuda" | "cpp" | "reference" | None (automatic).
+    backend: "triton" | "cuda" | "cpp" | "reference" | None (automatic). "reference" is the plain
+        computation the others are tested against: every prompt at the model's full context
+        length, no prefix sharing (as CoOp's TextEncoder); chunk_size and checkpoint still apply.
 
     Positional embeddings are added inside. Exact (up to floating-point rounding) against the
     naive 77-token encoder: causal attention lets the K suffixes read the prefix's keys/values

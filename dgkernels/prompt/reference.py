@@ -1,16 +1,21 @@
-"""Plain PyTorch: the reference backend of the three prompt ops, and the naive CoOp-style encoder.
+"""Plain PyTorch: the reference backend of prompt encoding, and the naive CoOp-style encoder.
 
-The reference ops are differentiable PyTorch (no custom autograd); they are the oracle the
-compiled and Triton kernels are tested against. `naive_encode_prompts` is the baseline the
-optimised path must equal: every prompt assembled to the full context length (77 tokens) and run
-through the model's own open_clip modules, as CoOp's TextEncoder does.
+`full_context_encode` is what `encode_prompts(..., backend="reference")` runs: every prompt at the
+model's full context length, no prefix sharing, no truncation (the plain computation, as CoOp's
+TextEncoder does it). The three sub-op references (assemble, prefix_attention, eot_head) are
+differentiable PyTorch and the oracle the compiled and Triton kernels of those sub-ops are
+tested against. `naive_encode_prompts` runs the same prompts through the model's own open_clip
+modules: the independent oracle the whole optimised path must equal.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
 
-from .text_tower import Norm, resolve, text_module
+from .text_tower import Norm, TextTower, dense_forward, resolve, text_module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +70,45 @@ def eot_head(x: torch.Tensor, rows: torch.Tensor, ln_weight, ln_bias, eps: float
         if proj_bias is not None:
             y = y + proj_bias
     return F.normalize(y, dim=-1) if normalize else y
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference backend of encode_prompts
+# ---------------------------------------------------------------------------------------------
+def full_context_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
+                        normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
+    """Every [prefix | suffix] prompt padded to the context length and run densely -> [G, K, E].
+
+    Inputs as validated by encode_prompts. Positions after a suffix's EOT hold zeros (the mask is
+    causal: they cannot reach the pooled token). chunk_size bounds the prompts run at once;
+    checkpoint recomputes each chunk's activations in backward.
+    """
+    g, lp, w = prefix.shape
+    if suffix.dim() == 3:
+        suffix = suffix.unsqueeze(0).expand(g, -1, -1, -1)
+    k = suffix.shape[1]
+    ctx = tower.context_length
+    seqs = torch.cat([prefix.unsqueeze(1).expand(g, k, lp, w), suffix[:, :, :ctx - lp]], 2).reshape(g * k, -1, w)
+    seqs = F.pad(seqs, (0, 0, 0, ctx - seqs.shape[1]))
+    eot = (lp + lengths - 1).repeat(g)
+    pos = tower.positional_embedding[:ctx].to(tower.dtype)
+    ln = tower.ln_final
+
+    def run(x, rows):
+        x = dense_forward(tower, x.to(tower.dtype) + pos)
+        x = x[torch.arange(x.shape[0], device=x.device), rows]
+        return eot_head(x, torch.arange(x.shape[0], device=x.device), ln.weight, ln.bias, ln.eps,
+                        tower.projection, tower.projection_bias, bool(normalize))
+
+    n = g * k
+    step = n if chunk_size is None else chunk_size
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    outs = []
+    for n0 in range(0, n, step):
+        args = (seqs[n0:n0 + step], eot[n0:n0 + step])
+        outs.append(torch_checkpoint.checkpoint(run, *args, use_reentrant=False) if use_ckpt else run(*args))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return out.view(g, k, -1)
 
 
 # ---------------------------------------------------------------------------------------------

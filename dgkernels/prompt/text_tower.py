@@ -289,6 +289,7 @@ class PackedLayout:
 @dataclass
 class Ops:
     """The backend implementations used by one call (each: reference, cpp or triton functions)."""
+    name: str
     assemble: object
     attention: object
     head: object
