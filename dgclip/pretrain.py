@@ -3,8 +3,11 @@
 Images come only from the pretraining pool (disjoint from the DG pool, see
 dgclip/data/embedded.py), rendered on the fly with rotations drawn from a half-normal
 (sigma `angle_sigma` degrees, random sign) so small angles dominate, plus scale/shift jitter.
-Captions pair each image with a random template ("a photo of the number seven.", ...). The loss
-is `dgkernels.clip_loss` (symmetric InfoNCE) at a large batch. Weights are written atomically to
+Captions pair each image with a random template ("a photo of the number seven.", ...); half of
+them (`oriented_caption_p`) also say how the digit is turned ("a photo of the tilted number
+seven."), as some web captions name a style ("a sketch of a dog"), so the text tower knows words
+that prompt learning can find. The loss is `dgkernels.clip_loss` (symmetric InfoNCE) at a large
+batch. Weights are written atomically to
 ``<cache>/tiny-digits/weights.pt``; an existing file is reused unless --force.
 """
 from __future__ import annotations
@@ -23,14 +26,18 @@ from .data.embedded import digit_pools, render_digits
 from dgkernels import clip_loss
 from .tiny_clip import TINY_MEAN, TINY_STD, build_tiny_model, weights_path
 
-__all__ = ["PRETRAIN_TEMPLATES", "pretrain_tiny_clip", "normalise_digits", "DEFAULTS"]
+__all__ = ["PRETRAIN_TEMPLATES", "ORIENTED_TEMPLATES", "ORIENTATIONS", "CaptionTable", "pretrain_tiny_clip",
+           "normalise_digits", "DEFAULTS"]
 
 PRETRAIN_TEMPLATES = (
     "a photo of the number {}.", "a photo of the digit {}.", "a handwritten {}.", "the number {}.",
     "an image of the digit {}.", "a drawing of the number {}.", "a picture of a {}.", "a {}.",
 )
-DEFAULTS = {"steps": 250, "batch_size": 256, "lr": 3e-3, "weight_decay": 0.1, "warmup": 20,
-            "angle_sigma": 12.0, "seed": 0}
+ORIENTED_TEMPLATES = ("a photo of the {} number {}.", "a {} {}.", "a {} handwritten {}.", "an image of the {} digit {}.")
+ORIENTATIONS = ((8.0, "upright"), (25.0, "slightly tilted"), (50.0, "tilted"), (float("inf"), "sideways"))
+# lr 1e-3: at 3e-3 some seeds collapse (loss stuck at log(batch), every feature the same).
+DEFAULTS = {"steps": 250, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.1, "warmup": 20,
+            "angle_sigma": 12.0, "oriented_caption_p": 0.5, "seed": 0}
 
 
 def normalise_digits(gray: torch.Tensor) -> torch.Tensor:
@@ -48,7 +55,31 @@ def _batch(images, labels, gen: torch.Generator, n: int, angle_sigma: float):
     shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.12
     gray = render_digits(images[idx], ang, scale=scale, shift=shift)
     gray = (gray + 0.03 * torch.randn(gray.shape, generator=gen)).clamp(0, 1)
-    return normalise_digits(gray), labels[idx]
+    return normalise_digits(gray), labels[idx], ang
+
+
+class CaptionTable:
+    """Every caption tokenised once; captions for a batch are rows picked by index (no tokeniser call)."""
+
+    def __init__(self, tokenizer):
+        words = DIGIT_WORDS
+        self.plain = tokenizer([t.format(w) for t in PRETRAIN_TEMPLATES for w in words]).view(
+            len(PRETRAIN_TEMPLATES), len(words), -1)
+        self.oriented = tokenizer([t.format(o, w) for t in ORIENTED_TEMPLATES for _, o in ORIENTATIONS for w in words]
+                                  ).view(len(ORIENTED_TEMPLATES), len(ORIENTATIONS), len(words), -1)
+
+    @staticmethod
+    def orientation(angle_deg: torch.Tensor) -> torch.Tensor:
+        """Index into ORIENTATIONS of each |angle|."""
+        return torch.bucketize(angle_deg.abs(), torch.tensor([b for b, _ in ORIENTATIONS[:-1]]))
+
+    def sample(self, labels: torch.Tensor, angle_deg: torch.Tensor, oriented_p: float, gen: torch.Generator) -> torch.Tensor:
+        """[N, L] token ids: a random plain template, or with probability oriented_p an oriented one."""
+        n = len(labels)
+        text = self.plain[torch.randint(len(PRETRAIN_TEMPLATES), (n,), generator=gen), labels]
+        oriented = torch.rand(n, generator=gen) < oriented_p
+        tmpl = torch.randint(len(ORIENTED_TEMPLATES), (n,), generator=gen)
+        return torch.where(oriented[:, None], self.oriented[tmpl, self.orientation(angle_deg), labels], text)
 
 
 @torch.no_grad()
@@ -71,9 +102,7 @@ def pretrain_tiny_clip(cache_dir: Optional[Path] = None, *, force: bool = False,
     model, tokenizer = build_tiny_model("tiny-digits", cache_dir)
     model.train()
     images, labels = (torch.as_tensor(a) for a in digit_pools()["pretrain"])
-    # every caption once: [T, K] token table, indexed per sample (no per-sample tokenisation)
-    table = tokenizer([t.format(w) for t in PRETRAIN_TEMPLATES for w in DIGIT_WORDS]).view(
-        len(PRETRAIN_TEMPLATES), len(DIGIT_WORDS), -1)
+    captions = CaptionTable(tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -86,9 +115,8 @@ def pretrain_tiny_clip(cache_dir: Optional[Path] = None, *, force: bool = False,
     bar = tqdm(range(steps), desc="pretrain tiny-digits", disable=not progress)
     t0 = time.time()
     for _ in bar:
-        x, y = _batch(images, labels, gen, cfg["batch_size"], cfg["angle_sigma"])
-        tmpl = torch.randint(len(PRETRAIN_TEMPLATES), (len(y),), generator=gen)
-        text = table[tmpl, y]
+        x, y, ang = _batch(images, labels, gen, cfg["batch_size"], cfg["angle_sigma"])
+        text = captions.sample(y, ang, cfg["oriented_caption_p"], gen)
         img_f = model.encode_image(x)
         txt_f = model.encode_text(text)
         loss = clip_loss(img_f, txt_f, model.logit_scale.exp())
@@ -106,7 +134,8 @@ def pretrain_tiny_clip(cache_dir: Optional[Path] = None, *, force: bool = False,
         x = normalise_digits(render_digits(dg_images, float(angle)))
         zs[f"rot{angle}"] = zero_shot_accuracy(model, tokenizer, x, dg_labels)
     meta = {"config": cfg, "seconds": round(time.time() - t0, 1), "zero_shot_dg_pool": zs,
-            "templates": PRETRAIN_TEMPLATES}
+            "templates": PRETRAIN_TEMPLATES, "oriented_templates": ORIENTED_TEMPLATES,
+            "orientations": [[b, o] for b, o in ORIENTATIONS]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".pt.tmp")
     torch.save({"model": model.state_dict(), "meta": meta}, tmp)
