@@ -79,8 +79,9 @@ def full_context_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Te
                         normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
     """Every [prefix | suffix] prompt padded to the context length and run densely -> [G, K, E].
 
-    Inputs as validated by encode_prompts. Positions after a suffix's EOT hold zeros (the mask is
-    causal: they cannot reach the pooled token). chunk_size bounds the prompts run at once;
+    Inputs as validated by encode_prompts. Positions past the suffix tensor hold zeros; nothing
+    after a prompt's EOT can reach its pooled token (the mask is causal). chunk_size bounds the
+    prompts run at once;
     checkpoint recomputes each chunk's activations in backward.
     """
     g, lp, w = prefix.shape
