@@ -102,9 +102,10 @@ def _check_prompts(precision, prefix64, suffix64, lengths, normalize=True, **kw)
     dict(g=2, k=3, lp=5, ls=4, lengths=[4, 2, 3], per_group=True),        # per-group suffix
     dict(g=2, k=5, lp=1, ls=9, lengths=[9, 5, 7, 6, 8]),                  # class-specific context (Lp = 1)
 ])
-def test_encode_prompts_matches_naive(precision, case):
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_encode_prompts_matches_naive(precision, case, backend):
     prefix, suffix, lengths = _prompt_inputs(**case)
-    feats, _, _ = _check_prompts(precision, prefix, suffix, lengths)
+    feats, _, _ = _check_prompts(precision, prefix, suffix, lengths, backend=backend)
     assert feats.shape == (case["g"], case["k"], 24)
     assert torch.allclose(feats.float().norm(dim=-1), torch.ones(()), atol=1e-2)
 

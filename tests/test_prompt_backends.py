@@ -65,7 +65,7 @@ def test_triton_encode_prompts(precision):
     _compare("triton", precision, g=2, k=3, lp=18, ls=17, lengths=[17, 1, 4], chunk_size=4)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_backend_encode_text(backend):
     _available(backend)
     model = pm.model("tiny")
