@@ -95,11 +95,11 @@ def full_context_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Te
     pos = tower.positional_embedding[:ctx].to(tower.dtype)
     ln = tower.ln_final
 
-    def run(x, rows):
+    def run(x, eot_pos):
         x = dense_forward(tower, x.to(tower.dtype) + pos)
-        x = x[torch.arange(x.shape[0], device=x.device), rows]
-        return eot_head(x, torch.arange(x.shape[0], device=x.device), ln.weight, ln.bias, ln.eps,
-                        tower.projection, tower.projection_bias, bool(normalize))
+        rows = torch.arange(x.shape[0], device=x.device) * ctx + eot_pos  # EOT rows of the flattened [n * ctx, W]
+        return eot_head(x.reshape(-1, w), rows, ln.weight, ln.bias, ln.eps, tower.projection, tower.projection_bias,
+                        bool(normalize))
 
     n = g * k
     step = n if chunk_size is None else chunk_size
