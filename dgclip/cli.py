@@ -46,6 +46,18 @@ def _init_distributed():
     return False
 
 
+def _finish_distributed(started: bool, ok: bool) -> None:
+    """Tear down a process group this command started. After a successful run, first wait for every
+    rank (a rank that exits while its peer still talks to gloo aborts the peer); after an error,
+    never wait (the peers may be stuck elsewhere: torchrun stops them)."""
+    import torch.distributed as dist
+
+    if started and dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _train_configs(args, method, dataset, test_domain, hparams):
     from .data.catalog import get_spec
     from .data.splits import resolve_test_domains
@@ -80,13 +92,17 @@ def cmd_train(args) -> int:
 
     get_method(args.method)
     hparams = json.loads(args.hparams) if args.hparams else {}
-    _init_distributed()
-    _ensure_pretrained(args)
-    for cfg in _train_configs(args, args.method, args.dataset, args.test_domain, hparams):
-        rec = run_training(cfg)
-        print(f"{rec['method']:>10s} {rec['dataset']} test={rec['test_domain']} seed={rec['seed']} "
-              f"test_acc={rec['test_acc']:.4f} (val {rec['val_acc']:.4f}, step {rec['selected_step']})",
-              flush=True)
+    started, ok = _init_distributed(), False
+    try:
+        _ensure_pretrained(args)
+        for cfg in _train_configs(args, args.method, args.dataset, args.test_domain, hparams):
+            rec = run_training(cfg)
+            print(f"{rec['method']:>10s} {rec['dataset']} test={rec['test_domain']} seed={rec['seed']} "
+                  f"test_acc={rec['test_acc']:.4f} (val {rec['val_acc']:.4f}, step {rec['selected_step']})",
+                  flush=True)
+        ok = True
+    finally:
+        _finish_distributed(started, ok)
     return 0
 
 

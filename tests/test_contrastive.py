@@ -346,6 +346,7 @@ def _dist_worker(rank, world, port, backend, x, y, s0, out_dir):
         loss = dgkernels.clip_loss(xl, yl, s, group=dist.group.WORLD, backend=backend)
         loss.backward()
         torch.save({"loss": loss.detach(), "gx": xl.grad, "gy": yl.grad, "gs": s.grad}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
