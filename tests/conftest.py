@@ -9,6 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+# Where Triton-backend tests put their tensors: the GPU when one is visible (compiled kernels),
+# else the CPU (the interpreter set above). Tests of the triton backend must use this, never "cpu".
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_device() -> str:
+    return TRITON_DEVICE
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
