@@ -26,6 +26,9 @@ class CompileSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    # Specialisation the JIT applies at launch, e.g. {(i,): [["tt.divisibility", 16]]} for argument i
+    # (16-byte aligned pointers, sizes and strides divisible by 16): compile what will run.
+    attrs: dict | None = None
 
 
 def register_module(module_name: str) -> None:
@@ -38,7 +41,7 @@ def compile_spec(spec: CompileSpec, cc: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    src = ASTSource(spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})

@@ -1,24 +1,41 @@
 """Triton backend of the contrastive log-sum-exp primitive (CUDA tensors; CPU under TRITON_INTERPRET=1).
 
-Forward: one program per block of BLOCK_M rows of Q streams over K in BLOCK_N blocks, computing
-the tile S = scale * Q_blk K_blk^T with tl.dot (fp32 accumulation) and an online log-sum-exp.
-Backward: one program per row block recomputes each tile, forms
-G = w_r exp(S - lse_r) + w_c exp(S - lse_c) and accumulates dQ_raw = G K in registers (plus the
-row block's share of dscale = sum q . dQ_raw).
+One shared tile per (row block, column block), 8 N M D flops for forward + backward:
 
-Column statistics (lse_c) and dK come from the SAME kernels launched on the transposed problem
-(K as the rows, Q as the columns). We chose this over atomics or per-row-block partial column
-statistics: atomics would need a fixed exp reference per column (a Cauchy-Schwarz bound that
-underflows fp32 for large logit scales) and the partial statistics cost O(N * M / BLOCK_M)
-memory (gigabytes at N = 1M). The transposed launch keeps the memory O(N + M), the numerics
-exact, and both kernels free of atomics, for 12 N M D flops in all instead of 8.
+Forward (`_fwd_kernel`): one program per BLOCK_M rows of Q streams over K in BLOCK_N blocks. The
+tile S = scale Q_blk K_blk^T is accumulated over D in BLOCK_D chunks (tl.dot, fp32 accumulation;
+any D). Rows: an online log-sum-exp (exact). Columns: every program adds
+sum_i exp(S_ij - c_j) to COLSUM[j] with an fp32 atomic, against a FIXED per-column reference
+    c_j = scale max_i ||q_i|| ||k_j|| - A          (A = _COL_HEADROOM, log2 units)
+Cauchy-Schwarz gives S_ij <= c_j + A, so every term is <= 2^A and the sum of N < 2^(127 - A)
+terms cannot overflow. It can underflow when a column's largest logit lies far below its bound;
+then COLSUM[j] < _COL_FLOOR and those columns alone are recomputed exactly by the same kernel on
+the transposed problem (FIXUP: a row block of K with no flagged row runs zero iterations, so
+there is no host sync and, in practice, no work). Sub-normal terms (< 2^-126, possibly flushed to
+zero) then change an accepted sum by at most N 2^-126 / 2^-80 = N 2^-46 relative (< fp32 eps for
+N < 4M).
 
-Feature sizes up to 512 run with the whole feature row in one block (BLOCK_D = next power of
-two >= D); float64 or larger D go to the compiled CUDA kernels.
+Backward (`_bwd_kernel`): one program per row block recomputes each tile once and forms
+G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then for each D chunk
+    DQ[rows] += (c_r G) K      (the program owns these rows: plain read-modify-write)
+    DK[cols] += (c_c G)^T Q    (fp32 atomics, FlashAttention-2 style)
+The operands of both dots are G cast to the input dtype (tensor cores), which is where the
+precision would go: G is of order w / N and smaller (w ~ 1 / N for a mean), far below fp16's
+normal range (2^-14) for large N or a scaled loss. So G is multiplied first by exact powers of
+two fixed per row (c_r) and per column (c_c), chosen so the scaled entries are at most 2^15 (fp16
+max 65504): c_r_i = 2^(15 - ceil(log2(|w_r_i| + max|w_c|))) bounds |c_r_i G_ij| since
+P_row, P_col <= 1; c_c likewise with the roles swapped. Being constant along the summed index,
+the factors come out of the dot exactly and are divided out once at the end (on O((N + M) D)).
+Keeping G in fp32 instead would force a tf32 dot on fp32-converted K and Q (half the tensor-core
+rate and twice the operand traffic); scaling keeps fp16/bf16 wgmma with the fp32 accuracy of G.
+
+All row offsets are computed in int64 (rows * stride passes 2^31 for large N, V or strides).
+float64 inputs go to the compiled CUDA kernels.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -27,141 +44,232 @@ import triton.language as tl
 
 from .._triton_compile import CompileSpec
 
-MAX_D = 512
+LOG2E = math.log2(math.e)
+_COL_HEADROOM = 88.0  # A: terms <= 2^88, so sums of up to 2^39 rows stay below fp32 max (2^128)
+_COL_FLOOR = 2.0 ** -80  # a column sum below this is recomputed exactly (see the module docstring)
+_G_TOP = 15  # scaled G entries are <= 2^15 < fp16 max
+MAX_D = None  # no limit: the kernels loop over D in BLOCK_D chunks
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+def _dot(a, b, acc, PREC: tl.constexpr, DOT_F32: tl.constexpr):
     # DOT_F32 is set only under TRITON_INTERPRET for bfloat16 inputs: the interpreter's tl.dot
     # misreads bfloat16 operands, so they are widened first (exact: bf16 products fit in fp32,
-    # which is what the tensor cores compute). Compiled kernels always take the first branch.
+    # which is what the tensor cores compute). Compiled kernels always take the second branch.
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
-def _lse_fwd_kernel(Q, K, LSE, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd, scale, exclude_diag,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+          DOT_F32: tl.constexpr):
+    """Q_blk K_blk^T in fp32, accumulated over D in BLOCK_D chunks (Q_blk, K_blk: the blocks' first rows)."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    q_ptr = Q_blk + tl.arange(0, BLOCK_M)[:, None] * stride_qn + tl.arange(0, BLOCK_D)[None, :]
+    k_ptr = K_blk + tl.arange(0, BLOCK_N)[:, None] * stride_kn + tl.arange(0, BLOCK_D)[None, :]
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = d0 + tl.arange(0, BLOCK_D) < D
+        q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptr, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), s, PREC, DOT_F32)
+        q_ptr += BLOCK_D
+        k_ptr += BLOCK_D
+    return s
+
+
+@triton.jit
+def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, N, M, D, stride_qn, stride_kn,
+                scale2, exclude_diag, cols_on, fixup, col_floor,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    # Works in log2 units: scale2 = scale * log2(e); LSE is stored in natural units.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    Q_blk = Q + tl.cast(pid * BLOCK_M, tl.int64) * stride_qn  # int64: rows * stride passes 2^31
+    end = M
+    if fixup != 0:
+        # Transposed re-run for underflowed column sums: FLAGS holds them; other blocks skip.
+        flag = tl.load(FLAGS + rows, mask=row_ok, other=1.0)
+        n_bad = tl.sum((flag < col_floor).to(tl.int32), axis=0)
+        end = tl.where(n_bad > 0, M, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    for c0 in range(0, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(cols[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(k), PREC, DOT_F32) * scale
-        drop = (cols[None, :] >= M) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
+        col_ok = cols < M
+        s = _tile(Q_blk, K + tl.cast(c0, tl.int64) * stride_kn, row_ok, col_ok, D, stride_qn, stride_kn,
+                  BLOCK_M, BLOCK_N, BLOCK_D, PREC, DOT_F32) * scale2
+        drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
         s = tl.where(drop, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no entry yet: no inf - inf
-        l_i = l_i * tl.exp(m_i - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
+        l_i = l_i * tl.exp2(m_i - ref) + tl.sum(tl.exp2(s - ref[:, None]), axis=1)
         m_i = m_new
+        if cols_on != 0:
+            # sum_i 2^(s_ij - c_j) = 2^(t_j - c_j) sum_i 2^(s_ij - t_j) with t_j = floor(tile max): the
+            # exponent arguments stay small (an argument near A would carry A * eps of rounding) and
+            # the integer power 2^(t_j - c_j) is built exactly from its bits (0 below 2^-126).
+            cref = tl.load(CREF + cols, mask=col_ok, other=0.0)  # integer-valued
+            tmax = tl.max(s, axis=0)
+            t = tl.where(tmax == float("-inf"), cref, tl.floor(tmax))
+            part = tl.sum(tl.exp2(s - t[None, :]), axis=0)
+            e = tl.minimum(tl.maximum(t - cref, -127.0), 127.0).to(tl.int32)
+            pow2 = ((e + 127) << 23).to(tl.float32, bitcast=True)
+            tl.atomic_add(COLSUM + cols, part * pow2, mask=col_ok, sem="relaxed")
     ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(LSE + rows, ref + tl.log(l_i), mask=row_ok)
+    store_ok = row_ok
+    if fixup != 0:
+        store_ok = row_ok & (end > 0)
+    tl.store(LSE + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
 
 
 @triton.jit
-def _lse_bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, DQ, DS_PART, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
-                    scale, exclude_diag, use_r, use_c,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, N, M, D, stride_qn, stride_kn, scale2, exclude_diag, cols_on,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    d_ok = offs_d < D
-    q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Rows outside [0, N) get zero weight and -inf logits, so nothing of theirs reaches dQ or dscale.
-    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
+    r0 = tl.cast(pid * BLOCK_M, tl.int64)  # int64: rows * stride passes 2^31
+    Q_blk = Q + r0 * stride_qn
+    DQ_blk = DQ + r0 * D  # DQ, DK: contiguous fp32
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Rows outside [0, N) get zero weight and -inf logits, so nothing of theirs reaches DQ or DK.
+    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    c_r = tl.load(C_R + rows, mask=row_ok, other=0.0)
+    ds = tl.zeros([BLOCK_M], tl.float32)
+    n_cb = tl.cdiv(M, BLOCK_N)
+    for step in range(0, n_cb):
+        # Start each row block at another column block so the DK atomics rarely collide.
+        c0 = ((pid + step) % n_cb) * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, DOT_F32) * scale
+        K_blk = K + tl.cast(c0, tl.int64) * stride_kn
+        DK_blk = DK + tl.cast(c0, tl.int64) * D
+        s = _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
+                  BLOCK_M, BLOCK_N, BLOCK_D, PREC, DOT_F32) * scale2
         drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
         s = tl.where(drop, float("-inf"), s)
-        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if use_r != 0:
-            g += w_r[:, None] * tl.exp(s - lse_r[:, None])
-        if use_c != 0:
-            lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)
+        g = w_r[:, None] * tl.exp2(s - lse_r[:, None])
+        if cols_on != 0:
+            lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
             w_c = tl.load(W_C + cols, mask=col_ok, other=0.0)
-            g += w_c[None, :] * tl.exp(s - lse_c[None, :])
-        acc += _dot(g.to(k.dtype), k, PREC, DOT_F32)
-    tl.store(DS_PART + pid, tl.sum(tl.sum(q.to(tl.float32) * acc, axis=1), axis=0))
-    tl.store(DQ + rows[:, None] * D + offs_d[None, :], acc * scale, mask=row_ok[:, None] & d_ok[None, :])
+            g += w_c[None, :] * tl.exp2(s - lse_c[None, :])
+        # dscale = sum_ij G_ij S_ij / scale from the fp32 G (a sum with cancellation: G in the
+        # input dtype would cost it the precision the scaling above keeps for dQ and dK).
+        ds += tl.sum(g * tl.where(drop, 0.0, s), axis=1)
+        c_c = tl.load(C_C + cols, mask=col_ok, other=0.0)
+        g_r = (g * c_r[:, None]).to(Q.dtype.element_ty)
+        g_c = tl.trans((g * c_c[None, :]).to(Q.dtype.element_ty))
+        q_ptr = Q_blk + offs_m[:, None] * stride_qn + offs_d[None, :]
+        k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
+        dq_ptr = DQ_blk + offs_m[:, None] * D + offs_d[None, :]
+        dk_ptr = DK_blk + offs_n[:, None] * D + offs_d[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = d0 + offs_d < D
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            k_ok = col_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr, mask=q_ok, other=0.0)
+            k = tl.load(k_ptr, mask=k_ok, other=0.0)
+            tl.store(dq_ptr, _dot(g_r, k, tl.load(dq_ptr, mask=q_ok, other=0.0), PREC, DOT_F32), mask=q_ok)
+            dk = _dot(g_c, q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PREC, DOT_F32)
+            tl.atomic_add(dk_ptr, dk, mask=k_ok, sem="relaxed")
+            q_ptr += BLOCK_D
+            k_ptr += BLOCK_D
+            dq_ptr += BLOCK_D
+            dk_ptr += BLOCK_D
+    tl.store(DS_PART + pid, tl.sum(ds, axis=0) / scale2)
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configurations (each one is listed in COMPILE_SPECS and compiled for sm_80 / sm_90)
+# Launch configurations: ONE list per (kernel, dtype class); the autotuner and COMPILE_SPECS both
+# read it, so every configuration the autotuner may pick is compile-checked for sm_80/sm_90.
 # --------------------------------------------------------------------------------------------
 
-BLOCK_DS = (64, 128, 256, 512)
-
-
-def _configs(block_d: int) -> list[dict]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates: smaller tiles as the rows get longer."""
-    if block_d <= 128:
-        raw = [(64, 64, 4, 3), (128, 64, 8, 3)]
-    elif block_d == 256:
-        raw = [(64, 64, 8, 2), (64, 32, 4, 2)]
-    else:
-        raw = [(64, 32, 8, 1)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in raw]
-
-
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
+CONFIGS = {
+    ("fwd", "half"): [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4)],
+    ("bwd", "half"): [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 3),
+                      (64, 64, 64, 4, 3)],
+    ("fwd", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 32, 8, 2)],
+    ("bwd", "fp32"): [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)],
+}
+_KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _dclass(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _configs(kernel: str, dtype) -> list[dict]:
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=s)
+            for bm, bn, bd, w, s in CONFIGS[(kernel, _dclass(dtype))]]
+
+
 def _prec(dtype) -> str:
-    # fp32 inputs keep full fp32 products (no silent TF32); half types use the tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs follow torch.get_float32_matmul_precision() as torch's matmuls do
+    ('highest' -> IEEE fp32 products, 'high'/'medium' -> TF32); half types use the tensor cores."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for fp16/bf16 operands
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _fwd_signature(t: str) -> dict:
-    sig = {"Q": f"*{t}", "K": f"*{t}", "LSE": "*fp32"}
-    sig.update({n: "i32" for n in ("N", "M", "D", "stride_qn", "stride_qd", "stride_kn", "stride_kd")})
-    sig.update({"scale": "fp32", "exclude_diag": "i32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "DOT_F32")})
+_PTR_ARGS = {"fwd": {"Q": "in", "K": "in", "LSE": "f", "COLSUM": "f", "CREF": "f", "FLAGS": "f"},
+             "bwd": {"Q": "in", "K": "in", **{n: "f" for n in ("LSE_R", "LSE_C", "W_R", "W_C", "C_R", "C_C", "DQ", "DK", "DS_PART")}}}
+_FLOAT_ARGS = {"scale2", "col_floor"}
+
+
+def _constexprs(kernel: str) -> set:
+    fn = _KERNELS[kernel].fn  # the Python function (JITFunction and the interpreter's wrapper)
+    return {name for name, ann in fn.__annotations__.items() if ann is tl.constexpr}
+
+
+def _signature(kernel: str, t: str) -> dict:
+    """Argument types derived from the kernel's own argument list (pointers, fp32 scalars, i32)."""
+    sig = {}
+    for name in _KERNELS[kernel].fn.__code__.co_varnames[:_KERNELS[kernel].fn.__code__.co_argcount]:
+        if name in _PTR_ARGS[kernel]:
+            sig[name] = f"*{t}" if _PTR_ARGS[kernel][name] == "in" else "*fp32"
+        elif name in _constexprs(kernel):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
     return sig
 
 
-def _bwd_signature(t: str) -> dict:
-    sig = {"Q": f"*{t}", "K": f"*{t}", "LSE_R": "*fp32", "LSE_C": "*fp32", "W_R": "*fp32", "W_C": "*fp32",
-           "DQ": "*fp32", "DS_PART": "*fp32"}
-    sig.update({n: "i32" for n in ("N", "M", "D", "stride_qn", "stride_qd", "stride_kn", "stride_kd")})
-    sig.update({"scale": "fp32", "exclude_diag": "i32", "use_r": "i32", "use_c": "i32"})
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "DOT_F32")})
-    return sig
+_ALIGNED = ("D", "stride_qn", "stride_kn")
+
+
+def _aligned_attrs(sig: dict) -> dict:
+    """What the JIT specialises for the CLIP sizes (D % 16 == 0, contiguous rows, allocator-aligned
+    tensors): pointers 16-byte aligned, D and the row strides divisible by 16. Other D run an
+    unvectorised specialisation of the same configurations."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name in _ALIGNED}
 
 
 def _specs() -> list[CompileSpec]:
     specs = []
-    for block_d in BLOCK_DS:
-        for cfg in _configs(block_d):
-            # Every config in bf16 (fp16 is the same code with another element type); the PREC="ieee"
-            # variant (fp32 inputs) with the first config of the smallest and largest BLOCK_D.
-            ieee = cfg == _configs(block_d)[0] and block_d in (BLOCK_DS[0], BLOCK_DS[-1])
-            dtypes = [torch.bfloat16] + ([torch.float32] if ieee else [])
-            for dtype in dtypes:
-                t = _TL[dtype]
-                cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=_prec(dtype), DOT_F32=False)
-                tag = f"{t}_d{block_d}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
-                for name, kern, sig in (("contrastive_lse_fwd", _lse_fwd_kernel, _fwd_signature(t)),
-                                        ("contrastive_lse_bwd", _lse_bwd_kernel, _bwd_signature(t))):
-                    specs.append(CompileSpec(f"{name}_{tag}", kern, sig, cx, cfg["num_warps"], cfg["num_stages"]))
+    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+    for kernel in ("fwd", "bwd"):
+        for dtype, prec in variants:
+            t = _TL[dtype]
+            for cfg in _configs(kernel, dtype):
+                cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
+                          DOT_F32=False)
+                tag = (f"{t}{'_' + prec if dtype == torch.float32 else ''}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}"
+                       f"_d{cfg['BLOCK_D']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
+                sig = _signature(kernel, t)
+                specs.append(CompileSpec(f"contrastive_lse_{kernel}_{tag}", _KERNELS[kernel], sig, cx,
+                                         cfg["num_warps"], cfg["num_stages"], _aligned_attrs(sig)))
     return specs
 
 
@@ -173,87 +281,122 @@ def _interpret() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, block_d: int):
-    """The kernel wrapped in triton.autotune over its configs for this BLOCK_D (GPU only)."""
-    kernel = {"fwd": _lse_fwd_kernel, "bwd": _lse_bwd_kernel}[kernel_name]
-    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in _configs(block_d)]
-    # DS_PART is indexed by program id: zero it before every trial so a config with fewer row
-    # blocks never leaves another config's partial sums behind.
-    reset = ["DS_PART"] if kernel_name == "bwd" else None
-    return triton.autotune(configs=configs, key=["N", "M", "D"], reset_to_zero=reset)(kernel)
+def _tuned(kernel: str, dclass: str):
+    """The kernel wrapped in triton.autotune over its configs (GPU only)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+               for bm, bn, bd, w, s in CONFIGS[(kernel, dclass)]]
+    # Accumulated outputs: zeroed before every trial so no config sees another's partial sums.
+    reset = ["COLSUM"] if kernel == "fwd" else ["DQ", "DK", "DS_PART"]
+    return triton.autotune(configs=configs, key=["N", "M", "D", "cols_on", "fixup"], reset_to_zero=reset)(
+        _KERNELS[kernel])
 
 
-def _launch(kernel_name: str, n: int, block_d: int, args: tuple, dtype):
+def _launch(kernel: str, n: int, args: tuple, dtype):
     prec = _prec(dtype)
     if _interpret():
-        # The interpreter cannot time configs: run the first one (the others are compile-checked).
-        cfg = _configs(block_d)[0]
-        kernel = {"fwd": _lse_fwd_kernel, "bwd": _lse_bwd_kernel}[kernel_name]
+        # The interpreter cannot time configs: run the first one (all of them are compile-checked).
+        cfg = _configs(kernel, dtype)[0]
         grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-        kernel[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PREC=prec,
-                     DOT_F32=dtype == torch.bfloat16)
+        _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                               PREC=prec, DOT_F32=dtype == torch.bfloat16)
         return
-    tuned = _tuned(kernel_name, block_d)
-    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, BLOCK_D=block_d, PREC=prec, DOT_F32=False)
-
-
-def _block_d(d: int) -> int:
-    return max(BLOCK_DS[0], triton.next_power_of_2(d))
+    tuned = _tuned(kernel, _dclass(dtype))
+    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
 
 
 def _fallback(q) -> object | None:
-    """float64 or D > MAX_D: the compiled CUDA kernels (same primitive), when they exist."""
-    if q.dtype in _TL and q.shape[1] <= MAX_D:
+    """float64: the compiled CUDA kernels (same primitive), when they exist."""
+    if q.dtype in _TL:
         return None
     from . import compiled
     from .. import _dispatch
 
     why = _dispatch.explain("clip_loss", q.device)["cuda"]
     if why:
-        raise TypeError(f"the triton backend runs float16/bfloat16/float32 with D <= {MAX_D}, got {q.dtype} with "
-                        f"D = {q.shape[1]}, and the cuda fallback is unavailable: {why}")
+        raise TypeError(f"the triton backend runs float16/bfloat16/float32, got {q.dtype}, and the cuda fallback "
+                        f"is unavailable: {why}")
     return compiled
 
 
-def _rows_lse(q, k, scale, exclude_diag):
+_MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)
+
+
+def _kernel_layout(t):
+    """Unit stride along D and in-block offsets (BLOCK rows * row stride) that fit int32: the
+    kernels add those to an int64 block base. Anything else is copied once (O(rows * D))."""
+    if t.stride(1) != 1 or t.stride(0) * _MAX_BLOCK + t.shape[1] >= 2 ** 31:
+        t = t.contiguous()
+    return t
+
+
+def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
+    """Row log-sum-exp of q against k; with colsum/cref also the fixed-reference column sums;
+    with flags (the transposed re-run) only the row blocks holding a flagged row."""
     n, d = q.shape
+    q, k = _kernel_layout(q), _kernel_layout(k)
     out = torch.empty(n, dtype=torch.float32, device=q.device)
-    args = (q, k, out, n, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, int(exclude_diag))
-    _launch("fwd", n, _block_d(d), args, q.dtype)
+    dummy = out[:1]
+    args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
+            dummy if flags is None else flags, n, k.shape[0], d, q.stride(0), k.stride(0), scale2, int(exclude_diag), int(colsum is not None), int(flags is not None), _COL_FLOOR)
+    _launch("fwd", n, args, q.dtype)
     return out
+
+
+def _norms(t):
+    return torch.linalg.vector_norm(t.float(), dim=1)
 
 
 def lse_forward(q, k, scale: float, exclude_diag: bool, want_cols: bool):
     fb = _fallback(q)
     if fb is not None:
         return fb.lse_forward(q, k, scale, exclude_diag, want_cols)
-    lse_r = _rows_lse(q, k, scale, exclude_diag)
-    lse_c = _rows_lse(k, q, scale, exclude_diag) if want_cols else lse_r.new_empty(0)
+    if q.shape[0] >= 2 ** 39:
+        raise ValueError(f"the triton backend sums at most 2^39 rows per column, got {q.shape[0]}")
+    scale2 = scale * LOG2E
+    if not want_cols:
+        return _rows_lse(q, k, scale2, exclude_diag), q.new_empty(0, dtype=torch.float32)
+    # Per-column fixed reference (log2 units, an integer): Cauchy-Schwarz bound minus the headroom A.
+    cref = torch.floor(scale2 * _norms(q).amax() * _norms(k)) - _COL_HEADROOM
+    colsum = torch.zeros(k.shape[0], dtype=torch.float32, device=q.device)
+    lse_r = _rows_lse(q, k, scale2, exclude_diag, colsum=colsum, cref=cref)
+    exact = _rows_lse(k, q, scale2, exclude_diag, flags=colsum)  # only blocks with an underflowed sum
+    # NaN sums keep their NaN (not < floor); underflowed ones take the exact re-run.
+    # log2(sum) as exponent + log2(mantissa): the integer parts add exactly (log2 of a sum near 2^88
+    # in fp32 would be off by ulp(88) ~ 8e-6).
+    mant, expo = torch.frexp(colsum)
+    lse_c = torch.where(colsum < _COL_FLOOR, exact, ((cref + expo) + torch.log2(mant)) / LOG2E)
     return lse_r, lse_c
 
 
-def _rows_grad(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c, use_r, use_c):
-    n, d = q.shape
-    dq = torch.empty(n, d, dtype=torch.float32, device=q.device)
-    block_m_min = min(c["BLOCK_M"] for c in _configs(_block_d(d)))
-    ds_part = torch.zeros(triton.cdiv(n, block_m_min), dtype=torch.float32, device=q.device)
-    args = (q, k, lse_r, lse_c, w_r, w_c, dq, ds_part, n, k.shape[0], d, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), scale, int(exclude_diag), int(use_r), int(use_c))
-    _launch("bwd", n, _block_d(d), args, q.dtype)
-    return dq, ds_part.sum()
+def _pow2_scale(w_own, w_other_max):
+    """2^(_G_TOP - ceil(log2(|w_own| + max|w_other|))): exact powers of two bounding the scaled G."""
+    bound = w_own.abs() + w_other_max
+    e = torch.ceil(torch.log2(bound)).clamp(-100.0, 100.0)  # bound = 0 (zero weights): any finite scale
+    return torch.exp2(_G_TOP - e)
 
 
 def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     fb = _fallback(q)
     if fb is not None:
         return fb.lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
+    n, d = q.shape
+    m = k.shape[0]
+    q, k = _kernel_layout(q), _kernel_layout(k)
     cols = w_c is not None
-    if not cols:  # unused statistics still need valid [M] buffers (the kernels skip them by flag)
-        lse_c_ = w_c_ = torch.zeros(k.shape[0], dtype=torch.float32, device=k.device)
-    else:
-        lse_c_, w_c_ = lse_c, w_c
-    dq, ds = _rows_grad(q, k, scale, exclude_diag, lse_r, lse_c_, w_r, w_c_, True, cols)
-    # dK: the same kernel on the transposed problem (rows of K, row statistics = column statistics).
-    dk, _ = _rows_grad(k, q, scale, exclude_diag, lse_c_, lse_r, w_c_, w_r, cols, True)
-    return dq, dk, ds
+    if not cols:  # unused statistics still need valid [M] buffers (the kernel skips them by flag)
+        lse_c = w_c = torch.zeros(m, dtype=torch.float32, device=k.device)
+    w_r, w_c = w_r.float().contiguous(), w_c.float().contiguous()
+    c_r = _pow2_scale(w_r, w_c.abs().amax())
+    c_c = _pow2_scale(w_c, w_r.abs().amax())
+    dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    # one partial dscale per row block of the smallest BLOCK_M (the autotuner may pick any)
+    ds_part = torch.zeros(triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))), dtype=torch.float32,
+                          device=q.device)
+    args = (q, k, lse_r.float().contiguous(), lse_c.float().contiguous(), w_r, w_c, c_r, c_c, dq, dk, ds_part, n, m, d,
+            q.stride(0), k.stride(0), scale * LOG2E,
+            int(exclude_diag), int(cols))
+    _launch("bwd", n, args, q.dtype)
+    dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
+    dk.div_(c_c[:, None])
+    return dq.mul_(scale), dk.mul_(scale), ds_part.sum()
