@@ -102,11 +102,11 @@ def test_multiview_cpu(benchmark, impl):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [512, 1024])
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("impl", ["naive", "open_clip", "inf_cl", "cuda", "triton"])
-def test_clip_loss_gpu(benchmark, impl, n):
+def test_clip_loss_gpu(benchmark, impl, n, d):
     _skip_unavailable(impl, "cuda")
-    d = 512
     dtype = "float32" if impl == "inf_cl" else "bfloat16"  # inf-cl runs fp32 inputs only
     run = F.make_clip(impl, n, d, dtype=dtype, device="cuda")
     try:

@@ -189,19 +189,23 @@ def _small_grad_case(op, n, d, dtype, g, device):
     raise KeyError(op)
 
 
+def _small_gradient_check(backend, op, dtype, device):
+    fn, tensors = _small_grad_case(op, 512, 64, dtype, torch.Generator().manual_seed(5), device)
+    cpu = [t.cpu() for t in tensors]
+    out, grads = _run(fn, backend, tensors, upstream=1e-3)
+    ref, ref_grads = _run(fn, "cpp", cpu, upstream=1e-3)
+    exp, exp_grads = _run(fn, "reference", cpu, torch.float64, upstream=1e-3)
+    names = ["loss"] + [f"grad[{i}]" for i in range(len(grads))]
+    for name, a, b, e in zip(names, [out] + grads, [ref] + ref_grads, [exp] + exp_grads):
+        assert_close_to_fp64(a, e, b, dtype=dtype, factor=2.0, ulps=1.0, name=f"{op} {backend} {dtype} {name}")
+
+
 @needs_triton
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", SMALL_GRAD_OPS)
 def test_triton_small_gradient_regime_matches_fp32_internal_backend(op, dtype, triton_device):
-    fn, tensors = _small_grad_case(op, 512, 64, dtype, torch.Generator().manual_seed(5), triton_device)
-    cpu = [t.cpu() for t in tensors]
-    out, grads = _run(fn, "triton", tensors, upstream=1e-3)
-    ref, ref_grads = _run(fn, "cpp", cpu, upstream=1e-3)
-    exp, exp_grads = _run(fn, "reference", cpu, torch.float64, upstream=1e-3)
-    names = ["loss"] + [f"grad[{i}]" for i in range(len(grads))]
-    for name, a, b, e in zip(names, [out] + grads, [ref] + ref_grads, [exp] + exp_grads):
-        assert_close_to_fp64(a, e, b, dtype=dtype, factor=2.0, ulps=1.0, name=f"{op} {dtype} {name}")
+    _small_gradient_check("triton", op, dtype, triton_device)
 
 
 def _huge_stride_rows(n, d, dtype, g):
@@ -282,6 +286,61 @@ def test_triton_column_sums_that_underflow_are_recomputed(dtype, triton_device):
     assert (lse_r.cpu().double() - want_r).abs().max() <= tol
     assert (lse_c.cpu().double() - want_c).abs().max() <= tol
     _compare("triton", "clip_loss_raw", 1, 1, dtype, device=triton_device)  # the op end to end still runs
+
+
+def test_every_autotune_config_is_compile_checked():
+    pytest.importorskip("triton")
+    from dgkernels.contrastive import triton as tri
+
+    names = {spec.name for spec in tri.COMPILE_SPECS}
+    for (kernel, dclass), configs in tri.CONFIGS.items():
+        variants = [("bf16", ""), ("fp16", "")] if dclass == "half" else [("fp32", "_ieee"), ("fp32", "_tf32")]
+        for bm, bn, bd, w, st in configs:
+            for t, prec in variants:
+                assert f"contrastive_lse_{kernel}_{t}{prec}_m{bm}_n{bn}_d{bd}_w{w}_s{st}" in names
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: triton and cuda backends against the reference (skipped without CUDA)
+# --------------------------------------------------------------------------------------------
+
+def _gpu_backend(backend):
+    why = dgkernels.explain("clip_loss", "cuda")[backend]
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("n,d,dtype", [(1000, 512, torch.bfloat16), (1000, 512, torch.float16), (333, 768, torch.float32),
+                                       (300, 1280, torch.bfloat16), (4097, 64, torch.float16), (1, 24, torch.float32)])
+def test_gpu_matches_reference(backend, op, n, d, dtype):
+    _gpu_backend(backend)
+    _compare(backend, op, n, d, dtype, noncontig=(n == 333), device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cpp
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", SMALL_GRAD_OPS)
+def test_gpu_small_gradient_regime_matches_fp32_internal_backend(backend, op, dtype):
+    _gpu_backend(backend)
+    _small_gradient_check(backend, op, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["highest", "high"])
+def test_gpu_triton_fp32_follows_matmul_precision(mode):
+    _gpu_backend("triton")
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        # "high" (TF32) is held to PyTorch's own TF32 error, "highest" to its fp32 error.
+        _compare("triton", "clip_loss", 2000, 512, torch.float32, device="cuda")
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 # --------------------------------------------------------------------------------------------

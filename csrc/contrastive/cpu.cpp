@@ -9,7 +9,7 @@ namespace {
 
 // Row blocks of 256 keep each thread's two fp32 tiles (256 x 1024) at 1 MiB apiece, in L2/L3,
 // while the GEMM per tile (256 x 1024 x D) stays large enough for MKL to run near peak.
-constexpr Tiling kCpuTiling{256, 1024, true};
+constexpr Tiling kCpuTiling{256, 1024, true, false};  // fp32 GEMMs: MKL has no fast half GEMM, and cpp stays the fp32-internal oracle
 
 std::tuple<at::Tensor, at::Tensor> lse_fwd_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
                                                bool exclude_diag, bool want_cols) {

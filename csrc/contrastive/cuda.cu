@@ -1,9 +1,11 @@
 // CUDA kernels of the contrastive log-sum-exp primitive (the compiled fallback when Triton is
-// unavailable, and the float64 / D > 512 path of the Triton backend).
+// unavailable, and the float64 path of the Triton backend).
 //
 // Same tiled algorithm as the CPU kernels (tiled.h): each tile is one cuBLAS GEMM on views of the
 // inputs followed by fused-by-ATen exp/reduce kernels, issued in order on the current stream, so
-// only two tile buffers (bm x bn, fp32) live at once beyond the O(N + M) statistics.
+// only a few tile buffers (bm x bn, fp32) live at once beyond the O(N + M) statistics. fp16/bf16
+// inputs run their GEMMs on the tensor cores in the input dtype with fp32 output (aten::mm.dtype);
+// the backward's G is scaled by exact powers of two before its cast (tiled.h half_tile_grads).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -13,8 +15,9 @@
 namespace dgkernels::contrastive {
 namespace {
 
-// 2048 x 4096 fp32 tiles (32 MiB each): large enough that each GEMM fills an H100.
-constexpr Tiling kCudaTiling{2048, 4096, false};
+// 2048 x 4096 fp32 tiles (32 MiB each): large enough that each GEMM fills an H100; half inputs
+// use half GEMMs (the last field).
+constexpr Tiling kCudaTiling{2048, 4096, false, true};
 
 std::tuple<at::Tensor, at::Tensor> lse_fwd_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
                                                 bool exclude_diag, bool want_cols) {

@@ -20,10 +20,32 @@
 namespace dgkernels::contrastive {
 
 struct Tiling {
-  int64_t bm;     // rows of Q per tile
-  int64_t bn;     // rows of K per tile
-  bool parallel;  // spread row blocks over at::parallel_for threads (CPU)
+  int64_t bm;      // rows of Q per tile
+  int64_t bn;      // rows of K per tile
+  bool parallel;   // spread row blocks over at::parallel_for threads (CPU)
+  bool half_gemm;  // fp16/bf16 inputs: tile GEMMs in the input dtype with fp32 output (tensor cores)
 };
+
+// C = A B in fp32. half: A, B in fp16/bf16, products exact in fp32 and fp32 accumulation (cuBLAS
+// through aten::mm.dtype on CUDA; upcast operands elsewhere, the same numbers).
+inline void gemm_f32(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  if (A.scalar_type() == C.scalar_type()) {
+    at::mm_out(C, A, B);
+  } else if (A.is_cuda()) {
+    at::mm_out(C, A, B, C.scalar_type());
+  } else {
+    at::mm_out(C, A.to(C.scalar_type()), B.to(C.scalar_type()));
+  }
+}
+
+// Exact powers of two 2^(15 - ceil(log2(max |x|))) along `dim` of an fp32 tile: x * scale has
+// entries <= 2^15 (< fp16 max), so x of order w / N^2 keeps fp16's precision when cast (1 where a
+// line is all zero). Applied before the cast to half, divided out after the GEMM: exact.
+inline at::Tensor pow2_scale(const at::Tensor& x, int64_t dim) {
+  at::Tensor m = at::amax(x.abs(), dim);
+  at::Tensor e = at::ceil(at::log2(m)).clamp_(-100, 100);
+  return at::where(m > 0, at::exp2(15 - e), at::ones({}, m.options()));
+}
 
 inline at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -43,9 +65,18 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, bool exclude_
 }
 
 // S_tile = scale * qb kb^T (beta = 0: the buffer's old content is ignored), then -inf on i == j.
+inline bool use_half_gemm(const at::Tensor& q, const Tiling& tiling) {
+  return tiling.half_gemm && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+}
+
 inline void tile_logits(at::Tensor& S, const at::Tensor& qb, const at::Tensor& kb, double scale, bool exclude_diag,
                         int64_t r0, int64_t c0) {
-  at::addmm_out(S, S, qb, kb.t(), /*beta=*/0, /*alpha=*/scale);
+  if (qb.scalar_type() == S.scalar_type()) {
+    at::addmm_out(S, S, qb, kb.t(), /*beta=*/0, /*alpha=*/scale);
+  } else {
+    gemm_f32(S, qb, kb.t());
+    S.mul_(scale);
+  }
   if (exclude_diag) {
     const int64_t lo = std::max(r0, c0), hi = std::min(r0 + S.size(0), c0 + S.size(1));
     // global (i, i) is local (i - r0, i - c0): the tile diagonal at offset r0 - c0
@@ -68,6 +99,8 @@ inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, co
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const int64_t N = q.size(0), M = k.size(0);
   const auto fopt = q.options().dtype(acc);
+  // operand dtype of the tile GEMMs: the input dtype on the half path, else the accumulation type
+  const auto op_type = use_half_gemm(q, tiling) ? q.scalar_type() : acc;
   at::Tensor lse_r = at::empty({N}, fopt);
   const int64_t bm = std::max<int64_t>(1, std::min(tiling.bm, N)), bn = std::max<int64_t>(1, std::min(tiling.bn, M));
   const int64_t R = (N + bm - 1) / bm, C = (M + bn - 1) / bn;
@@ -85,12 +118,12 @@ inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, co
     at::Tensor sbuf = at::empty({bm * bn}, fopt), ebuf = at::empty({bm * bn}, fopt);
     for (int64_t rb = b0; rb < b1; ++rb) {
       const int64_t r0 = rb * bm, rn = std::min(bm, N - r0);
-      const at::Tensor qb = q.narrow(0, r0, rn).to(acc);
+      const at::Tensor qb = q.narrow(0, r0, rn).to(op_type);
       at::Tensor m = at::full({rn}, -std::numeric_limits<double>::infinity(), fopt);
       at::Tensor l = at::zeros({rn}, fopt);
       for (int64_t cb = 0; cb < C; ++cb) {
         const int64_t c0 = cb * bn, cn = std::min(bn, M - c0);
-        const at::Tensor kb = k.narrow(0, c0, cn).to(acc);
+        const at::Tensor kb = k.narrow(0, c0, cn).to(op_type);
         at::Tensor S = sbuf.narrow(0, 0, rn * cn).view({rn, cn});
         at::Tensor E = ebuf.narrow(0, 0, rn * cn).view({rn, cn});
         tile_logits(S, qb, kb, scale, exclude_diag, r0, c0);
@@ -129,6 +162,32 @@ inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, co
   return {lse_r, lse_c};
 }
 
+// One tile of the backward with GEMMs in the input dtype (half_gemm): G = w_r P_row (+ w_c P_col)
+// in fp32, dscale's share sum G S from the fp32 G and S (a sum with cancellation), then
+// dQ += (c_r G) K / c_r and dK_tile = (c_c G)^T Q / c_c with pow2_scale factors per row / column:
+// G is of order w / N and smaller, below fp16's normal range for large N or a scaled loss, so it is
+// scaled to <= 2^15 before the cast to the input dtype; the factors leave the GEMMs exactly.
+inline void half_tile_grads(at::Tensor& S, at::Tensor& G, at::Tensor F, at::Tensor dq_tile, at::Tensor dk_tile,
+                            const at::Tensor& qb, const at::Tensor& kb, const at::Tensor& lr, const at::Tensor& wr,
+                            bool cols, const at::Tensor& lse_c, const at::Tensor& w_c, int64_t c0, int64_t cn,
+                            at::Tensor& dqb, at::Tensor ds_acc) {
+  // masked entries (-inf) get G = 0; keep them out of G * S (0 * -inf)
+  at::Tensor finite = at::where(at::isneginf(S), at::zeros({}, S.options()), S);
+  at::sub_out(G, S, lr).exp_().mul_(wr);
+  if (cols) {
+    at::sub_out(F, S, lse_c.narrow(0, c0, cn).unsqueeze(0)).exp_().mul_(w_c.narrow(0, c0, cn).unsqueeze(0));
+    G.add_(F);
+  }
+  ds_acc.add_((G * finite).sum().reshape({1}));
+  const auto half = qb.scalar_type();
+  at::Tensor cr = pow2_scale(G, 1).unsqueeze(1);
+  gemm_f32(dq_tile, (G * cr).to(half), kb);
+  dqb.add_(dq_tile.div_(cr));
+  at::Tensor cc = pow2_scale(G, 0).unsqueeze(1);
+  gemm_f32(dk_tile, (G.t() * cc).to(half), qb);
+  dk_tile.div_(cc);
+}
+
 // Gradients of L = sum_i w_r[i] lse_r[i] + sum_j w_c[j] lse_c[j]:
 //   G = w_r P_row + w_c P_col (P_row = exp(S - lse_r), P_col = exp(S - lse_c)),
 //   dQ = scale G K, dK = scale G^T Q, dscale = sum_i q_i . (G K)_i.
@@ -155,6 +214,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
     w_c = w_c_opt->to(acc).contiguous();
   }
   const auto fopt = q.options().dtype(acc);
+  const bool half = use_half_gemm(q, tiling);
+  const auto op_type = half ? q.scalar_type() : acc;
   at::Tensor dq = at::zeros({N, D}, fopt), dk = at::zeros({M, D}, fopt);
   const int64_t bm = std::max<int64_t>(1, std::min(tiling.bm, N)), bn = std::max<int64_t>(1, std::min(tiling.bn, M));
   const int64_t R = (N + bm - 1) / bm, C = (M + bn - 1) / bn;
@@ -165,19 +226,36 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
     at::AutoDispatchBelowADInplaceOrView below_autograd_in_worker;
     at::Tensor sbuf = at::empty({bm * bn}, fopt), ebuf = at::empty({bm * bn}, fopt);
     at::Tensor dkbuf = at::empty({bn * D}, fopt);
+    at::Tensor fbuf, dqbuf;
+    if (half) {
+      fbuf = at::empty({bm * bn}, fopt);
+      dqbuf = at::empty({bm * D}, fopt);
+    }
     for (int64_t rb = b0; rb < b1; ++rb) {
       const int64_t r0 = rb * bm, rn = std::min(bm, N - r0);
-      const at::Tensor qb = q.narrow(0, r0, rn).to(acc);
+      const at::Tensor qb = q.narrow(0, r0, rn).to(op_type);
       const at::Tensor lr = lse_r.narrow(0, r0, rn).unsqueeze(1), wr = w_r.narrow(0, r0, rn).unsqueeze(1);
       at::Tensor dqb = dq.narrow(0, r0, rn);
       // Stagger the column order per row block so threads rarely wait on the same dK lock.
       for (int64_t step = 0; step < C; ++step) {
         const int64_t cb = (rb + step) % C;
         const int64_t c0 = cb * bn, cn = std::min(bn, M - c0);
-        const at::Tensor kb = k.narrow(0, c0, cn).to(acc);
+        const at::Tensor kb = k.narrow(0, c0, cn).to(op_type);
         at::Tensor S = sbuf.narrow(0, 0, rn * cn).view({rn, cn});
         at::Tensor G = ebuf.narrow(0, 0, rn * cn).view({rn, cn});
         tile_logits(S, qb, kb, scale, exclude_diag, r0, c0);
+        if (half) {
+          half_tile_grads(S, G, fbuf.narrow(0, 0, rn * cn).view({rn, cn}), dqbuf.narrow(0, 0, rn * D).view({rn, D}),
+                          dkbuf.narrow(0, 0, cn * D).view({cn, D}), qb, kb, lr, wr, cols, lse_c, w_c, c0, cn, dqb,
+                          ds_part.narrow(0, rb, 1));
+          if (tiling.parallel) {
+            std::lock_guard<std::mutex> guard(col_locks[cb]);
+            dk.narrow(0, c0, cn).add_(dkbuf.narrow(0, 0, cn * D).view({cn, D}));
+          } else {
+            dk.narrow(0, c0, cn).add_(dkbuf.narrow(0, 0, cn * D).view({cn, D}));
+          }
+          continue;
+        }
         if (cols) {
           // G = w_r exp(S - lse_r) + w_c exp(S - lse_c); S is overwritten by the second term.
           at::sub_out(G, S, lr).exp_().mul_(wr);
@@ -197,7 +275,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
           dkb.addmm_(G.t(), qb);
         }
       }
-      ds_part.narrow(0, rb, 1).copy_((qb * dqb).sum().reshape({1}));
+      if (half) {
+        ds_part.narrow(0, rb, 1).div_(scale);  // sum G S / scale = sum_ij G_ij q_i.k_j
+      } else {
+        ds_part.narrow(0, rb, 1).copy_((qb * dqb).sum().reshape({1}));
+      }
       dqb.mul_(scale);
     }
   };

@@ -4,7 +4,8 @@ Forward keeps only lse_r [N] (and lse_c [M]); backward recomputes the similarity
 (FlashAttention style) given the upstream weights w_r = dL/dlse_r, w_c = dL/dlse_c:
     G_ij = w_r_i softmax_row(S)_ij + w_c_j softmax_col(S)_ij,
     dQ = scale G K,  dK = scale G^T Q,  dL/dscale = sum_ij G_ij q_i.k_j,
-all from the backend's `lse_forward` / `lse_backward` (memory O(N + M) beyond inputs and grads).
+all from the backend's `lse_forward` / `lse_backward` (memory O(N + M) beyond inputs and grads;
+the triton backend's dQ/dK accumulators are fp32 [N, D] / [M, D], the size of the gradients).
 """
 from __future__ import annotations
 
