@@ -80,7 +80,12 @@ def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
     return s
 
 
-@triton.jit
+# Flags and sizes are not specialised (no constant-1 or divisible-by-16 variants): what launches is
+# exactly what COMPILE_SPECS compiles (the launcher makes pointers, D and row strides aligned).
+_RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup"])
 def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, N, M, D, stride_qn, stride_kn,
                 scale2, exclude_diag, cols_on, fixup, col_floor,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -127,7 +132,7 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, N, M, D, stride_qn, stride_kn,
     tl.store(LSE + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, N, M, D, stride_qn, stride_kn, scale2, exclude_diag, cols_on,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
@@ -249,9 +254,8 @@ _ALIGNED = ("D", "stride_qn", "stride_kn")
 
 
 def _aligned_attrs(sig: dict) -> dict:
-    """What the JIT specialises for the CLIP sizes (D % 16 == 0, contiguous rows, allocator-aligned
-    tensors): pointers 16-byte aligned, D and the row strides divisible by 16. Other D run an
-    unvectorised specialisation of the same configurations."""
+    """The specialisation every launch gets (see _kernel_layout, _vec): pointers 16-byte aligned,
+    D and the row strides divisible by 16; the other integers are not specialised."""
     return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
             if ty.startswith("*") or name in _ALIGNED}
 
@@ -322,18 +326,32 @@ _MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)
 
 
 def _kernel_layout(t):
-    """Unit stride along D and in-block offsets (BLOCK rows * row stride) that fit int32: the
-    kernels add those to an int64 block base. Anything else is copied once (O(rows * D))."""
-    if t.stride(1) != 1 or t.stride(0) * _MAX_BLOCK + t.shape[1] >= 2 ** 31:
-        t = t.contiguous()
-    return t
+    """The layout every launch has (and COMPILE_SPECS compiles): unit stride along D, D, the row
+    stride and the address 16-aligned (vectorised loads), in-block offsets (BLOCK rows * row
+    stride) within int32 (the kernels add them to an int64 block base). Anything else is copied
+    once into a zero-padded [rows, ceil16(D)] buffer: O(rows * D), and zeros change no dot product."""
+    n, d = t.shape
+    dp = -(-d // 16) * 16
+    if (d == dp and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.stride(0) * _MAX_BLOCK + dp < 2 ** 31):
+        return t
+    out = t.new_zeros(n, dp)
+    out[:, :d] = t
+    return out
+
+
+def _vec(t):
+    """A contiguous fp32 vector at a 16-byte aligned address (the launch specialisation)."""
+    t = t.float().contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
     """Row log-sum-exp of q against k; with colsum/cref also the fixed-reference column sums;
     with flags (the transposed re-run) only the row blocks holding a flagged row."""
-    n, d = q.shape
+    n = q.shape[0]
     q, k = _kernel_layout(q), _kernel_layout(k)
+    d = q.shape[1]
     out = torch.empty(n, dtype=torch.float32, device=q.device)
     dummy = out[:1]
     args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
@@ -379,13 +397,14 @@ def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c)
     fb = _fallback(q)
     if fb is not None:
         return fb.lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
-    n, d = q.shape
+    n, d0 = q.shape
     m = k.shape[0]
     q, k = _kernel_layout(q), _kernel_layout(k)
+    d = q.shape[1]  # padded to a multiple of 16
     cols = w_c is not None
     if not cols:  # unused statistics still need valid [M] buffers (the kernel skips them by flag)
         lse_c = w_c = torch.zeros(m, dtype=torch.float32, device=k.device)
-    w_r, w_c = w_r.float().contiguous(), w_c.float().contiguous()
+    w_r, w_c = _vec(w_r), _vec(w_c)
     c_r = _pow2_scale(w_r, w_c.abs().amax())
     c_c = _pow2_scale(w_c, w_r.abs().amax())
     dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
@@ -393,10 +412,10 @@ def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c)
     # one partial dscale per row block of the smallest BLOCK_M (the autotuner may pick any)
     ds_part = torch.zeros(triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))), dtype=torch.float32,
                           device=q.device)
-    args = (q, k, lse_r.float().contiguous(), lse_c.float().contiguous(), w_r, w_c, c_r, c_c, dq, dk, ds_part, n, m, d,
+    args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, n, m, d,
             q.stride(0), k.stride(0), scale * LOG2E,
             int(exclude_diag), int(cols))
     _launch("bwd", n, args, q.dtype)
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
-    return dq.mul_(scale), dk.mul_(scale), ds_part.sum()
+    return dq[:, :d0].mul_(scale), dk[:, :d0].mul_(scale), ds_part.sum()
