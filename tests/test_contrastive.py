@@ -539,6 +539,15 @@ def test_nan_propagates(backend):
     assert torch.isnan(dgkernels.multiview_info_nce(torch.stack([x, y], 1), backend=backend))
 
 
+@needs_triton
+def test_triton_nan_propagates(triton_device):
+    x, y = torch.randn(6, 4, device=triton_device), torch.randn(6, 4, device=triton_device)
+    x[2, 1] = float("nan")
+    assert torch.isnan(dgkernels.clip_loss(x, y, 2.0, backend="triton"))  # through the column sums too
+    assert torch.isnan(dgkernels.info_nce(x, y, backend="triton"))
+    assert torch.isnan(dgkernels.multiview_info_nce(torch.stack([x, y], 1), backend="triton"))
+
+
 # --------------------------------------------------------------------------------------------
 # distributed clip_loss: 2 gloo processes == one process over the global batch
 # --------------------------------------------------------------------------------------------

@@ -29,8 +29,16 @@ the factors come out of the dot exactly and are divided out once at the end (on 
 Keeping G in fp32 instead would force a tf32 dot on fp32-converted K and Q (half the tensor-core
 rate and twice the operand traffic); scaling keeps fp16/bf16 wgmma with the fp32 accuracy of G.
 
-All row offsets are computed in int64 (rows * stride passes 2^31 for large N, V or strides).
-float64 inputs go to the compiled CUDA kernels.
+Offsets: each block's first row is addressed in int64 (rows * stride passes 2^31 for large N, V
+or strides); offsets inside a block stay int32, which the launcher guarantees (_kernel_layout).
+Every launch has the specialisation COMPILE_SPECS compiles (16-aligned pointers, D and row
+strides; D is zero-padded to a multiple of 16 where needed), so the sm_90 register / spill /
+wgmma figures of the compile check are those of what runs.
+
+Cost model (why dQ is read-modified-written, not held in registers): a [BLOCK_M, D] fp32
+accumulator is 128 KB at BLOCK_M = 64, D = 512 - beyond the register file of one program - so
+the backward streams dQ through L2 per tile (8 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops),
+like the dK atomics. float64 inputs go to the compiled CUDA kernels.
 """
 from __future__ import annotations
 
