@@ -299,7 +299,8 @@ def _tuned(kernel: str, dclass: str):
                for bm, bn, bd, w, s in CONFIGS[(kernel, dclass)]]
     # Accumulated outputs: zeroed before every trial so no config sees another's partial sums.
     reset = ["COLSUM"] if kernel == "fwd" else ["DQ", "DK", "DS_PART"]
-    return triton.autotune(configs=configs, key=["N", "M", "D", "cols_on", "fixup"], reset_to_zero=reset)(
+    key = ["N", "M", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(
         _KERNELS[kernel])
 
 
