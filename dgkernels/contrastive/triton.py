@@ -185,6 +185,9 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, N, M, D
         k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
         dq_ptr = DQ_blk + offs_m[:, None] * D + offs_d[None, :]
         dk_ptr = DK_blk + offs_n[:, None] * D + offs_d[None, :]
+        # The previous column block stored these DQ rows, possibly from other threads of this
+        # program (the store may use the dot's layout, the load another): make them visible.
+        tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
             d_ok = d0 + offs_d < D
             q_ok = row_ok[:, None] & d_ok[None, :]
