@@ -208,6 +208,27 @@ def test_triton_small_gradient_regime_matches_fp32_internal_backend(op, dtype, t
     _small_gradient_check("triton", op, dtype, triton_device)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [-100, 100])
+def test_triton_backward_is_exact_under_power_of_two_weight_scaling(dtype, k, triton_device):
+    # G is scaled by powers of two before its cast to the input dtype, so multiplying the upstream
+    # weights by 2^k multiplies dQ, dK and dscale by exactly 2^k, far outside fp16's range (2^-24 ..
+    # 2^16) in both directions. A cast of the unscaled G would flush to zero or overflow.
+    from dgkernels.contrastive import triton as tri
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(40, 32, generator=g).to(dtype).to(triton_device)
+    kk = torch.randn(50, 32, generator=g).to(dtype).to(triton_device)
+    w_r = torch.randn(40, generator=g).to(triton_device)
+    w_c = torch.randn(50, generator=g).to(triton_device)
+    lse_r, lse_c = tri.lse_forward(q, kk, 3.0, False, True)
+    base = tri.lse_backward(q, kk, 3.0, False, lse_r, lse_c, w_r, w_c)
+    scaled = tri.lse_backward(q, kk, 3.0, False, lse_r, lse_c, w_r * 2.0 ** k, w_c * 2.0 ** k)
+    for a, b in zip(scaled, base):
+        torch.testing.assert_close(a, b * 2.0 ** k, rtol=0, atol=0)
+
+
 def _huge_stride_rows(n, d, dtype, g):
     """[n, d] rows 2^23 elements apart, starting 2^31 elements into their storage.
 

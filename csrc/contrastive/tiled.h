@@ -43,7 +43,7 @@ inline void gemm_f32(at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
 // line is all zero). Applied before the cast to half, divided out after the GEMM: exact.
 inline at::Tensor pow2_scale(const at::Tensor& x, int64_t dim) {
   at::Tensor m = at::amax(x.abs(), dim);
-  at::Tensor e = at::ceil(at::log2(m)).clamp_(-100, 100);
+  at::Tensor e = at::ceil(at::log2(m)).clamp_(-110, 128);  // the scale stays a normal fp32
   return at::where(m > 0, at::exp2(15 - e), at::ones({}, m.options()));
 }
 

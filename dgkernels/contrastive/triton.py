@@ -401,7 +401,7 @@ def lse_forward(q, k, scale: float, exclude_diag: bool, want_cols: bool):
 def _pow2_scale(w_own, w_other_max):
     """2^(_G_TOP - ceil(log2(|w_own| + max|w_other|))): exact powers of two bounding the scaled G."""
     bound = w_own.abs() + w_other_max
-    e = torch.ceil(torch.log2(bound)).clamp(-100.0, 100.0)  # bound = 0 (zero weights): any finite scale
+    e = torch.ceil(torch.log2(bound)).clamp(-110.0, 128.0)  # the scale stays a normal fp32; 0 -> 2^125
     return torch.exp2(_G_TOP - e)
 
 
