@@ -28,16 +28,25 @@ _ROW_BLOCK_K = 256
 # ---- kernels ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-               HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, a_scale_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+               HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE_A: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr = False):
     """c[M, N] (=|+=) a[M, K] @ b[K, N] (+ bias[N]), float32 accumulation, any strides.
+
+    SCALE_A: a is a float32 gradient tile and b half precision. Row m of a is divided by
+    a_scale[m] (its largest magnitude) before the cast to b's dtype and the row of the product is
+    multiplied back: (a / s) @ b * s == a @ b for any s, and a / s lies in [-1, 1], so values of
+    order 1e-8 (a mean-reduced loss over a large batch) keep fp16's relative precision instead of
+    flushing to subnormals. Offsets are int64: rows x stride passes 2**31 on large batches or views.
     UPCAST (interpreter only: its bf16 tl.dot is wrong) multiplies in float32."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    if SCALE_A:
+        a_scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=1.0)
+        a_inv = 1.0 / a_scale
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -45,12 +54,16 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s
                     other=0.0)
         b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=(kk[:, None] < K) & (rn[None, :] < N),
                     other=0.0)
+        if SCALE_A:
+            a = (a * a_inv[:, None]).to(b.dtype)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+    if SCALE_A:
+        acc = acc * a_scale[:, None]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
@@ -72,6 +85,7 @@ def _ce_rows_kernel(z_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, K, stride_z, ls,
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), dtype=tl.float32)
     zsum = tl.zeros((), dtype=tl.float32)
+    zt = tl.zeros((), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + offs0
         mask = offs < K
@@ -79,10 +93,12 @@ def _ce_rows_kernel(z_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, K, stride_z, ls,
         nm = tl.maximum(m, tl.max(v, 0))
         s = s * tl.exp(m - nm) + tl.sum(tl.where(mask, tl.exp(v - nm), 0.0), 0)
         zsum += tl.sum(tl.where(mask, v, 0.0), 0)
+        # the target logit is picked out of the chunk already read: a separate load of z[t] after
+        # the loop could see another thread's pass-2 overwrite (no barrier orders the two)
+        zt += tl.sum(tl.where(offs == t, v, 0.0), 0)
         m = nm
     lse = m + tl.log(s)
     valid = t >= 0
-    zt = tl.load(zrow + tl.maximum(t, 0))
     smooth = ls / K
     tl.store(per_ptr + row, tl.where(valid, lse - (1.0 - ls) * zt - smooth * zsum, 0.0))
     if HAS_GRAD:
@@ -257,7 +273,7 @@ def _cos_lse_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, per_ptr, B, K, E,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """Shared-class cosine CE forward, Cut-Cross-Entropy style: a BLOCK_M row block streams the
     classes BLOCK_K at a time (tl.dot logits, online log-sum-exp); no logits leave the chip."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     re = tl.arange(0, BLOCK_E)
     rk0 = tl.arange(0, BLOCK_K)
     mmask = rm < B
@@ -269,7 +285,7 @@ def _cos_lse_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, per_ptr, B, K, E,
     zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + rk0
+        rk = (k0 + rk0).to(tl.int64)
         kmask = rk < K
         c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & (re[None, :] < E), other=0.0)
         z = _cos_dot(x, c, IEEE, UPCAST) * sc
@@ -286,20 +302,24 @@ def _cos_lse_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, per_ptr, B, K, E,
 
 
 @triton.jit
-def _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _cos_q(x, c, rk, t, lse, K, sc, ls, kmask, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Recomputed logits z and q = dz / g = softmax - ls/K - (1 - ls) onehot (in [-1, 1]; 0 for
+    ignored rows and padding). Keeping the per-row upstream weight g out of the half-precision
+    operand is what keeps values of order g/K (1e-8 for a mean over a large batch) out of fp16's
+    subnormal range."""
     z = _cos_dot(x, c, IEEE, UPCAST) * sc
-    dz = g[:, None] * (tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0))
-    dz = tl.where(kmask[None, :] & (t[:, None] >= 0), dz, 0.0)
-    return z, dz
+    q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
+    q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
+    return z, q
 
 
 @triton.jit
 def _cos_dx_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dx_ptr, dot_ptr, B, K, E, ls,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_E: tl.constexpr):
-    """dL/dxn = s sum_k dz_k cn_k for a row block (logits recomputed chunk by chunk), and
-    sum_k dz_k z_k per row for the logit scale."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dL/dxn_b = s g_b sum_k q_bk cn_k for a row block (logits recomputed chunk by chunk; g_b
+    factored out of the sum), and sum_k dz_bk z_bk per row for the logit scale."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     re = tl.arange(0, BLOCK_E)
     rk0 = tl.arange(0, BLOCK_K)
     mmask = rm < B
@@ -312,49 +332,54 @@ def _cos_dx_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dx_ptr, dot
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     d = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + rk0
+        rk = (k0 + rk0).to(tl.int64)
         kmask = rk < K
         c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
-        z, dz = _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE, UPCAST)
-        d += tl.sum(dz * z, 1)
+        z, q = _cos_q(x, c, rk, t, lse, K, sc, ls, kmask, IEEE, UPCAST)
+        d += tl.sum(q * z, 1)
         if UPCAST:
-            acc = tl.dot(dz, c.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(q, c.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:
-            acc = tl.dot(dz, c, acc, input_precision="ieee")
+            acc = tl.dot(q, c, acc, input_precision="ieee")
         else:
-            acc = tl.dot(dz.to(c.dtype), c, acc)
-    tl.store(dx_ptr + rm[:, None] * E + re[None, :], acc * sc, mask=mmask[:, None] & emask[None, :])
-    tl.store(dot_ptr + rm, d, mask=mmask)
+            acc = tl.dot(q.to(c.dtype), c, acc)
+    tl.store(dx_ptr + rm[:, None] * E + re[None, :], acc * (g * sc)[:, None], mask=mmask[:, None] & emask[None, :])
+    tl.store(dot_ptr + rm, d * g, mask=mmask)
 
 
 @triton.jit
-def _cos_dc_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dc_ptr, B, K, E, ls,
+def _cos_dc_kernel(x_ptr, c_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, gmax_ptr, dc_ptr, B, K, E, ls,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_E: tl.constexpr):
-    """dL/dcn = s sum_b dz_bk xn_b for a class block, streaming the rows BLOCK_M at a time."""
-    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """dL/dcn_k = s gmax sum_b (g_b / gmax) q_bk xn_b for a class block, streaming the rows
+    BLOCK_M at a time. gmax = max_b |g_b| keeps the half-precision operand in [-1, 1] (rows with a
+    far smaller weight contribute proportionally little to the sum)."""
+    rk = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     re = tl.arange(0, BLOCK_E)
     rm0 = tl.arange(0, BLOCK_M)
     kmask = rk < K
     emask = re < E
     c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
     sc = tl.load(scale_ptr)
+    gmax = tl.load(gmax_ptr)
+    ginv = 1.0 / gmax
     acc = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
-        rm = m0 + rm0
+        rm = (m0 + rm0).to(tl.int64)
         mmask = rm < B
         x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
         t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
         lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
         g = tl.load(g_ptr + rm, mask=mmask, other=0.0)
-        z, dz = _cos_dz(x, c, rk, t, lse, g, K, sc, ls, kmask, IEEE, UPCAST)
+        z, q = _cos_q(x, c, rk, t, lse, K, sc, ls, kmask, IEEE, UPCAST)
+        a = q * (g * ginv)[:, None]
         if UPCAST:
-            acc = tl.dot(tl.trans(dz), x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(a), x.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:
-            acc = tl.dot(tl.trans(dz), x, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(a), x, acc, input_precision="ieee")
         else:
-            acc = tl.dot(tl.trans(dz).to(x.dtype), x, acc)
-    tl.store(dc_ptr + rk[:, None] * E + re[None, :], acc * sc, mask=kmask[:, None] & emask[None, :])
+            acc = tl.dot(tl.trans(a).to(x.dtype), x, acc)
+    tl.store(dc_ptr + rk[:, None] * E + re[None, :], acc * (sc * gmax), mask=kmask[:, None] & emask[None, :])
 
 
 # ---- host helpers ----------------------------------------------------------------------------------
@@ -367,19 +392,34 @@ def _op_dtype(t):
     return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _row_scale(a):
+    """Largest magnitude of each row of a float32 operand (1 for an all-zero row)."""
+    s = a.abs().amax(1)
+    return torch.where(s > 0, s, torch.ones_like(s)).contiguous()
+
+
 def _mm(a, b, out=None, bias=None, accumulate=False):
-    """out (float32, [M, N]) (=|+=) a [M, K] @ b [K, N] (+ bias); a and b share a dtype."""
+    """out (float32, [M, N]) (=|+=) a [M, K] @ b [K, N] (+ bias). a and b share a dtype, or a is a
+    float32 gradient tile and b half precision: a is then cast row-scaled (see _mm_kernel)."""
     M, K = a.shape
     N = b.shape[1]
     if out is None:
         out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if M == 0 or N == 0:
         return out
+    if K == 0:
+        if not accumulate:
+            out.zero_()
+        if bias is not None:
+            out += bias
+        return out
+    scale_a = a.dtype == torch.float32 and b.dtype != torch.float32
+    a_scale = _row_scale(a) if scale_a else out
     grid = (triton.cdiv(M, _MM_BLOCKS["BLOCK_M"]), triton.cdiv(N, _MM_BLOCKS["BLOCK_N"]))
-    _mm_kernel[grid](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0), a.stride(1), b.stride(0),
-                     b.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-                     IEEE=a.dtype == torch.float32, **_MM_BLOCKS, num_warps=4,
-                     UPCAST=a.dtype == torch.bfloat16 and _interpreting())
+    _mm_kernel[grid](a, b, out, bias if bias is not None else out, a_scale, M, N, K, a.stride(0), a.stride(1),
+                     b.stride(0), b.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+                     ACCUMULATE=accumulate, SCALE_A=scale_a, IEEE=b.dtype == torch.float32, **_MM_BLOCKS,
+                     num_warps=4, UPCAST=b.dtype == torch.bfloat16 and _interpreting())
     return out
 
 
@@ -483,9 +523,8 @@ def _dce(g, x, w, b, domain, target, all_heads, ls):
                      per_rows)
             per[r0:r0 + n] = per_rows.view(n, D).mean(1)
             if grad:
-                zo = z.to(opd)
-                _mm(zo, w2, out=gx[r0:r0 + n])
-                _mm(zo.t(), xb, out=gw, accumulate=True)
+                _mm(z, w2, out=gx[r0:r0 + n])
+                _mm(z.t(), xb, out=gw, accumulate=True)
                 gb += z.sum(0)
     else:
         order, off = _groups(domain, D)
@@ -502,9 +541,8 @@ def _dce(g, x, w, b, domain, target, all_heads, ls):
                 z = _mm(xb, wo[d].t(), bias=None if bf is None else bf[d])
                 _ce_rows(z, ts[r0:r0 + n], gs[r0:r0 + n] if grad else None, ls, per_s[r0:r0 + n])
                 if grad:
-                    zo = z.to(opd)
-                    _mm(zo, wo[d], out=gxs[r0:r0 + n])
-                    _mm(zo.t(), xb, out=gw3[d], accumulate=True)
+                    _mm(z, wo[d], out=gxs[r0:r0 + n])
+                    _mm(z.t(), xb, out=gw3[d], accumulate=True)
                     gb2[d] += z.sum(0)
         per = torch.empty_like(per_s).index_copy_(0, order, per_s)
         gx = torch.empty_like(gxs).index_copy_(0, order, gxs) if grad else None
@@ -545,9 +583,8 @@ def _agree(g, x, w, b, kind):
         z = _mm(xb, w2.t(), bias=b2)
         _agree_rows(z.view(n, D, K), kind, gf[r0:r0 + n] if grad else None, per[r0:r0 + n])
         if grad:
-            zo = z.to(opd)
-            _mm(zo, w2, out=gx[r0:r0 + n])
-            _mm(zo.t(), xb, out=gw, accumulate=True)
+            _mm(z, w2, out=gx[r0:r0 + n])
+            _mm(z.t(), xb, out=gw, accumulate=True)
             gb += z.sum(0)
     if not grad:
         return per
@@ -605,7 +642,7 @@ def mapper_backward(g, x, w, domain, out, norm, residual, normalize):
     gy = -gr if residual else gr
     opd = _op_dtype(x)
     xo, wo = x.to(opd), w.to(opd)
-    gyo = gy.to(opd)
+    gyo = gy  # float32: _mm casts it row-scaled
     if wo.dim() == 2:
         gx = _mm(gyo, wo)
         gw = _mm(gyo.t(), xo)
@@ -710,7 +747,10 @@ def _cce(xo, co, tgt, s, g, ls, per, dxn, dot):
     _cos_dx_kernel[(triton.cdiv(B, bm),)](xo, co, tgt, s, lse, g, dxn, dot, B, K, E, float(ls), **flags,
                                          num_warps=4)
     dcn = torch.empty(K, E, dtype=torch.float32, device=xo.device)
-    _cos_dc_kernel[(triton.cdiv(K, bk),)](xo, co, tgt, s, lse, g, dcn, B, K, E, float(ls), **flags, num_warps=4)
+    gmax = g.abs().amax().reshape(1)
+    gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+    _cos_dc_kernel[(triton.cdiv(K, bk),)](xo, co, tgt, s, lse, g, gmax, dcn, B, K, E, float(ls), **flags,
+                                         num_warps=4)
     return dcn
 
 
@@ -729,9 +769,8 @@ def _cos_tiles(xo, co, tgt, s, g, ls, per, dxn, dot):
         _ce_rows(z, tgt[r0:r0 + n], g[r0:r0 + n] if grad else None, ls, per[r0:r0 + n],
                  dot[r0:r0 + n] if grad else None)
         if grad:
-            zo = z.to(xo.dtype)
-            _mm(zo, co, out=dxn[r0:r0 + n])
-            _mm(zo.t(), xb, out=dcn, accumulate=True)
+            _mm(z, co, out=dxn[r0:r0 + n])
+            _mm(z.t(), xb, out=dcn, accumulate=True)
     if grad:
         dxn.mul_(s)
         dcn.mul_(s)

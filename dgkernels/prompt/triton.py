@@ -72,6 +72,25 @@ def _dot(a, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+@triton.jit
+def _dot_rows_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    """ds [M, N] (float32) @ b [N, D] with ds cast to b's dtype row-scaled: row i is divided by
+    its largest magnitude s_i before the cast and the product row multiplied by s_i afterwards
+    (exact in exact arithmetic). Gradients of a loss averaged over a large batch are of order
+    1e-8 and would flush to fp16 subnormals; scaled they keep fp16's relative precision."""
+    s = tl.max(tl.abs(ds), axis=1)
+    s = tl.where(s > 0, s, 1.0)
+    return _dot((ds / s[:, None]).to(b.dtype), b, PREC, WIDEN) * s[:, None]
+
+
+@triton.jit
+def _dot_cols_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    """ds^T [N, M] @ b [M, D], ds [M, N] float32 cast column-scaled (as _dot_rows_scaled)."""
+    s = tl.max(tl.abs(ds), axis=0)
+    s = tl.where(s > 0, s, 1.0)
+    return _dot(tl.trans((ds / s[None, :]).to(b.dtype)), b, PREC, WIDEN) * s[:, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # shared-prefix attention
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +190,7 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
             p = tl.where(c_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+            dq += _dot_rows_scaled(ds, k, PREC, WIDEN)
         for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
             cols = n0 + offs_n
             c_ok = cols < length
@@ -183,7 +202,7 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+            dq += _dot_rows_scaled(ds, k, PREC, WIDEN)
         tl.store(DQ + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=qmask)
 
@@ -240,7 +259,7 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, WIDEN)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, WIDEN)
+            dk += _dot_cols_scaled(ds, q, PREC, WIDEN)
         dk = dk * scale
         if is_prefix:
             dst = (g * LP + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
@@ -258,7 +277,7 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
 @triton.jit
 def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, eps, normalize,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -301,6 +320,9 @@ def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, e
         tl.store(Z + offs_n[:, None] * E + ce[None, :], acc, mask=n_ok[:, None] & e_ok[None, :])
         sumsq += tl.sum(acc * acc, axis=1)
     den = tl.where(normalize != 0, tl.maximum(tl.sqrt(sumsq), 1e-12), 1.0)
+    # Z is re-read below in a different thread layout than the dot's accumulator that stored it:
+    # without a barrier a thread could read an element before its writer stored it.
+    tl.debug_barrier()
     for e0 in range(0, E, BLOCK_E):
         ce = e0 + offs_e
         ok = n_ok[:, None] & (ce[None, :] < E)
@@ -310,7 +332,7 @@ def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, e
 
 @triton.jit
 def _head_bwd_gz_kernel(GO, Z, GZ, N, E, normalize, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     offs_e = tl.arange(0, BLOCK_E)
     sumsq = tl.zeros([BLOCK_N], tl.float32)
@@ -336,7 +358,7 @@ def _head_bwd_gz_kernel(GO, Z, GZ, N, E, normalize, BLOCK_N: tl.constexpr, BLOCK
 
 @triton.jit
 def _head_bwd_ln_kernel(GY, X, ROWS, LNW, MEAN, RSTD, DX, N, W, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
     mean = tl.load(MEAN + offs_n, mask=n_ok, other=0.0)
