@@ -465,3 +465,26 @@ def test_cuda_small_gradients_keep_fp32_accuracy(op, case, dtype):
     _skip_unless("cuda")
     _skip_unless("cpp")
     compare_small(op, case, "cuda", dtype, "cuda")
+
+
+# ---- 64-bit offsets --------------------------------------------------------------------------------
+def test_triton_row_offsets_pass_2_31(triton_device):
+    # features rows 2**30 + 16 elements apart: row 2 starts past 2**31 elements, where a 32-bit
+    # rows * stride product wraps (to a wrong row, or outside the buffer). The storage is virtual
+    # memory; only the three rows' pages are touched.
+    _skip_unless("triton")
+    B, F_, D, K = 3, 8, 2, 5
+    stride = (1 << 30) + 16
+    x = torch.randn(B, F_).half()
+    buf = torch.empty((B - 1) * stride + F_, dtype=torch.float16, device=triton_device)
+    view = buf.as_strided((B, F_), (stride, 1))
+    view.copy_(x)
+    w = (torch.randn(D, K, F_) / 3).half().to(triton_device)
+    b = torch.randn(D, K).half().to(triton_device)
+    want = dgkernels.domain_fanout(x.to(triton_device), w, b, backend="triton")
+    got = dgkernels.domain_fanout(view, w, b, backend="triton")
+    assert torch.equal(got, want)
+    t = torch.randint(0, K, (B,), device=triton_device)
+    want = dgkernels.domain_cross_entropy(x.to(triton_device), w, b, None, t, all_heads=True, backend="triton")
+    got = dgkernels.domain_cross_entropy(view, w, b, None, t, all_heads=True, backend="triton")
+    assert torch.equal(got, want)
