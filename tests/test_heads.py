@@ -24,7 +24,7 @@ def _skip_unless(backend):
 
 def _noncontig(t):
     """Same values, strided storage (every other element of a wider buffer)."""
-    buf = torch.empty(*t.shape, 2, dtype=t.dtype)
+    buf = torch.empty(*t.shape, 2, dtype=t.dtype, device=t.device)
     view = buf[..., 0]
     view.copy_(t)
     return view
@@ -87,9 +87,9 @@ def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1, device=
             # logit_scale stays float32 (a CLIP parameter), everything else takes the test dtype
             t = a.detach().to(dtype if not (op == "cosine_cross_entropy" and i == 2) else
                               (torch.float64 if dtype == torch.float64 else torch.float32))
-            if noncontig and t.dim() >= 1:
-                t = _noncontig(t)
             t = t.to(device)
+            if noncontig and t.dim() >= 1:
+                t = _noncontig(t)  # on the device: .to() of a strided view would copy it dense
             if i in diff:
                 t.requires_grad_(True)
                 leaves.append(t)
@@ -175,9 +175,9 @@ TRITON_CASES = [(op, dict(c, B=5)) for op, c in CASES if not c.get("D") == 5]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op,case", TRITON_CASES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(TRITON_CASES)])
-def test_triton_matches_reference(op, case, dtype):
+def test_triton_matches_reference(op, case, dtype, triton_device):
     _skip_unless("triton")
-    compare(op, case, "triton", dtype, noncontig=dtype == torch.float32)
+    compare(op, case, "triton", dtype, noncontig=dtype == torch.float32, device=triton_device)
 
 
 GPU_CASES = CASES + [(op, dict(c, B=300, K=345, D=5, F=512)) for op, c in CASES if op != "mapper_project"]
@@ -192,18 +192,22 @@ def test_gpu_matches_reference(op, case, dtype, backend):
     compare(op, case, backend, dtype, noncontig=dtype == torch.float32, device="cuda")
 
 
-# Triton cosine CE: several row/class blocks of the fused kernels (16 rows x 32 classes), and the
-# row-tile fallback for features wider than 512.
+# Triton cosine CE: several row/class blocks of the fused kernels (16 x 32 float32, 64 x 64 half
+# precision), two feature blocks of the gradient kernels (256 features each), and the row-tile
+# fallback for features wider than 512.
 TRITON_COSINE = [
     {"B": 37, "K": 70, "F": 21, "ignore": True, "label_smoothing": 0.1},
+    {"B": 70, "K": 131, "F": 21, "ignore": True},
+    {"B": 20, "K": 40, "F": 300, "label_smoothing": 0.1},
     {"B": 3, "K": 5, "F": 530},
 ]
 
 
-@pytest.mark.parametrize("case", TRITON_COSINE, ids=["blocks", "wide"])
-def test_triton_cosine_blocks_and_fallback(case):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TRITON_COSINE, ids=["blocks", "half-blocks", "feature-blocks", "wide"])
+def test_triton_cosine_blocks_and_fallback(case, dtype, triton_device):
     _skip_unless("triton")
-    compare("cosine_cross_entropy", case, "triton", torch.float32)
+    compare("cosine_cross_entropy", case, "triton", dtype, device=triton_device)
 
 
 # ---- the reference itself ------------------------------------------------------------------------

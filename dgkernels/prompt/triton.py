@@ -26,12 +26,14 @@ import triton
 import triton.language as tl
 
 from .._triton_compile import CompileSpec
+from .._triton_signature import param_names, signature
 from .autograd import backend_ops
 
 BLOCK_M = 16  # query block
 BLOCK_N = 16  # key block
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
+ATTN_WARPS = 4
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -395,28 +397,27 @@ def _head_bwd_ln_kernel(GY, X, ROWS, LNW, MEAN, RSTD, DX, N, W, BLOCK_N: tl.cons
 # compile specs: every kernel x dtype x block variant the launchers below can use
 # ---------------------------------------------------------------------------------------------
 def _prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision: float32 operands as torch.get_float32_matmul_precision() asks
+    ('highest' -> IEEE, else TF32); ignored for half-precision operands."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _attn_sig(t: str, kernel: str) -> dict:
-    ptrs = {"fwd": ("Q", "K", "V", "KP", "VP", "OUT"),
-            "dq": ("Q", "K", "V", "KP", "VP", "O", "DO", "DQ"),
-            "dkv": ("Q", "K", "V", "KP", "VP", "O", "DO", "DK", "DV")}[kernel]
-    sig = {}
-    order = {"fwd": ["Q", "K", "V", "KP", "VP", "OUT", "LSE"],
-             "dq": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DQ"],
-             "dkv": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DK", "DV", "DKP", "DVP"]}[kernel]
-    for name in order:
-        sig[name] = f"*{t}" if name in ptrs else "*fp32"
-    sig.update({"START": "*i64", "LEN": "*i64", "GROUP": "*i64"})
-    for name in ("s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_kpg", "s_kpl", "s_kph", "s_vpg", "s_vpl", "s_vph",
-                 "H", "LP", "DIM"):
-        sig[name] = "i32"
-    sig["scale"] = "fp32"
-    if kernel == "dkv":
-        sig["n_prefix_blocks"] = "i32"
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "WIDEN")})
-    return sig
+def _attn_types(t: str, kernel) -> dict:
+    """Pointer/float types of an attention kernel: activations in the input dtype, LSE and the
+    prefix gradients float32, index tensors int64 (everything else: i32 sizes and strides)."""
+    act = {"Q", "K", "V", "KP", "VP", "OUT", "O", "DO", "DQ", "DK", "DV"}
+    types = {}
+    for name in param_names(kernel):
+        if name in act:
+            types[name] = f"*{t}"
+        elif name in ("LSE", "DKP", "DVP"):
+            types[name] = "*fp32"
+        elif name in ("START", "LEN", "GROUP"):
+            types[name] = "*i64"
+    types["scale"] = "fp32"
+    return signature(kernel, **types)
 
 
 def _specs() -> list[CompileSpec]:
@@ -424,32 +425,34 @@ def _specs() -> list[CompileSpec]:
     for dtype, t in _TL.items():
         for src_t in _TL.values():
             specs.append(CompileSpec(f"prompt_assemble[{src_t}->{t}]", _assemble_kernel,
-                                     {"SRC": f"*{src_t}", "SIDX": "*i64", "POS": f"*{t}", "PIDX": "*i64",
-                                      "OUT": f"*{t}", "W": "i32", "BLOCK_W": "constexpr"},
+                                     signature(_assemble_kernel, SRC=f"*{src_t}", SIDX="*i64", POS=f"*{t}",
+                                               PIDX="*i64", OUT=f"*{t}"),
                                      {"BLOCK_W": ROW_BLOCK_W}))
         specs.append(CompileSpec(f"prompt_index_add_rows[{t}]", _index_add_rows_kernel,
-                                 {"G": f"*{t}", "IDX": "*i64", "OUT": "*fp32", "W": "i32", "BLOCK_W": "constexpr"},
+                                 signature(_index_add_rows_kernel, G=f"*{t}", IDX="*i64", OUT="*fp32"),
                                  {"BLOCK_W": ROW_BLOCK_W}))
-        for block_d in BLOCK_DS:
-            cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": _prec(dtype), "WIDEN": False}
-            for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel), ("dkv", _attn_bwd_dkv_kernel)):
-                specs.append(CompileSpec(f"prompt_attn_{kernel}[{t},D{block_d}]", fn, _attn_sig(t, kernel), dict(cx)))
-        specs.append(CompileSpec(
-            f"prompt_head_fwd[{t}]", _head_fwd_kernel,
-            {"X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "LNB": "*fp32", "P": "*fp32", "PB": "*fp32",
-             "OUT": f"*{t}", "Y": "*fp32", "Z": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "N": "i32", "W": "i32",
-             "E": "i32", "eps": "fp32", "normalize": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-             "BLOCK_E": "constexpr", "PREC": "constexpr"},
-            {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": "ieee"}))
+        for prec in (("ieee", "tf32") if dtype == torch.float32 else ("tf32",)):
+            for block_d in BLOCK_DS:
+                cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": prec, "WIDEN": False}
+                for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel),
+                                   ("dkv", _attn_bwd_dkv_kernel)):
+                    tag = f"{t},{prec}" if dtype == torch.float32 else t
+                    specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, _attn_types(t, fn),
+                                             dict(cx), num_warps=ATTN_WARPS))
+        for prec in ("ieee", "tf32"):
+            specs.append(CompileSpec(
+                f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
+                signature(_head_fwd_kernel, X=f"*{t}", ROWS="*i64", LNW="*fp32", LNB="*fp32", P="*fp32", PB="*fp32",
+                          OUT=f"*{t}", Y="*fp32", Z="*fp32", MEAN="*fp32", RSTD="*fp32", eps="fp32"),
+                {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": prec}))
         specs.append(CompileSpec(
             f"prompt_head_bwd_gz[{t}]", _head_bwd_gz_kernel,
-            {"GO": f"*{t}", "Z": "*fp32", "GZ": "*fp32", "N": "i32", "E": "i32", "normalize": "i32",
-             "BLOCK_N": "constexpr", "BLOCK_E": "constexpr"},
+            signature(_head_bwd_gz_kernel, GO=f"*{t}", Z="*fp32", GZ="*fp32"),
             {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_E": HEAD_BLOCK_E}))
         specs.append(CompileSpec(
             f"prompt_head_bwd_ln[{t}]", _head_bwd_ln_kernel,
-            {"GY": "*fp32", "X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-             "DX": f"*{t}", "N": "i32", "W": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            signature(_head_bwd_ln_kernel, GY="*fp32", X=f"*{t}", ROWS="*i64", LNW="*fp32", MEAN="*fp32",
+                      RSTD="*fp32", DX=f"*{t}"),
             {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K}))
     return specs
 
@@ -504,7 +507,8 @@ def _block_d(dim: int) -> int:
 
 def _attn_meta(dtype, dim) -> dict:
     widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen)
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen,
+                num_warps=ATTN_WARPS)
 
 
 def _attn_common(q, k, v, kp, vp):
@@ -574,7 +578,7 @@ def head_fwd(x, rows, ln_w, ln_b, eps, proj, proj_b, normalize):
     rstd = torch.empty_like(mean)
     _head_fwd_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](
         x, rows.long().contiguous(), lw, lb, p, pb, out, y, z, mean, rstd, n, w, e, float(eps), int(bool(normalize)),
-        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC="ieee")
+        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC=_prec(torch.float32))
     return out, y, z, mean, rstd
 
 

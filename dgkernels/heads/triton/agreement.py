@@ -11,6 +11,8 @@ from ..._triton_signature import signature
 from ._common import check_fp64, op_dtype, tile_rows
 from .matmul import mm
 
+MAX_TILE = 1 << 13  # one row's D x K logits per program, in registers (16 warps x 16 per thread)
+
 
 @triton.jit
 def _agree_rows_kernel(z_ptr, g_ptr, per_ptr, D, K, stride_row, KIND: tl.constexpr, HAS_GRAD: tl.constexpr,
@@ -56,7 +58,7 @@ def _agree_rows_kernel(z_ptr, g_ptr, per_ptr, D, K, stride_row, KIND: tl.constex
 
 def agree_blocks(D, K):
     bd, bk = triton.next_power_of_2(D), max(16, triton.next_power_of_2(K))
-    if bd * bk > 1 << 16:
+    if bd * bk > MAX_TILE:
         raise NotImplementedError(f"head_agreement triton kernel holds one row's D x K logits in registers; "
                                   f"D = {D}, K = {K} is too large (use the cpp/cuda or reference backend)")
     return bd, bk
@@ -68,7 +70,7 @@ def _agree_rows(z, kind, g, per):
         return
     bd, bk = agree_blocks(D, K)
     _agree_rows_kernel[(R,)](z, g if g is not None else per, per, D, K, z.stride(0), KIND=kind,
-                             HAS_GRAD=g is not None, BLOCK_D=bd, BLOCK_K=bk, num_warps=8 if bd * bk >= 4096 else 4)
+                             HAS_GRAD=g is not None, BLOCK_D=bd, BLOCK_K=bk, num_warps=agree_warps(bd, bk))
 
 
 def _agree(g, x, w, b, kind):
@@ -109,12 +111,14 @@ def agree_backward(g, x, w, b, kind):
     return _agree(g, x, w, b, kind)
 
 
-def _agree_warps(bd, bk):
-    return 8 if bd * bk >= 4096 else 4
+def agree_warps(bd, bk):
+    """At most 16 logits per thread (a row's D x K tile and ~4 live copies of it stay within the
+    255 registers; 128 per thread spilled 4 KB on sm_90)."""
+    return min(16, max(4, bd * bk // (32 * 16)))
 
 
 SPECS = [CompileSpec(f"_agree_rows_kernel[kind={kind},grad={g},{bd}x{bk}]", _agree_rows_kernel,
                      signature(_agree_rows_kernel, z_ptr="*fp32", g_ptr="*fp32", per_ptr="*fp32"),
-                     dict(KIND=kind, HAS_GRAD=g, BLOCK_D=bd, BLOCK_K=bk), num_warps=_agree_warps(bd, bk))
+                     dict(KIND=kind, HAS_GRAD=g, BLOCK_D=bd, BLOCK_K=bk), num_warps=agree_warps(bd, bk))
          for kind in (0, 1) for g in (False, True)
-         for bd, bk in ((4, 16), (8, 512), (8, 4096))]  # small heads, DomainNet-sized, near the limit
+         for bd, bk in ((4, 16), (8, 512), (8, 1024), (16, 512))]  # small heads, DomainNet-sized, the limit

@@ -29,7 +29,22 @@ from .cross_entropy_rows import ce_rows
 from .matmul import mm
 
 CCE_MAX_E = 512  # the fused kernels hold a row block's E features in registers (CLIP ViT-B: 512)
-CCE_BLOCKS = dict(BLOCK_M=16, BLOCK_K=32)
+CCE_E_BLOCKS = (64, 512)  # BLOCK_E of the compile specs: small heads, and every E in (256, 512]
+
+
+def cce_config(dtype, E):
+    """Launch configuration of the three fused kernels for features of size E: {kernel: (meta,
+    num_warps, num_stages)}. Half precision: 64 x 64 tiles (wgmma on sm_90 wants M >= 64 and a
+    multiple of 4 warps), 8 warps from E = 256 on and gradient accumulators of at most 256
+    features per program, so that nothing spills; float32 (FMA or TF32): 16 x 32 tiles."""
+    be = max(16, triton.next_power_of_2(E))
+    warps = 8 if be >= 256 else 4
+    stages = 2 if be >= 256 else 3  # x and two stages of c within 227 KB of shared memory
+    bm, bk = (16, 32) if dtype == torch.float32 else (64, 64)
+    eo = min(be, 256)
+    meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_E=be)
+    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo), warps, stages),
+            "dc": (dict(meta, BLOCK_EO=eo), warps, stages)}
 
 
 @triton.jit
@@ -90,13 +105,17 @@ def _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32: tl.constexpr, PREC: tl.
 @triton.jit
 def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dx_ptr, dot_ptr,
                    B, K, E, ls, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
-    """dL/dxn for a row block (logits recomputed chunk by chunk) and sum_k dz z per row."""
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr):
+    """dL/dxn for a row block and BLOCK_EO of its features (program axis 1; the logits are
+    recomputed from all E features, so a [BLOCK_M, E] accumulator never has to fit in registers),
+    and sum_k dz z per row (written by the first feature block)."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     re = tl.arange(0, BLOCK_E)
+    ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rk0 = tl.arange(0, BLOCK_K)
     mmask = rm < B
     emask = re < E
+    omask = ro < E
     x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
     t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
     lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
@@ -104,7 +123,7 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
     sc = tl.load(scale_ptr)
     xs = sc * tl.load(rx_ptr + rm, mask=mmask, other=0.0)
     rcinv = 1.0 / tl.load(rcmax_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_EO), dtype=tl.float32)
     d = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = (k0 + rk0).to(tl.int64)
@@ -114,33 +133,37 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
         z, q = _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32, PREC, UPCAST)
         d += tl.sum(q * z, 1)
         a = q * (rc * rcinv)[None, :]
+        co = tl.load(c_ptr + rk[:, None] * E + ro[None, :], mask=kmask[:, None] & omask[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(a, c.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a, co.to(tl.float32), acc, input_precision="ieee")
         elif FP32:
-            acc = tl.dot(a, c, acc, input_precision=PREC)
+            acc = tl.dot(a, co, acc, input_precision=PREC)
         else:
-            acc = tl.dot(a.to(c.dtype), c, acc)
+            acc = tl.dot(a.to(co.dtype), co, acc)
     out = acc * (g * sc / rcinv)[:, None]
-    tl.store(dx_ptr + rm[:, None] * E + re[None, :], out, mask=mmask[:, None] & emask[None, :])
-    tl.store(dot_ptr + rm, d * g, mask=mmask)
+    tl.store(dx_ptr + rm[:, None] * E + ro[None, :], out, mask=mmask[:, None] & omask[None, :])
+    tl.store(dot_ptr + rm, d * g, mask=mmask & (tl.program_id(1) == 0))
 
 
 @triton.jit
 def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale_ptr, lse_ptr, dc_ptr, B, K, E, ls,
                    FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
-    """dL/dcn for a class block, streaming the rows BLOCK_M at a time; w = g rx per row."""
+                   BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr):
+    """dL/dcn for a class block and BLOCK_EO of its features (program axis 1), streaming the rows
+    BLOCK_M at a time; w = g rx per row."""
     rk = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     re = tl.arange(0, BLOCK_E)
+    ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rm0 = tl.arange(0, BLOCK_M)
     kmask = rk < K
     emask = re < E
+    omask = ro < E
     c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
     rc = tl.load(rc_ptr + rk, mask=kmask, other=0.0)
     sc = tl.load(scale_ptr)
     wmax = tl.load(wmax_ptr)
     winv = 1.0 / wmax
-    acc = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_EO), dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
         rm = (m0 + rm0).to(tl.int64)
         mmask = rm < B
@@ -151,13 +174,14 @@ def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale
         w = tl.load(w_ptr + rm, mask=mmask, other=0.0)
         z, q = _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32, PREC, UPCAST)
         a = q * (w * winv)[:, None]
+        xo = tl.load(x_ptr + rm[:, None] * E + ro[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
         if UPCAST:
-            acc = tl.dot(tl.trans(a), x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(a), xo.to(tl.float32), acc, input_precision="ieee")
         elif FP32:
-            acc = tl.dot(tl.trans(a), x, acc, input_precision=PREC)
+            acc = tl.dot(tl.trans(a), xo, acc, input_precision=PREC)
         else:
-            acc = tl.dot(tl.trans(a).to(x.dtype), x, acc)
-    tl.store(dc_ptr + rk[:, None] * E + re[None, :], acc * (sc * wmax), mask=kmask[:, None] & emask[None, :])
+            acc = tl.dot(tl.trans(a).to(xo.dtype), xo, acc)
+    tl.store(dc_ptr + rk[:, None] * E + ro[None, :], acc * (sc * wmax), mask=kmask[:, None] & omask[None, :])
 
 
 # ---- host ----------------------------------------------------------------------------------------------
@@ -188,20 +212,25 @@ def _cce(xo, co, rx, rc, tgt, s, g, ls, per, dxn, dot):
     """Fused shared-class cosine CE (forward; with g also dxn, dot and the returned dcn)."""
     B, E = xo.shape
     K = co.shape[0]
-    flags = dict(_flags(xo.dtype), BLOCK_E=max(16, triton.next_power_of_2(E)), **CCE_BLOCKS)
+    cfg = cce_config(xo.dtype, E)
+    flags = _flags(xo.dtype)
     lse = torch.empty(B, dtype=torch.float32, device=xo.device)
-    bm, bk = CCE_BLOCKS["BLOCK_M"], CCE_BLOCKS["BLOCK_K"]
-    _cos_lse_kernel[(triton.cdiv(B, bm),)](xo, co, rx, rc, tgt, s, lse, per, B, K, E, float(ls), **flags,
-                                          num_warps=4)
+    meta, warps, stages = cfg["lse"]
+    _cos_lse_kernel[(triton.cdiv(B, meta["BLOCK_M"]),)](xo, co, rx, rc, tgt, s, lse, per, B, K, E, float(ls), **flags,
+                                                       **meta, num_warps=warps, num_stages=stages)
     if g is None:
         return None
     rcmax = _positive_max(rc)
-    _cos_dx_kernel[(triton.cdiv(B, bm),)](xo, co, rx, rc, rcmax, tgt, s, lse, g, dxn, dot, B, K, E, float(ls),
-                                         **flags, num_warps=4)
+    meta, warps, stages = cfg["dx"]
+    grid = (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_EO"]))
+    _cos_dx_kernel[grid](xo, co, rx, rc, rcmax, tgt, s, lse, g, dxn, dot, B, K, E, float(ls), **flags, **meta,
+                         num_warps=warps, num_stages=stages)
     dcn = torch.empty(K, E, dtype=torch.float32, device=xo.device)
     w = (g * rx).contiguous()
-    _cos_dc_kernel[(triton.cdiv(K, bk),)](xo, co, rx, rc, w, _positive_max(w), tgt, s, lse, dcn, B, K, E, float(ls),
-                                         **flags, num_warps=4)
+    meta, warps, stages = cfg["dc"]
+    grid = (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(E, meta["BLOCK_EO"]))
+    _cos_dc_kernel[grid](xo, co, rx, rc, w, _positive_max(w), tgt, s, lse, dcn, B, K, E, float(ls), **flags, **meta,
+                         num_warps=warps, num_stages=stages)
     return dcn
 
 
@@ -279,18 +308,21 @@ def cosce_backward(g, x, c, scale, target, normalize, ls, ignore_index):
 
 def _specs():
     specs = []
+    f32 = {n: "*fp32" for n in ("rx_ptr", "rc_ptr", "rcmax_ptr", "w_ptr", "wmax_ptr", "scale_ptr", "lse_ptr",
+                                "per_ptr", "g_ptr", "dx_ptr", "dot_ptr", "dc_ptr")}
+    kernels = {"lse": _cos_lse_kernel, "dx": _cos_dx_kernel, "dc": _cos_dc_kernel}
     for p, dt in (("*fp32", torch.float32), ("*bf16", torch.bfloat16), ("*fp16", torch.float16)):
         for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
-            for be in (64, 512):
-                cx = dict(FP32=dt == torch.float32, PREC=prec, UPCAST=False, BLOCK_E=be, **CCE_BLOCKS)
-                tag = f"{p},{prec},E{be}" if dt == torch.float32 else f"{p},E{be}"
-                f32 = {n: "*fp32" for n in ("rx_ptr", "rc_ptr", "rcmax_ptr", "w_ptr", "wmax_ptr", "scale_ptr",
-                                            "lse_ptr", "per_ptr", "g_ptr", "dx_ptr", "dot_ptr", "dc_ptr")}
-                for kern in (_cos_lse_kernel, _cos_dx_kernel, _cos_dc_kernel):
+            for E in CCE_E_BLOCKS:
+                tag = f"{p},{prec},E{E}" if dt == torch.float32 else f"{p},E{E}"
+                for which, (meta, warps, stages) in cce_config(dt, E).items():
+                    kern = kernels[which]
                     names = param_names(kern)
-                    types = {n: t for n, t in f32.items() if n in names}
-                    sig = signature(kern, x_ptr=p, c_ptr=p, tgt_ptr="*i64", ls="fp32", **types)
-                    specs.append(CompileSpec(f"{kern.fn.__name__}[{tag}]", kern, sig, dict(cx), num_warps=4))
+                    sig = signature(kern, x_ptr=p, c_ptr=p, tgt_ptr="*i64", ls="fp32",
+                                    **{n: t for n, t in f32.items() if n in names})
+                    cx = dict(FP32=dt == torch.float32, PREC=prec, UPCAST=False, **meta)
+                    specs.append(CompileSpec(f"{kern.fn.__name__}[{tag}]", kern, sig, cx, num_warps=warps,
+                                             num_stages=stages))
     return specs
 
 

@@ -80,24 +80,28 @@ def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_pt
         tl.store(dot_ptr + b, d)
 
 def blocks(E):
+    """(BLOCK_K, BLOCK_E, num_warps): a [BLOCK_K, E] class chunk of at most 2**14 elements, at most
+    64 per thread (4 warps holding 128 each spilled on sm_90)."""
     be = row_block(E)
-    return max(16, min(64, (1 << 14) // be)), be
+    bk = max(16, min(64, (1 << 14) // be))
+    return bk, be, 8 if bk * be >= 8192 else 4
 
 
 def cos_per_sample(xn, cc, tgt, s, g, ls, per, dot, dxn, gc, normalize):
     B, K, E = cc.shape
     if B == 0:
         return
-    bk, be = blocks(E)
+    bk, be, warps = blocks(E)
     grad = g is not None
     _cos_ps_kernel[(B,)](xn, cc, tgt, g if grad else per, per, dot if grad else per, dxn if grad else per,
                          gc if grad else per, s, K, E, float(ls), NORMALIZE=normalize, HAS_GRAD=grad,
-                         BLOCK_K=bk, BLOCK_E=be, num_warps=4)
+                         BLOCK_K=bk, BLOCK_E=be, num_warps=warps)
 
 
 SPECS = [CompileSpec(f"_cos_ps_kernel[{p},E{e},norm={n},grad={g}]", _cos_ps_kernel,
                      signature(_cos_ps_kernel, x_ptr="*fp32", c_ptr=p, tgt_ptr="*i64", g_ptr="*fp32",
                                per_ptr="*fp32", dot_ptr="*fp32", dx_ptr="*fp32", gc_ptr=p, scale_ptr="*fp32",
                                ls="fp32"),
-                     dict(NORMALIZE=n, HAS_GRAD=g, BLOCK_K=blocks(e)[0], BLOCK_E=blocks(e)[1]), num_warps=4)
+                     dict(NORMALIZE=n, HAS_GRAD=g, BLOCK_K=blocks(e)[0], BLOCK_E=blocks(e)[1]),
+                     num_warps=blocks(e)[2])
          for p in ("*fp32", "*bf16", "*fp16") for e in (64, 512, 1024) for n in (False, True) for g in (False, True)]
