@@ -11,7 +11,7 @@ from ..._triton_signature import signature
 from ._common import check_fp64, op_dtype, tile_rows
 from .matmul import mm
 
-MAX_TILE = 1 << 13  # one row's D x K logits per program, in registers (16 warps x 16 per thread)
+MAX_TILE = 1 << 12  # one row's D x K logits per program, in registers (8 warps x 16 per thread)
 
 
 @triton.jit
@@ -114,11 +114,11 @@ def agree_backward(g, x, w, b, kind):
 def agree_warps(bd, bk):
     """At most 16 logits per thread (a row's D x K tile and ~4 live copies of it stay within the
     255 registers; 128 per thread spilled 4 KB on sm_90)."""
-    return min(16, max(4, bd * bk // (32 * 16)))
+    return min(8, max(4, bd * bk // (32 * 16)))
 
 
 SPECS = [CompileSpec(f"_agree_rows_kernel[kind={kind},grad={g},{bd}x{bk}]", _agree_rows_kernel,
                      signature(_agree_rows_kernel, z_ptr="*fp32", g_ptr="*fp32", per_ptr="*fp32"),
                      dict(KIND=kind, HAS_GRAD=g, BLOCK_D=bd, BLOCK_K=bk), num_warps=agree_warps(bd, bk))
          for kind in (0, 1) for g in (False, True)
-         for bd, bk in ((4, 16), (8, 512), (8, 1024), (16, 512))]  # small heads, DomainNet-sized, the limit
+         for bd, bk in ((4, 16), (8, 512), (16, 256), (2, 2048))]  # small heads, DomainNet-sized, the limit
