@@ -6,6 +6,7 @@ Kernels
   _attn_fwd_kernel       shared-prefix causal attention, one program per (sequence, head, query block):
                          online softmax over the group's prefix key blocks, then its own causal blocks
   _attn_bwd_dq_kernel    dq per (sequence, head, query block), recomputing P from the saved lse
+                         (delta = rowsum(do * o) precomputed once for both backward kernels)
   _attn_bwd_dkv_kernel   dk/dv per (sequence, head, key block); prefix key blocks add into the
                          group's float32 dkp/dvp with atomics (K sequences share one prefix)
   _head_fwd_kernel       EOT gather + LayerNorm (float32) + projection (tl.dot) + L2 normalisation
@@ -33,6 +34,7 @@ BLOCK_M = 16  # query block
 BLOCK_N = 16  # key block
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
+HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
 ATTN_WARPS = 4
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -157,7 +159,7 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
+def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, START, LEN, GROUP,
                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                         H, LP, DIM, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -178,9 +180,8 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
         rows = r0 + offs_m
         q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
-        o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, LP, BLOCK_N):
             cols = n0 + offs_n
@@ -210,7 +211,7 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
 
 
 @triton.jit
-def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
+def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                          H, LP, DIM, scale, n_prefix_blocks,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -250,9 +251,8 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
             rows = r0 + qi
             q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
             do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
-            o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
             lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
             s = _dot(q, tl.trans(k), PREC, WIDEN) * scale  # [BM, BN]
             vis = m_ok[:, None] & c_ok[None, :]
             if not is_prefix:
@@ -407,12 +407,12 @@ def _prec(dtype) -> str:
 def _attn_types(t: str, kernel) -> dict:
     """Pointer/float types of an attention kernel: activations in the input dtype, LSE and the
     prefix gradients float32, index tensors int64 (everything else: i32 sizes and strides)."""
-    act = {"Q", "K", "V", "KP", "VP", "OUT", "O", "DO", "DQ", "DK", "DV"}
+    act = {"Q", "K", "V", "KP", "VP", "OUT", "DO", "DQ", "DK", "DV"}
     types = {}
     for name in param_names(kernel):
         if name in act:
             types[name] = f"*{t}"
-        elif name in ("LSE", "DKP", "DVP"):
+        elif name in ("LSE", "DELTA", "DKP", "DVP"):
             types[name] = "*fp32"
         elif name in ("START", "LEN", "GROUP"):
             types[name] = "*i64"
@@ -444,7 +444,8 @@ def _specs() -> list[CompileSpec]:
                 f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
                 signature(_head_fwd_kernel, X=f"*{t}", ROWS="*i64", LNW="*fp32", LNB="*fp32", P="*fp32", PB="*fp32",
                           OUT=f"*{t}", Y="*fp32", Z="*fp32", MEAN="*fp32", RSTD="*fp32", eps="fp32"),
-                {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": prec}))
+                {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": prec},
+                num_warps=HEAD_FWD_WARPS))
         specs.append(CompileSpec(
             f"prompt_head_bwd_gz[{t}]", _head_bwd_gz_kernel,
             signature(_head_bwd_gz_kernel, GO=f"*{t}", Z="*fp32", GZ="*fp32"),
@@ -540,6 +541,8 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     st, ln, gr = seq_start.long().contiguous(), seq_len.long().contiguous(), seq_group.long().contiguous()
+    # delta_i = do_i . o_i (the softmax backward's row term), once per row for both kernels
+    delta = (do.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty_like(out)
     dk = torch.empty_like(out)
     dv = torch.empty_like(out)
@@ -548,10 +551,10 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     n = seq_len.numel()
     common = _attn_meta(q.dtype, dim)
     _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
-        q, k, v, kp, vp, out, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
+        q, k, v, kp, vp, delta, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
     n_pb = triton.cdiv(lp, BLOCK_N)
     _attn_bwd_dkv_kernel[(n, heads, n_pb + triton.cdiv(max_len, BLOCK_N))](
-        q, k, v, kp, vp, out, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
+        q, k, v, kp, vp, delta, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
         **common)
     return dq, dk, dv, dkp.to(q.dtype), dvp.to(q.dtype)
 
@@ -578,7 +581,8 @@ def head_fwd(x, rows, ln_w, ln_b, eps, proj, proj_b, normalize):
     rstd = torch.empty_like(mean)
     _head_fwd_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](
         x, rows.long().contiguous(), lw, lb, p, pb, out, y, z, mean, rstd, n, w, e, float(eps), int(bool(normalize)),
-        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC=_prec(torch.float32))
+        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC=_prec(torch.float32),
+        num_warps=HEAD_FWD_WARPS)
     return out, y, z, mean, rstd
 
 

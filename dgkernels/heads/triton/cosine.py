@@ -36,15 +36,18 @@ def cce_config(dtype, E):
     """Launch configuration of the three fused kernels for features of size E: {kernel: (meta,
     num_warps, num_stages)}. Half precision: 64 x 64 tiles (wgmma on sm_90 wants M >= 64 and a
     multiple of 4 warps), 8 warps from E = 256 on and gradient accumulators of at most 256
-    features per program, so that nothing spills; float32 (FMA or TF32): 16 x 32 tiles."""
+    features per program, so that nothing spills (ptxas -v, sm_90a: see
+    benchmarks/results/heads_prompt_ptxas_sm90.md); float32 (FMA or TF32): 16 x 32 tiles."""
     be = max(16, triton.next_power_of_2(E))
     warps = 8 if be >= 256 else 4
     stages = 2 if be >= 256 else 3  # x and two stages of c within 227 KB of shared memory
     bm, bk = (16, 32) if dtype == torch.float32 else (64, 64)
     eo = min(be, 256)
     meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_E=be)
-    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo), warps, stages),
-            "dc": (dict(meta, BLOCK_EO=eo), warps, stages)}
+    # dc: 32-row chunks (64 spilled 712 bytes at E = 512); its accumulator GEMM has M = BLOCK_K = 64
+    dc = dict(meta, BLOCK_M=min(bm, 32), BLOCK_EO=eo)
+    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo, BLOCK_EC=min(be, 64)), warps, stages),
+            "dc": (dc, warps, stages)}
 
 
 @triton.jit
@@ -105,18 +108,18 @@ def _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32: tl.constexpr, PREC: tl.
 @triton.jit
 def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, lse_ptr, g_ptr, dx_ptr, dot_ptr,
                    B, K, E, ls, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr):
-    """dL/dxn for a row block and BLOCK_EO of its features (program axis 1; the logits are
-    recomputed from all E features, so a [BLOCK_M, E] accumulator never has to fit in registers),
-    and sum_k dz z per row (written by the first feature block)."""
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr,
+                   BLOCK_EC: tl.constexpr):
+    """dL/dxn for a row block and BLOCK_EO of its features (program axis 1), and sum_k dz z per
+    row (written by the first feature block). The logits of each class chunk are a GEMM over
+    BLOCK_EC feature chunks (x is re-read from cache rather than held in registers next to the
+    [BLOCK_M, BLOCK_EO] accumulator)."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    re = tl.arange(0, BLOCK_E)
+    rec = tl.arange(0, BLOCK_EC)
     ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rk0 = tl.arange(0, BLOCK_K)
     mmask = rm < B
-    emask = re < E
     omask = ro < E
-    x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
     t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
     lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
     g = tl.load(g_ptr + rm, mask=mmask, other=0.0)
@@ -128,9 +131,17 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
     for k0 in range(0, K, BLOCK_K):
         rk = (k0 + rk0).to(tl.int64)
         kmask = rk < K
-        c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+        dotxc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_EC):
+            re = e0 + rec
+            emask = re < E
+            xe = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+            ce = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+            dotxc += _cos_dot(xe, ce, FP32, PREC, UPCAST)
         rc = tl.load(rc_ptr + rk, mask=kmask, other=0.0)
-        z, q = _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32, PREC, UPCAST)
+        z = dotxc * xs[:, None] * rc[None, :]
+        q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
+        q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
         d += tl.sum(q * z, 1)
         a = q * (rc * rcinv)[None, :]
         co = tl.load(c_ptr + rk[:, None] * E + ro[None, :], mask=kmask[:, None] & omask[None, :], other=0.0)
