@@ -35,7 +35,11 @@ BLOCK_N = 16  # key block
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
 HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
-ATTN_WARPS = 4
+
+
+def _attn_warps(dtype, block_d: int) -> int:
+    # float32 (FMA) tiles of 64+ head dims spilled on 4 warps (sm_90, ptxas -v)
+    return 8 if dtype == torch.float32 and block_d >= 64 else 4
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -438,7 +442,7 @@ def _specs() -> list[CompileSpec]:
                                    ("dkv", _attn_bwd_dkv_kernel)):
                     tag = f"{t},{prec}" if dtype == torch.float32 else t
                     specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, _attn_types(t, fn),
-                                             dict(cx), num_warps=ATTN_WARPS))
+                                             dict(cx), num_warps=_attn_warps(dtype, block_d)))
         for prec in ("ieee", "tf32"):
             specs.append(CompileSpec(
                 f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
@@ -509,7 +513,7 @@ def _block_d(dim: int) -> int:
 def _attn_meta(dtype, dim) -> dict:
     widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen,
-                num_warps=ATTN_WARPS)
+                num_warps=_attn_warps(dtype, _block_d(dim)))
 
 
 def _attn_common(q, k, v, kp, vp):

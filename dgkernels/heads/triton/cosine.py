@@ -39,7 +39,7 @@ def cce_config(dtype, E):
     features per program, so that nothing spills (ptxas -v, sm_90a: see
     benchmarks/results/heads_prompt_ptxas_sm90.md); float32 (FMA or TF32): 16 x 32 tiles."""
     be = max(16, triton.next_power_of_2(E))
-    warps = 8 if be >= 256 else 4
+    warps = 8 if be >= 256 or dtype == torch.float32 else 4  # float32 FMA dots: 4 warps spilled at E = 64
     stages = 2 if be >= 256 else 3  # x and two stages of c within 227 KB of shared memory
     bm, bk = (16, 32) if dtype == torch.float32 else (64, 64)
     eo = min(be, 256)
