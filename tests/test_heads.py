@@ -492,3 +492,18 @@ def test_triton_row_offsets_pass_2_31(triton_device):
     want = dgkernels.domain_cross_entropy(x.to(triton_device), w, b, None, t, all_heads=True, backend="triton")
     got = dgkernels.domain_cross_entropy(view, w, b, None, t, all_heads=True, backend="triton")
     assert torch.equal(got, want)
+
+
+def test_triton_fp32_products_follow_torch_matmul_precision():
+    # float32 inputs multiply as torch would: IEEE at 'highest' (the default), TF32 otherwise
+    _skip_unless("triton")
+    from dgkernels.heads.triton import _common
+    from dgkernels.prompt import triton as prompt_triton
+    old = torch.get_float32_matmul_precision()
+    try:
+        for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert _common.fp32_precision() == want
+            assert prompt_triton._prec(torch.float32) == want
+    finally:
+        torch.set_float32_matmul_precision(old)

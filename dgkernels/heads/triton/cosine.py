@@ -46,7 +46,8 @@ def cce_config(dtype, E):
     meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_E=be)
     # dc: 32-row chunks (64 spilled 712 bytes at E = 512); its accumulator GEMM has M = BLOCK_K = 64
     dc = dict(meta, BLOCK_M=min(bm, 32), BLOCK_EO=eo)
-    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo, BLOCK_EC=min(be, 64)), warps, stages),
+    # dx holds the most live tiles (logits, q, accumulator): 4 warps spilled even at E = 64
+    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo, BLOCK_EC=min(be, 64)), 8, stages),
             "dc": (dc, warps, stages)}
 
 
