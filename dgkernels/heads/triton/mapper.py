@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 import triton
+import triton.language as tl
 
 from ..._triton_compile import CompileSpec
 from ..._triton_signature import signature
@@ -78,7 +78,7 @@ def mapper_backward(g, x, w, domain, out, norm, residual, normalize):
     gy = -gr if residual else gr
     opd = op_dtype(x)
     xo, wo = x.to(opd), w.to(opd)
-    gyo = gy  # float32: _mm casts it row-scaled
+    gyo = gy  # float32: mm casts it row-scaled against the half-precision weights
     if wo.dim() == 2:
         gx = mm(gyo, wo)
         gw = mm(gyo.t(), xo)
