@@ -104,4 +104,5 @@ SPECS = [CompileSpec(f"_cos_ps_kernel[{p},E{e},norm={n},grad={g}]", _cos_ps_kern
                                ls="fp32"),
                      dict(NORMALIZE=n, HAS_GRAD=g, BLOCK_K=blocks(e)[0], BLOCK_E=blocks(e)[1]),
                      num_warps=blocks(e)[2])
-         for p in ("*fp32", "*bf16", "*fp16") for e in (64, 512, 1024) for n in (False, True) for g in (False, True)]
+         for p in ("*fp32", "*bf16", "*fp16") for e in (64, 512, 1024, 2048) for n in (False, True)
+         for g in (False, True)]  # E = 2048: ViT-bigG (1280) and up
