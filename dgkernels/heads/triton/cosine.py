@@ -44,11 +44,10 @@ def cce_config(dtype, E):
     bm, bk = (16, 32) if dtype == torch.float32 else (64, 64)
     eo = min(be, 256)
     meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_E=be)
-    # dc: 32-row chunks (64 spilled 712 bytes at E = 512); its accumulator GEMM has M = BLOCK_K = 64
-    dc = dict(meta, BLOCK_M=min(bm, 32), BLOCK_EO=eo)
-    # dx holds the most live tiles (logits, q, accumulator): 4 warps spilled even at E = 64
-    return {"lse": (meta, warps, stages), "dx": (dict(meta, BLOCK_EO=eo, BLOCK_EC=min(be, 64)), 8, stages),
-            "dc": (dc, warps, stages)}
+    # dx and dc hold the most live tiles (logits, q, accumulator): 8 warps (4 spilled even at E = 64),
+    # logits as a GEMM over 64-feature chunks (operand tiles held whole spilled at E = 512)
+    grad = dict(meta, BLOCK_EO=eo, BLOCK_EC=min(be, 64))
+    return {"lse": (meta, warps, stages), "dx": (grad, 8, stages), "dc": (grad, 8, stages)}
 
 
 @triton.jit
@@ -160,17 +159,15 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
 @triton.jit
 def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale_ptr, lse_ptr, dc_ptr, B, K, E, ls,
                    FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_EC: tl.constexpr):
     """dL/dcn for a class block and BLOCK_EO of its features (program axis 1), streaming the rows
-    BLOCK_M at a time; w = g rx per row."""
+    BLOCK_M at a time; w = g rx per row. Logits as a GEMM over BLOCK_EC feature chunks (as in dx)."""
     rk = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    re = tl.arange(0, BLOCK_E)
+    rec = tl.arange(0, BLOCK_EC)
     ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rm0 = tl.arange(0, BLOCK_M)
     kmask = rk < K
-    emask = re < E
     omask = ro < E
-    c = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
     rc = tl.load(rc_ptr + rk, mask=kmask, other=0.0)
     sc = tl.load(scale_ptr)
     wmax = tl.load(wmax_ptr)
@@ -179,12 +176,20 @@ def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale
     for m0 in range(0, B, BLOCK_M):
         rm = (m0 + rm0).to(tl.int64)
         mmask = rm < B
-        x = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+        dotxc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_EC):
+            re = e0 + rec
+            emask = re < E
+            xe = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+            ce = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+            dotxc += _cos_dot(xe, ce, FP32, PREC, UPCAST)
         t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
         lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
         xs = sc * tl.load(rx_ptr + rm, mask=mmask, other=0.0)
         w = tl.load(w_ptr + rm, mask=mmask, other=0.0)
-        z, q = _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32, PREC, UPCAST)
+        z = dotxc * xs[:, None] * rc[None, :]
+        q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
+        q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
         a = q * (w * winv)[:, None]
         xo = tl.load(x_ptr + rm[:, None] * E + ro[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
         if UPCAST:
