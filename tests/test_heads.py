@@ -200,11 +200,13 @@ TRITON_COSINE = [
     {"B": 70, "K": 131, "F": 21, "ignore": True},
     {"B": 20, "K": 40, "F": 300, "label_smoothing": 0.1},
     {"B": 3, "K": 5, "F": 530},
+    {"B": 2, "K": 11, "F": 1100, "per_sample": True},  # 8-class chunks of 2048 features
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", TRITON_COSINE, ids=["blocks", "half-blocks", "feature-blocks", "wide"])
+@pytest.mark.parametrize("case", TRITON_COSINE,
+                         ids=["blocks", "half-blocks", "feature-blocks", "wide", "per-sample-wide"])
 def test_triton_cosine_blocks_and_fallback(case, dtype, triton_device):
     _skip_unless("triton")
     compare("cosine_cross_entropy", case, "triton", dtype, device=triton_device)

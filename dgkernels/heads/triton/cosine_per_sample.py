@@ -83,7 +83,7 @@ def blocks(E):
     """(BLOCK_K, BLOCK_E, num_warps): a [BLOCK_K, E] class chunk of at most 2**14 elements, at most
     64 per thread (4 warps holding 128 each spilled on sm_90)."""
     be = row_block(E)
-    bk = max(16, min(64, (1 << 14) // be))
+    bk = max(1, min(64, (1 << 14) // be))  # no tl.dot here: any power-of-two chunk works
     return bk, be, 8 if bk * be >= 8192 else 4
 
 
