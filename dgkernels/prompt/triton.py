@@ -37,9 +37,13 @@ HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
 HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
 
 
-def _attn_warps(dtype, block_d: int) -> int:
-    # float32 (FMA) tiles of 64+ head dims spilled on 4 warps (sm_90, ptxas -v)
-    return 8 if dtype == torch.float32 and block_d >= 64 else 4
+def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
+    """num_warps / num_stages of an attention kernel. The float32 dk/dv kernel of 64+ head dims
+    spilled on 4 warps (sm_90, ptxas -v) and on 8 warps with 3 stages; 8 warps, 1 stage: none.
+    Everything else: 4 warps, 3 stages (8 warps capped ptxas at 128 registers and spilled)."""
+    if kernel == "dkv" and dtype == torch.float32 and block_d >= 64:
+        return dict(num_warps=8, num_stages=1)
+    return dict(num_warps=4, num_stages=3)
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -442,7 +446,7 @@ def _specs() -> list[CompileSpec]:
                                    ("dkv", _attn_bwd_dkv_kernel)):
                     tag = f"{t},{prec}" if dtype == torch.float32 else t
                     specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, _attn_types(t, fn),
-                                             dict(cx), num_warps=_attn_warps(dtype, block_d)))
+                                             dict(cx), **_attn_launch(kernel, dtype, block_d)))
         for prec in ("ieee", "tf32"):
             specs.append(CompileSpec(
                 f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
@@ -512,8 +516,7 @@ def _block_d(dim: int) -> int:
 
 def _attn_meta(dtype, dim) -> dict:
     widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen,
-                num_warps=_attn_warps(dtype, _block_d(dim)))
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen)
 
 
 def _attn_common(q, k, v, kp, vp):
@@ -534,7 +537,7 @@ def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale
     grid = (n, heads, triton.cdiv(max_len, BLOCK_M))
     _attn_fwd_kernel[grid](q, k, v, kp, vp, out, lse, seq_start.long().contiguous(), seq_len.long().contiguous(),
                            seq_group.long().contiguous(), *strides, heads, kp.shape[1], dim, float(scale),
-                           **_attn_meta(q.dtype, dim))
+                           **_attn_meta(q.dtype, dim), **_attn_launch("fwd", q.dtype, _block_d(dim)))
     return out, lse
 
 
@@ -555,11 +558,12 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     n = seq_len.numel()
     common = _attn_meta(q.dtype, dim)
     _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
-        q, k, v, kp, vp, delta, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
+        q, k, v, kp, vp, delta, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common,
+        **_attn_launch("dq", q.dtype, _block_d(dim)))
     n_pb = triton.cdiv(lp, BLOCK_N)
     _attn_bwd_dkv_kernel[(n, heads, n_pb + triton.cdiv(max_len, BLOCK_N))](
         q, k, v, kp, vp, delta, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
-        **common)
+        **common, **_attn_launch("dkv", q.dtype, _block_d(dim)))
     return dq, dk, dv, dkp.to(q.dtype), dvp.to(q.dtype)
 
 
