@@ -38,11 +38,14 @@ HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
 
 
 def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
-    """num_warps / num_stages of an attention kernel. The float32 dk/dv kernel of 64+ head dims
-    spilled on 4 warps (sm_90, ptxas -v) and on 8 warps with 3 stages; 8 warps, 1 stage: none.
-    Everything else: 4 warps, 3 stages (8 warps capped ptxas at 128 registers and spilled)."""
-    if kernel == "dkv" and dtype == torch.float32 and block_d >= 64:
+    """num_warps / num_stages of an attention kernel (sm_90, ptxas -v). Float32 dk/dv of 64+ head
+    dims spilled on 4 warps and on 8 warps with 3 stages; 8 warps, 1 stage: none. Float32 dq of
+    128 head dims spilled on 4 warps; 8: none. Everything else: 4 warps, 3 stages (8 warps made
+    ptxas stop at 128 registers and spill there)."""
+    if dtype == torch.float32 and kernel == "dkv" and block_d >= 64:
         return dict(num_warps=8, num_stages=1)
+    if dtype == torch.float32 and kernel == "dq" and block_d >= 128:
+        return dict(num_warps=8, num_stages=3)
     return dict(num_warps=4, num_stages=3)
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
