@@ -228,12 +228,15 @@ __global__ void cos_ps_kernel(const In* cp, In* gcp, const T* xp, const T* gp, c
     s += exp(z[k] - m);
     zs += z[k];
   }
+  const bool valid = t >= 0;
+  // z[t] into a register before the barriers of the reductions below: after them, other threads
+  // overwrite z with the gradient weights while thread 0 would still be reading it.
+  const T zt = valid ? z[t] : T(0);
   s = block_reduce<T, false>(s, sh);
   zs = block_reduce<T, false>(zs, sh);
   const T lse = m + log(s);
   const T smooth = ls / T(K);
-  const bool valid = t >= 0;
-  if (threadIdx.x == 0) pp[b] = valid ? lse - (T(1) - ls) * z[t] - smooth * zs : T(0);
+  if (threadIdx.x == 0) pp[b] = valid ? lse - (T(1) - ls) * zt - smooth * zs : T(0);
   if (!gp) return;
   const T g = valid ? gp[b] : T(0);
   // z[k] <- dz_k / den_k (the weight of c_k) and den[k] <- the normalisation's projection factor

@@ -1,7 +1,7 @@
 """Classification heads: per-domain fan-out and cross-entropy, head agreement, mapper projection and
 fused cosine cross-entropy (reference, cpp/cuda and triton backends)."""
 from .. import _dispatch, _extension, _triton_compile
-from . import cpp as _cpp
+from . import compiled as _compiled
 from . import reference as _reference
 from .api import cosine_cross_entropy, domain_cross_entropy, domain_fanout, head_agreement, mapper_project
 
@@ -9,11 +9,11 @@ OPS = ("domain_fanout", "domain_cross_entropy", "head_agreement", "mapper_projec
 _triton = _dispatch.LazyModule("dgkernels.heads.triton")
 for _op in OPS:
     _dispatch.register(_op, "reference", _reference)
-    _dispatch.register(_op, "cpp", _cpp)
-    _dispatch.register(_op, "cuda", _cpp)
+    _dispatch.register(_op, "cpp", _compiled)
+    _dispatch.register(_op, "cuda", _compiled)
     _dispatch.register(_op, "triton", _triton)
 _triton_compile.register_module("dgkernels.heads.triton")
 if _extension.load()[0]:
-    _cpp.register_fakes()
+    _compiled.register_fakes()
 
 __all__ = list(OPS)

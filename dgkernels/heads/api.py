@@ -124,8 +124,8 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     if kind == "sym_kl" and weight.shape[0] < 2:
         raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
     D, K, _ = weight.shape
-    limit = (f"one row's D x K = {D} x {K} logits exceed the kernel's register tile (2**16)"
-             if _pow2(D) * max(16, _pow2(K)) > 1 << 16 else "")
+    limit = (f"one row's D x K = {D} x {K} logits exceed the kernel's register tile (2**12)"
+             if _pow2(D) * max(16, _pow2(K)) > 1 << 12 else "")
     name, impl = _select("head_agreement", device, backend, features.dtype, limit)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)

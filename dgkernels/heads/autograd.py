@@ -1,6 +1,6 @@
 """One autograd.Function per head op, calling the selected backend's forward/backward primitives.
 
-A backend implementation object (dgkernels.heads.cpp, dgkernels.heads.triton) provides
+A backend implementation object (dgkernels.heads.compiled, dgkernels.heads.triton) provides
   fanout_forward(x, w, b) -> logits                     fanout_backward(g, x, w, has_bias) -> (gx, gw, gb)
   dce_forward(x, w, b, domain, target, all_heads, ls) -> per_sample
   dce_backward(g, x, w, b, domain, target, all_heads, ls) -> (gx, gw, gb, per_sample)

@@ -6,6 +6,7 @@ Kernels
   _attn_fwd_kernel       shared-prefix causal attention, one program per (sequence, head, query block):
                          online softmax over the group's prefix key blocks, then its own causal blocks
   _attn_bwd_dq_kernel    dq per (sequence, head, query block), recomputing P from the saved lse
+                         (delta = rowsum(do * o) precomputed once for both backward kernels)
   _attn_bwd_dkv_kernel   dk/dv per (sequence, head, key block); prefix key blocks add into the
                          group's float32 dkp/dvp with atomics (K sequences share one prefix)
   _head_fwd_kernel       EOT gather + LayerNorm (float32) + projection (tl.dot) + L2 normalisation
@@ -26,12 +27,26 @@ import triton
 import triton.language as tl
 
 from .._triton_compile import CompileSpec
+from .._triton_signature import param_names, signature
 from .autograd import backend_ops
 
 BLOCK_M = 16  # query block
 BLOCK_N = 16  # key block
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
+HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
+
+
+def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
+    """num_warps / num_stages of an attention kernel (sm_90, ptxas -v). Float32 dk/dv of 64+ head
+    dims spilled on 4 warps and on 8 warps with 3 stages; 8 warps, 1 stage: none. Float32 dq of
+    128 head dims spilled on 4 warps; 8: none. Everything else: 4 warps, 3 stages (8 warps made
+    ptxas stop at 128 registers and spill there)."""
+    if dtype == torch.float32 and kernel == "dkv" and block_d >= 64:
+        return dict(num_warps=8, num_stages=1)
+    if dtype == torch.float32 and kernel == "dq" and block_d >= 128:
+        return dict(num_warps=8, num_stages=3)
+    return dict(num_warps=4, num_stages=3)
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -70,6 +85,25 @@ def _dot(a, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dot_rows_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    """ds [M, N] (float32) @ b [N, D] with ds cast to b's dtype row-scaled: row i is divided by
+    its largest magnitude s_i before the cast and the product row multiplied by s_i afterwards
+    (exact in exact arithmetic). Gradients of a loss averaged over a large batch are of order
+    1e-8 and would flush to fp16 subnormals; scaled they keep fp16's relative precision."""
+    s = tl.max(tl.abs(ds), axis=1)
+    s = tl.where(s > 0, s, 1.0)
+    return _dot((ds / s[:, None]).to(b.dtype), b, PREC, WIDEN) * s[:, None]
+
+
+@triton.jit
+def _dot_cols_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
+    """ds^T [N, M] @ b [M, D], ds [M, N] float32 cast column-scaled (as _dot_rows_scaled)."""
+    s = tl.max(tl.abs(ds), axis=0)
+    s = tl.where(s > 0, s, 1.0)
+    return _dot(tl.trans((ds / s[None, :]).to(b.dtype)), b, PREC, WIDEN) * s[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +170,7 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
+def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, START, LEN, GROUP,
                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                         H, LP, DIM, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -157,9 +191,8 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
         rows = r0 + offs_m
         q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
-        o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(0, LP, BLOCK_N):
             cols = n0 + offs_n
@@ -171,7 +204,7 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
             p = tl.where(c_ok[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+            dq += _dot_rows_scaled(ds, k, PREC, WIDEN)
         for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
             cols = n0 + offs_n
             c_ok = cols < length
@@ -183,13 +216,13 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, O, DO, LSE, DQ, START, LEN, GROUP,
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PREC, WIDEN)
+            dq += _dot_rows_scaled(ds, k, PREC, WIDEN)
         tl.store(DQ + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=qmask)
 
 
 @triton.jit
-def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
+def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                          H, LP, DIM, scale, n_prefix_blocks,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -229,9 +262,8 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
             rows = r0 + qi
             q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
             do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
-            o = tl.load(O + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
             lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
             s = _dot(q, tl.trans(k), PREC, WIDEN) * scale  # [BM, BN]
             vis = m_ok[:, None] & c_ok[None, :]
             if not is_prefix:
@@ -240,7 +272,7 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, WIDEN)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, WIDEN)
+            dk += _dot_cols_scaled(ds, q, PREC, WIDEN)
         dk = dk * scale
         if is_prefix:
             dst = (g * LP + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
@@ -258,7 +290,7 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, O, DO, LSE, DK, DV, DKP, DVP, START, L
 @triton.jit
 def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, eps, normalize,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -301,6 +333,9 @@ def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, e
         tl.store(Z + offs_n[:, None] * E + ce[None, :], acc, mask=n_ok[:, None] & e_ok[None, :])
         sumsq += tl.sum(acc * acc, axis=1)
     den = tl.where(normalize != 0, tl.maximum(tl.sqrt(sumsq), 1e-12), 1.0)
+    # Z is re-read below in a different thread layout than the dot's accumulator that stored it:
+    # without a barrier a thread could read an element before its writer stored it.
+    tl.debug_barrier()
     for e0 in range(0, E, BLOCK_E):
         ce = e0 + offs_e
         ok = n_ok[:, None] & (ce[None, :] < E)
@@ -310,7 +345,7 @@ def _head_fwd_kernel(X, ROWS, LNW, LNB, P, PB, OUT, Y, Z, MEAN, RSTD, N, W, E, e
 
 @triton.jit
 def _head_bwd_gz_kernel(GO, Z, GZ, N, E, normalize, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     offs_e = tl.arange(0, BLOCK_E)
     sumsq = tl.zeros([BLOCK_N], tl.float32)
@@ -336,7 +371,7 @@ def _head_bwd_gz_kernel(GO, Z, GZ, N, E, normalize, BLOCK_N: tl.constexpr, BLOCK
 
 @triton.jit
 def _head_bwd_ln_kernel(GY, X, ROWS, LNW, MEAN, RSTD, DX, N, W, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     rows = tl.load(ROWS + offs_n, mask=n_ok, other=0).to(tl.int64)
     mean = tl.load(MEAN + offs_n, mask=n_ok, other=0.0)
@@ -373,28 +408,27 @@ def _head_bwd_ln_kernel(GY, X, ROWS, LNW, MEAN, RSTD, DX, N, W, BLOCK_N: tl.cons
 # compile specs: every kernel x dtype x block variant the launchers below can use
 # ---------------------------------------------------------------------------------------------
 def _prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot input precision: float32 operands as torch.get_float32_matmul_precision() asks
+    ('highest' -> IEEE, else TF32); ignored for half-precision operands."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _attn_sig(t: str, kernel: str) -> dict:
-    ptrs = {"fwd": ("Q", "K", "V", "KP", "VP", "OUT"),
-            "dq": ("Q", "K", "V", "KP", "VP", "O", "DO", "DQ"),
-            "dkv": ("Q", "K", "V", "KP", "VP", "O", "DO", "DK", "DV")}[kernel]
-    sig = {}
-    order = {"fwd": ["Q", "K", "V", "KP", "VP", "OUT", "LSE"],
-             "dq": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DQ"],
-             "dkv": ["Q", "K", "V", "KP", "VP", "O", "DO", "LSE", "DK", "DV", "DKP", "DVP"]}[kernel]
-    for name in order:
-        sig[name] = f"*{t}" if name in ptrs else "*fp32"
-    sig.update({"START": "*i64", "LEN": "*i64", "GROUP": "*i64"})
-    for name in ("s_qt", "s_qh", "s_kt", "s_kh", "s_vt", "s_vh", "s_kpg", "s_kpl", "s_kph", "s_vpg", "s_vpl", "s_vph",
-                 "H", "LP", "DIM"):
-        sig[name] = "i32"
-    sig["scale"] = "fp32"
-    if kernel == "dkv":
-        sig["n_prefix_blocks"] = "i32"
-    sig.update({n: "constexpr" for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC", "WIDEN")})
-    return sig
+def _attn_types(t: str, kernel) -> dict:
+    """Pointer/float types of an attention kernel: activations in the input dtype, LSE and the
+    prefix gradients float32, index tensors int64 (everything else: i32 sizes and strides)."""
+    act = {"Q", "K", "V", "KP", "VP", "OUT", "DO", "DQ", "DK", "DV"}
+    types = {}
+    for name in param_names(kernel):
+        if name in act:
+            types[name] = f"*{t}"
+        elif name in ("LSE", "DELTA", "DKP", "DVP"):
+            types[name] = "*fp32"
+        elif name in ("START", "LEN", "GROUP"):
+            types[name] = "*i64"
+    types["scale"] = "fp32"
+    return signature(kernel, **types)
 
 
 def _specs() -> list[CompileSpec]:
@@ -402,32 +436,35 @@ def _specs() -> list[CompileSpec]:
     for dtype, t in _TL.items():
         for src_t in _TL.values():
             specs.append(CompileSpec(f"prompt_assemble[{src_t}->{t}]", _assemble_kernel,
-                                     {"SRC": f"*{src_t}", "SIDX": "*i64", "POS": f"*{t}", "PIDX": "*i64",
-                                      "OUT": f"*{t}", "W": "i32", "BLOCK_W": "constexpr"},
+                                     signature(_assemble_kernel, SRC=f"*{src_t}", SIDX="*i64", POS=f"*{t}",
+                                               PIDX="*i64", OUT=f"*{t}"),
                                      {"BLOCK_W": ROW_BLOCK_W}))
         specs.append(CompileSpec(f"prompt_index_add_rows[{t}]", _index_add_rows_kernel,
-                                 {"G": f"*{t}", "IDX": "*i64", "OUT": "*fp32", "W": "i32", "BLOCK_W": "constexpr"},
+                                 signature(_index_add_rows_kernel, G=f"*{t}", IDX="*i64", OUT="*fp32"),
                                  {"BLOCK_W": ROW_BLOCK_W}))
-        for block_d in BLOCK_DS:
-            cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": _prec(dtype), "WIDEN": False}
-            for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel), ("dkv", _attn_bwd_dkv_kernel)):
-                specs.append(CompileSpec(f"prompt_attn_{kernel}[{t},D{block_d}]", fn, _attn_sig(t, kernel), dict(cx)))
-        specs.append(CompileSpec(
-            f"prompt_head_fwd[{t}]", _head_fwd_kernel,
-            {"X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "LNB": "*fp32", "P": "*fp32", "PB": "*fp32",
-             "OUT": f"*{t}", "Y": "*fp32", "Z": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "N": "i32", "W": "i32",
-             "E": "i32", "eps": "fp32", "normalize": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-             "BLOCK_E": "constexpr", "PREC": "constexpr"},
-            {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": "ieee"}))
+        for prec in (("ieee", "tf32") if dtype == torch.float32 else ("tf32",)):
+            for block_d in BLOCK_DS:
+                cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": prec, "WIDEN": False}
+                for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel),
+                                   ("dkv", _attn_bwd_dkv_kernel)):
+                    tag = f"{t},{prec}" if dtype == torch.float32 else t
+                    specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, _attn_types(t, fn),
+                                             dict(cx), **_attn_launch(kernel, dtype, block_d)))
+        for prec in ("ieee", "tf32"):
+            specs.append(CompileSpec(
+                f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
+                signature(_head_fwd_kernel, X=f"*{t}", ROWS="*i64", LNW="*fp32", LNB="*fp32", P="*fp32", PB="*fp32",
+                          OUT=f"*{t}", Y="*fp32", Z="*fp32", MEAN="*fp32", RSTD="*fp32", eps="fp32"),
+                {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": prec},
+                num_warps=HEAD_FWD_WARPS))
         specs.append(CompileSpec(
             f"prompt_head_bwd_gz[{t}]", _head_bwd_gz_kernel,
-            {"GO": f"*{t}", "Z": "*fp32", "GZ": "*fp32", "N": "i32", "E": "i32", "normalize": "i32",
-             "BLOCK_N": "constexpr", "BLOCK_E": "constexpr"},
+            signature(_head_bwd_gz_kernel, GO=f"*{t}", Z="*fp32", GZ="*fp32"),
             {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_E": HEAD_BLOCK_E}))
         specs.append(CompileSpec(
             f"prompt_head_bwd_ln[{t}]", _head_bwd_ln_kernel,
-            {"GY": "*fp32", "X": f"*{t}", "ROWS": "*i64", "LNW": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-             "DX": f"*{t}", "N": "i32", "W": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            signature(_head_bwd_ln_kernel, GY="*fp32", X=f"*{t}", ROWS="*i64", LNW="*fp32", MEAN="*fp32",
+                      RSTD="*fp32", DX=f"*{t}"),
             {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K}))
     return specs
 
@@ -503,7 +540,7 @@ def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale
     grid = (n, heads, triton.cdiv(max_len, BLOCK_M))
     _attn_fwd_kernel[grid](q, k, v, kp, vp, out, lse, seq_start.long().contiguous(), seq_len.long().contiguous(),
                            seq_group.long().contiguous(), *strides, heads, kp.shape[1], dim, float(scale),
-                           **_attn_meta(q.dtype, dim))
+                           **_attn_meta(q.dtype, dim), **_attn_launch("fwd", q.dtype, _block_d(dim)))
     return out, lse
 
 
@@ -514,6 +551,8 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     st, ln, gr = seq_start.long().contiguous(), seq_len.long().contiguous(), seq_group.long().contiguous()
+    # delta_i = do_i . o_i (the softmax backward's row term), once per row for both kernels
+    delta = (do.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty_like(out)
     dk = torch.empty_like(out)
     dv = torch.empty_like(out)
@@ -522,11 +561,12 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     n = seq_len.numel()
     common = _attn_meta(q.dtype, dim)
     _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
-        q, k, v, kp, vp, out, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common)
+        q, k, v, kp, vp, delta, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common,
+        **_attn_launch("dq", q.dtype, _block_d(dim)))
     n_pb = triton.cdiv(lp, BLOCK_N)
     _attn_bwd_dkv_kernel[(n, heads, n_pb + triton.cdiv(max_len, BLOCK_N))](
-        q, k, v, kp, vp, out, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
-        **common)
+        q, k, v, kp, vp, delta, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
+        **common, **_attn_launch("dkv", q.dtype, _block_d(dim)))
     return dq, dk, dv, dkp.to(q.dtype), dvp.to(q.dtype)
 
 
@@ -552,7 +592,8 @@ def head_fwd(x, rows, ln_w, ln_b, eps, proj, proj_b, normalize):
     rstd = torch.empty_like(mean)
     _head_fwd_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](
         x, rows.long().contiguous(), lw, lb, p, pb, out, y, z, mean, rstd, n, w, e, float(eps), int(bool(normalize)),
-        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC="ieee")
+        BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC=_prec(torch.float32),
+        num_warps=HEAD_FWD_WARPS)
     return out, y, z, mean, rstd
 
 

@@ -1,0 +1,36 @@
+"""Compile signatures read off a Triton kernel's own parameter list (for CompileSpec).
+
+A hand-typed signature drifts from the kernel it describes; here only the types that cannot be
+read off the parameters are written down: pointers (their element type) and float scalars. Every
+other runtime parameter is a size or stride ("i32": Triton passes values >= 2**31 as i64 at
+launch; the kernels cast offsets to int64 themselves), every constexpr parameter "constexpr".
+"""
+from __future__ import annotations
+
+
+def _params(kernel):
+    """(name, is_constexpr) of a @triton.jit kernel (compiled or interpreted) in order."""
+    import inspect
+
+    import triton.language as tl
+
+    fn = kernel.fn
+    out = []
+    for name, param in inspect.signature(fn).parameters.items():
+        ann = param.annotation
+        out.append((name, ann is tl.constexpr or (isinstance(ann, str) and ann.split(".")[-1] == "constexpr")))
+    return out
+
+
+def signature(kernel, **types: str) -> dict[str, str]:
+    """{parameter: type} in the kernel's parameter order; `types` names the non-integer ones."""
+    sig = {}
+    for name, is_constexpr in _params(kernel):
+        sig[name] = "constexpr" if is_constexpr else types.pop(name, "i32")
+    if types:
+        raise KeyError(f"{kernel.fn.__name__} has no parameters {sorted(types)}")
+    return sig
+
+
+def param_names(kernel) -> set[str]:
+    return {name for name, _ in _params(kernel)}

@@ -1,0 +1,108 @@
+"""cosine_cross_entropy with per-sample class embeddings c [B, K, E] (instance-conditioned prompts):
+one program per sample streams its K x E block twice (online log-sum-exp, then the gradients), all
+arithmetic in float32."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..._triton_compile import CompileSpec
+from ..._triton_signature import signature
+from ._common import row_block
+
+
+@triton.jit
+def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_ptr, scale_ptr, K, E, ls,
+                   NORMALIZE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Cross-entropy of one sample over its own class embeddings c[b] [K, E] (x already normalised):
+    pass 1 streams BLOCK_K classes at a time with an online log-sum-exp; pass 2 (HAS_GRAD) recomputes
+    them and writes dL/dc[b] and dL/dx[b] (before x's normalisation)."""
+    b = tl.program_id(0).to(tl.int64)
+    re = tl.arange(0, BLOCK_E)
+    rk0 = tl.arange(0, BLOCK_K)
+    emask = re < E
+    x = tl.load(x_ptr + b * E + re, mask=emask, other=0.0)
+    sc = tl.load(scale_ptr)
+    t = tl.load(tgt_ptr + b)
+    cb = c_ptr + b * K * E
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), dtype=tl.float32)
+    zsum = tl.zeros((), dtype=tl.float32)
+    zt = tl.zeros((), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        kmask = rk < K
+        cm = kmask[:, None] & emask[None, :]
+        c = tl.load(cb + rk[:, None] * E + re[None, :], mask=cm, other=0.0).to(tl.float32)
+        dv = tl.sum(c * x[None, :], 1)
+        if NORMALIZE:
+            dv = dv / tl.maximum(tl.sqrt(tl.sum(c * c, 1)), 1e-12)
+        z = tl.where(kmask, sc * dv, float("-inf"))
+        nm = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - nm) + tl.sum(tl.where(kmask, tl.exp(z - nm), 0.0), 0)
+        zsum += tl.sum(tl.where(kmask, z, 0.0), 0)
+        zt += tl.sum(tl.where(rk == t, z, 0.0), 0)
+        m = nm
+    lse = m + tl.log(s)
+    valid = t >= 0
+    smooth = ls / K
+    tl.store(per_ptr + b, tl.where(valid, lse - (1.0 - ls) * zt - smooth * zsum, 0.0))
+    if HAS_GRAD:
+        gr = tl.where(valid, tl.load(g_ptr + b), 0.0)
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        d = tl.zeros((), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + rk0
+            kmask = rk < K
+            cm = kmask[:, None] & emask[None, :]
+            c = tl.load(cb + rk[:, None] * E + re[None, :], mask=cm, other=0.0).to(tl.float32)
+            dv = tl.sum(c * x[None, :], 1)
+            if NORMALIZE:
+                nrm = tl.sqrt(tl.sum(c * c, 1))
+                den = tl.maximum(nrm, 1e-12)
+            else:
+                nrm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                den = tl.full((BLOCK_K,), 1.0, tl.float32)
+            cos = dv / den
+            z = sc * cos
+            dz = gr * (tl.exp(z - lse) - smooth - tl.where(rk == t, 1.0 - ls, 0.0))
+            dz = tl.where(kmask, dz, 0.0)
+            d += tl.sum(dz * z, 0)
+            w = dz / den
+            acc += tl.sum(w[:, None] * c, 0)
+            if NORMALIZE:
+                proj = tl.where(nrm > 1e-12, cos / den, 0.0)
+            else:
+                proj = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            gc = (sc * w)[:, None] * (x[None, :] - c * proj[:, None])
+            tl.store(gc_ptr + b * K * E + rk[:, None] * E + re[None, :], gc, mask=cm)
+        tl.store(dx_ptr + b * E + re, sc * acc, mask=emask)
+        tl.store(dot_ptr + b, d)
+
+def blocks(E):
+    """(BLOCK_K, BLOCK_E, num_warps): a [BLOCK_K, E] class chunk of at most 2**14 elements, at most
+    64 per thread (4 warps holding 128 each spilled on sm_90)."""
+    be = row_block(E)
+    bk = max(1, min(64, (1 << 14) // be))  # no tl.dot here: any power-of-two chunk works
+    return bk, be, 8 if bk * be >= 8192 else 4
+
+
+def cos_per_sample(xn, cc, tgt, s, g, ls, per, dot, dxn, gc, normalize):
+    B, K, E = cc.shape
+    if B == 0:
+        return
+    bk, be, warps = blocks(E)
+    grad = g is not None
+    _cos_ps_kernel[(B,)](xn, cc, tgt, g if grad else per, per, dot if grad else per, dxn if grad else per,
+                         gc if grad else per, s, K, E, float(ls), NORMALIZE=normalize, HAS_GRAD=grad,
+                         BLOCK_K=bk, BLOCK_E=be, num_warps=warps)
+
+
+SPECS = [CompileSpec(f"_cos_ps_kernel[{p},E{e},norm={n},grad={g}]", _cos_ps_kernel,
+                     signature(_cos_ps_kernel, x_ptr="*fp32", c_ptr=p, tgt_ptr="*i64", g_ptr="*fp32",
+                               per_ptr="*fp32", dot_ptr="*fp32", dx_ptr="*fp32", gc_ptr=p, scale_ptr="*fp32",
+                               ls="fp32"),
+                     dict(NORMALIZE=n, HAS_GRAD=g, BLOCK_K=blocks(e)[0], BLOCK_E=blocks(e)[1]),
+                     num_warps=blocks(e)[2])
+         for p in ("*fp32", "*bf16", "*fp16") for e in (64, 512, 1024, 2048) for n in (False, True)
+         for g in (False, True)]  # E = 2048: ViT-bigG (1280) and up
