@@ -336,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="compile processes (default min(2, cores))")
     ap.add_argument("--cc", type=int, action="append", help="capabilities (default 80 and 90)")
     args = ap.parse_args(argv)
+    # as tests/conftest.py sets it: the same compile options (and Triton cache entries) as the tests
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     report = args.report or bool(args.markdown)
     caps = tuple(args.cc) if args.cc else CAPABILITIES
     if report and RESOURCE_CC not in caps:

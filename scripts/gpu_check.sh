@@ -15,7 +15,7 @@
 #   GPU_CHECK_BENCH_S (135); the three sum to 455 s plus start-up, under the 8 minutes. A step cut
 #   by its limit still leaves its log (and the benchmarks their finished rows).
 #   MAX_JOBS (default: all cores) for the build; PYTEST_WORKERS (default 8) with pytest-xdist
-#   (--dist loadfile: one session-wide compile fixture per test file); DGKERNELS_COMPILE_WORKERS
+#   (--dist loadgroup: the compile tests share one worker, the rest spread); DGKERNELS_COMPILE_WORKERS
 #   (default 6) for the sm_80/sm_90 compile test.
 #
 # What the machine needs. python3 (3.12 on the project's GPU machines) already has torch, triton,
@@ -111,7 +111,7 @@ fi
 # 2. the whole suite (pytest-xdist when present: the CPU-bound tests are most of its time)
 if [ "$DO_TESTS" = 1 ]; then
   XDIST=()
-  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS" --dist loadfile); fi
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS" --dist loadgroup); fi
   if [ "$SMOKE" = 1 ]; then
     run tests "$TESTS_S" "$PY" -m pytest tests/test_gpu_bench_smoke.py -q -p no:cacheprovider
   else
