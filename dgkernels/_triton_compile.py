@@ -256,6 +256,24 @@ def listed_specs(module, kernels: set[str]) -> set:
 
 # ---- the report -----------------------------------------------------------------------------
 
+def coverage() -> str:
+    """Whether each module's COMPILE_SPECS cover every config its autotuners may pick."""
+    import inspect
+
+    notes = []
+    for mod_name in importlib.import_module("dgkernels._triton_compile").TRITON_MODULES:
+        mod = importlib.import_module(mod_name)
+        if hasattr(mod, "autotune_launches"):
+            expected, kernels = expected_autotune_specs(mod)
+            missing = len(expected - listed_specs(mod, kernels))
+            notes.append(f"`{mod_name}` {'complete' if not missing else f'misses {missing} autotune configs'}")
+        elif "triton.autotune" in inspect.getsource(mod):
+            notes.append(f"`{mod_name}` declares no autotune_launches(), unchecked")
+        else:
+            notes.append(f"`{mod_name}` fixed configs")
+    return "; ".join(notes) or "no modules"
+
+
 def _fmt_kib(b) -> str:
     return f"{b / 1024:.1f}"
 
@@ -282,7 +300,8 @@ def markdown(results: list[dict], command: str) -> str:
         "",
         f"Generated {now} without a GPU by `{command}` (triton {triton.__version__}, "
         f"ptxas {_ptxas_version()} from the triton wheel, `-v --regAllocOptLevel=2 --gpu-name=sm_90a`).",
-        "One row per CompileSpec: every launch configuration the launchers and autotuners may pick.",
+        "One row per CompileSpec, the launch configurations each Triton module lists (coverage of its",
+        f"autotuners: {coverage()}).",
         "Registers and spill bytes from `ptxas -v` on the PTX; shared memory from the compiled metadata",
         f"(limit {_fmt_kib(SHARED_LIMIT[90])} KiB per block); MMA = the instruction the dots became",
         "(`wgmma` = Hopper's asynchronous tensor-core path, `mma.sync` = Ampere's, `none` = no tensor cores);",
