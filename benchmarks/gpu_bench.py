@@ -99,8 +99,10 @@ class Clock:
 
 def peak_mib_above(fn, device: str, extra_bytes: int = 0) -> float | None:
     """Peak allocated memory of fn() above what was allocated before it, minus `extra_bytes` (the
-    gradients fn writes): the memory the op itself needed. None on the CPU (no allocator stats)."""
+    gradients fn writes): the memory the op itself needed. On the CPU fn runs and None comes back
+    (no allocator statistics)."""
     if device != "cuda":
+        fn()
         return None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -251,8 +253,8 @@ def ceilings(rep: Report, device: str, smoke: bool, clock: Clock) -> dict:
     del x, y
     _free()
     rep.table("Ceilings measured in this run", ["what", "size", "ms (median of 10)", "rate"])
-    rep.row(["bf16 torch.mm (the peak every % below refers to)", f"{n}^3", _f(ms), f"{peak:.1f} TFLOP/s"])
-    rep.row(["device copy (bytes read + written)", f"{s['copy_mb']} MiB", _f(cms), f"{bw:.0f} GB/s"])
+    rep.row(["bf16 torch.mm (the peak every % below refers to)", f"{n}^3", _f(ms), f"{_f(peak, '{:.4g}')} TFLOP/s"])
+    rep.row(["device copy (bytes read + written)", f"{s['copy_mb']} MiB", _f(cms), f"{_f(bw, '{:.4g}')} GB/s"])
     return {"peak_tflops": peak}
 
 
@@ -395,7 +397,7 @@ def contrastive(rep: Report, device: str, smoke: bool, clock: Clock, budget: Bud
               ["op", "N", "D", "dtype", "impl", "fwd ms", "fwd+bwd ms", "TFLOP/s (fwd+bwd, 8N²D)", "% bf16 peak",
                "fwd TFLOP/s (2N²D)", "peak MiB above in+grads", f"err vs fp64 loss / grads (N={s['err_n']})", "note"],
               note="Median of CUDA-event timings (repetitions chosen to fill about "
-                   f"{s['target_s']:.1f} s per row; one run where a single run exceeds {s['run_cap_s']:.0f} s). "
+                   f"{s['target_s']:g} s per row; one run where a single run exceeds {s['run_cap_s']:.0f} s). "
                    "multiview_info_nce: V = 2 views of N/2 samples (N x N logits). inf-cl runs fp32 inputs in its "
                    "tf32 mode (it has no half-precision path), at the row's N and D.")
     too_slow: set = set()
