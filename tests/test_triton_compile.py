@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -33,6 +34,9 @@ _SCRIPT = ("import json, sys; from dgkernels._triton_compile import compile_all;
 # Known sm_90 defects, by spec name. Each set must EQUAL what the compile finds: a new defect fails,
 # and so does a fixed one that is still listed (delete it), so these lists only shrink. The kernel
 # owners are removing them (issue 11: zero spills, every half-precision GEMM kernel on wgmma).
+# Register allocation depends on the toolchain: the lists were read with this Triton (and the
+# ptxas in its wheel); under another one a new defect still fails, a vanished one is only reported.
+KNOWN_TOOLCHAIN = "3.8.0"
 KNOWN_SPILLING = frozenset({
     "_agree_rows_kernel[kind=0,grad=False,8x4096]",
     "_agree_rows_kernel[kind=0,grad=True,8x4096]",
@@ -129,8 +133,14 @@ def _sm90(compiled):
     return [ccs[_triton_compile.RESOURCE_CC] for ccs in compiled.values() if _triton_compile.RESOURCE_CC in ccs]
 
 
-def _exact(found: set, known: frozenset, what: str) -> None:
+def _exact(found: set, known: frozenset, what: str, toolchain_bound: bool = False) -> None:
     new, fixed = sorted(found - known), sorted(known - found)
+    if toolchain_bound and triton.__version__ != KNOWN_TOOLCHAIN:
+        assert not new, f"{what}: new under triton {triton.__version__}: {new}"
+        if fixed:
+            warnings.warn(f"{what}: listed (triton {KNOWN_TOOLCHAIN}) but not found under triton "
+                          f"{triton.__version__}: {fixed}")
+        return
     assert not new and not fixed, (f"{what}: new (fix the kernel, or the config must not ship): {new}; "
                                    f"fixed (delete from the known list): {fixed}")
 
@@ -156,19 +166,20 @@ def test_spec_compiles_for_sm80_and_sm90_within_hopper_shared_memory(compiled, n
 def test_sm80_shared_memory_overruns_are_exactly_the_known_ones(compiled):
     found = {name for name, ccs in compiled.items()
              if 80 in ccs and ccs[80]["ok"] and _triton_compile.problems(ccs[80])}
-    _exact(found, KNOWN_SM80_OVER_SHARED, "configurations over sm_80's 163 KiB of shared memory per block")
+    _exact(found, KNOWN_SM80_OVER_SHARED, "configurations over sm_80's 163 KiB of shared memory per block",
+           toolchain_bound=True)
 
 
 def test_spilling_configs_are_exactly_the_known_ones(compiled):
     found = {r["name"] for r in _sm90(compiled) if r["ok"] and (r["spill_stores"] or r["spill_loads"])}
-    _exact(found, KNOWN_SPILLING, "sm_90 configurations that spill registers (ptxas -v)")
+    _exact(found, KNOWN_SPILLING, "sm_90 configurations that spill registers (ptxas -v)", toolchain_bound=True)
 
 
 def test_half_precision_gemm_kernels_use_wgmma_except_the_known_ones(compiled):
     half = [r for r in _sm90(compiled) if r["ok"] and r["half_gemm"]]
     assert half, "no half-precision tt.dot found in any kernel: the TTIR parsing is broken"
     found = {r["name"] for r in half if r["mma"] != "wgmma"}
-    _exact(found, KNOWN_NO_WGMMA, "sm_90 half-precision GEMM kernels without wgmma.mma_async")
+    _exact(found, KNOWN_NO_WGMMA, "sm_90 half-precision GEMM kernels without wgmma.mma_async", toolchain_bound=True)
 
 
 def test_autotune_configs_are_compile_specs():
