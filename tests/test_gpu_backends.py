@@ -290,7 +290,7 @@ def test_encode_prompts(case, dtype, backend):
     low, exact = _models(case["kind"], dtype)
     prefix = _randn(g, lp, width, seed=g) * 0.5
     suffix = _randn(*((g,) if case.get("per_group") else ()), k, ls, width, seed=k) * 0.5
-    fn = _prompt_fn(low, exact, torch.tensor(lengths, device=DEV), case.get("chunk_size"))
+    fn = _prompt_fn(low, exact, torch.tensor(lengths), case.get("chunk_size"))
     check(fn, [data(prefix), data(suffix)], backend, dtype, what=f"encode_prompts {case['kind']} G={g} K={k}")
 
 
