@@ -19,6 +19,12 @@ def triton_device() -> str:
     return TRITON_DEVICE
 
 
+def pytest_configure(config):
+    # pytest-xdist's marker (scripts/gpu_check.sh runs `-n 8 --dist loadgroup`): tests sharing an
+    # expensive session fixture stay in one worker. Registered here so plain pytest knows it too.
+    config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker with --dist loadgroup")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
