@@ -41,6 +41,8 @@ def test_split_in_out_deterministic_and_disjoint():
     assert len(a_out) == 20 and not set(a_in) & set(a_out) and len(set(a_in) | set(a_out)) == 100
     c_in, _ = split_in_out(100, 0.2, 8)
     assert not (a_in == c_in).all()
+    # DomainBed keeps the shuffled order: never sorted back into the class-by-class listing
+    assert not (np.diff(a_in) > 0).all() and not (np.diff(a_out) > 0).all()
 
 
 def test_leave_one_domain_out_protocol(data_root):

@@ -21,12 +21,15 @@ def seed_hash(*args) -> int:
 
 
 def split_in_out(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle 0..n-1 with `seed`; the first `holdout_fraction` is "out", the rest "in"."""
+    """Shuffle 0..n-1 with `seed`; the first `holdout_fraction` is "out", the rest "in".
+
+    Both parts stay in the shuffled order (DomainBed's `split_dataset`), never sorted back into
+    the class-by-class file listing."""
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     keys = np.random.RandomState(seed).permutation(n)
     n_out = int(round(n * holdout_fraction))
-    return np.sort(keys[n_out:]), np.sort(keys[:n_out])
+    return keys[n_out:], keys[:n_out]
 
 
 @dataclass
