@@ -171,3 +171,23 @@ def test_gopro_original_view_without_mirroring_keeps_full_image():
     assert all(np.array_equal(s, np.array(img)) for s in same)
     flipped = [np.array(original_view((1.0, 1.0), hflip=True)(img)) for _ in range(16)]
     assert any(np.array_equal(f, np.array(img)[:, ::-1]) for f in flipped)
+
+
+def test_gopro_augmix_uses_tpt_ops_after_crop_and_flip(monkeypatch):
+    """Issue 12.6: TPT's AugMix list has no colour/contrast/brightness/sharpness ops, and the
+    AugMix view is cropped/flipped like the original view first."""
+    from torchvision import transforms as T
+
+    from dgclip.methods.views import augmix_view
+
+    tpt = augmix_view("tpt")
+    mix = tpt.transforms[-1]
+    ops = set(mix._augmentation_space(10, (32, 32)))
+    assert ops == {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize",
+                   "AutoContrast", "Equalize"}
+    assert type(tpt.transforms[0]).__name__ == "_OwnSizeCrop"
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in tpt.transforms)
+    full = augmix_view("torchvision").transforms[-1]
+    assert {"Brightness", "Color", "Contrast", "Sharpness"} <= set(full._augmentation_space(10, (32, 32)))
+    with pytest.raises(ValueError, match="augmix_ops"):
+        augmix_view("colour")

@@ -102,7 +102,7 @@ def test_gopro_losses_match_formulas(backbone):
     text = torch.stack([m.encoder(m.ctx + m.shift(feats.layer_mean[i:i + 1], feats.layer_std[i:i + 1])[0]) [0]
                         for i in range(3 * B)]).view(3, B, len(CLASSES), -1)
     pooled = feats.pooled.view(3, B, -1)
-    p_o, p_m = m.projector(pooled[0]), m.projector(pooled[1])
+    p_o, p_m = m.project(pooled[0]), m.project(pooled[1])
     logits = backbone.logit_scale * F.normalize(p_o, dim=-1)[:, None, :].mul(F.normalize(text[0], dim=-1)).sum(-1)
     ce = F.cross_entropy(logits, batch.labels)
     t = F.normalize(text, dim=-1)
@@ -124,10 +124,30 @@ def test_gopro_projector_option(backbone):
         m = _make("gopro", backbone, projector_feeds_logits=feeds)
         m.eval()
         feats = backbone.image_features(batch.images["original"], layer_stats=True)
-        image = m.projector(feats.pooled) if feeds else feats.pooled
+        image = m.project(feats.pooled) if feeds else feats.pooled
         want = backbone.logit_scale * torch.einsum("be,bke->bk", F.normalize(image, dim=-1),
                                                    F.normalize(m.text_features(feats), dim=-1))
         torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gopro_defaults_start_from_zero_shot(backbone):
+    """Issue 12.1: P_v feeds the logits by default, so it must start as the identity: GOPro's
+    first predictions are zero-shot CLIP's ("a photo of a {}."), in train and eval mode."""
+    from dgclip.methods import get_method
+
+    batch = _batch(views=True)
+    m = _make("gopro", backbone)
+    zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
+    feats = backbone.image_features(batch.images["original"], layer_stats=True)
+    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    torch.testing.assert_close(m.predict(batch.images), zs.predict(batch.images["original"]), atol=1e-4, rtol=1e-4)
+    m.train()
+    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    assert m.projector[1].weight.requires_grad
+    old = _make("gopro", backbone, projector_init="random")
+    assert not torch.allclose(old.project(feats.pooled), feats.pooled)
+    with pytest.raises(ValueError, match="projector_init must be one of"):
+        _make("gopro", backbone, projector_init="eye")
 
 
 def test_gopro_trains_frozen_backbone(backbone):
