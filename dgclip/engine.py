@@ -32,7 +32,7 @@ from .data.embedded import ensure_rotated_digits
 from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
-from .metrics import accuracy, closed_set_accuracy, open_set_metrics
+from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
 
 __all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
 
@@ -156,14 +156,17 @@ def _logits(method, split: _Split, bs: int, device, seed: int = 0) -> torch.Tens
 
 def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     C = protocol.num_classes
-    val_accs = {d: closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device, cfg.seed), s.labels, C)
-                for d, s in val.items()}
+    val_logits = {d: _logits(method, s, cfg.eval_batch_size, device, cfg.seed) for d, s in val.items()}
+    val_accs = {d: closed_set_accuracy(val_logits[d], s.labels, C) for d, s in val.items()}
     entry = {"val_acc": float(np.mean(list(val_accs.values()))), "val_acc_by_domain": val_accs}
-    tests = {}
+    threshold = None
+    if protocol.open_set:  # the common rule: calibrated on SOURCE validation only (metrics.py)
+        threshold = calibrate_threshold(torch.cat(list(val_logits.values())), C)
+    tests, all_logits = {}, {}
     for d, s in test.items():
-        lg = _logits(method, s, cfg.eval_batch_size, device, cfg.seed)
+        lg = all_logits[d] = _logits(method, s, cfg.eval_batch_size, device, cfg.seed)
         if protocol.open_set:
-            m = open_set_metrics(lg, s.labels, C)
+            m = open_set_metrics(lg, s.labels, C, threshold)
             m["acc"] = m["closed_acc"]
         else:
             m = {"acc": accuracy(lg, s.labels)}
@@ -172,6 +175,9 @@ def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     n = {d: len(s) for d, s in test.items()}
     entry["test"] = tests
     entry["test_acc"] = float(sum(tests[d]["acc"] * n[d] for d in tests) / max(sum(n.values()), 1))
+    if protocol.open_set:  # pooled over every held-out image, i.e. sample-weighted like test_acc
+        entry["open_set"] = open_set_metrics(torch.cat(list(all_logits.values())),
+                                             torch.cat([s.labels for s in test.values()]), C, threshold)
     if oracle:
         entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device, cfg.seed),
                                                                  s.labels, C) for s in oracle.values()]))
@@ -292,10 +298,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
     }
     if protocol.open_set:
-        pooled = {}
-        for m in chosen["test"][cfg.test_domains[0]]:
-            pooled[m] = float(np.mean([chosen["test"][d][m] for d in cfg.test_domains]))
-        record.update({k: v for k, v in pooled.items() if k != "acc"})
+        record.update(chosen["open_set"])
     if rank == 0:
         append_record(results_path, record)
     return record

@@ -63,8 +63,8 @@ def test_record_fields_and_open_set(data_root, cache_dir, tmp_path):
     rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="zero-shot", dataset="rotated-digits-open",
                             test_domains=["rot30"], hparams={}))
     for k in ("method", "dataset", "test_domain", "seed", "selection", "test_acc", "config", "versions",
-              "protocol", "closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_swept_oracle",
-              "auroc", "oscr"):
+              "protocol", "closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_native",
+              "h_score_swept_oracle", "auroc", "oscr", "threshold"):
         assert k in rec, k
     assert rec["selection"] == "training-domain validation" and rec["protocol"]["num_known"] == 6
     orc = run_training(_cfg(data_root, cache_dir, tmp_path, selection="oracle"))
@@ -216,3 +216,27 @@ def test_transductive_flag_in_record(data_root, cache_dir, tmp_path):
     assert rec["transductive"] is True and rec["eval_batch_size"] == 64
     rec = run_training(_cfg(data_root, cache_dir, tmp_path, steps=2, eval_every=2))
     assert rec["transductive"] is False
+
+
+def test_open_set_metrics_pool_held_out_domains_by_sample(data_root, cache_dir, tmp_path):
+    """Several held-out domains: open-set metrics over the union of their images (sample-weighted,
+    like test_acc), the common threshold calibrated on source validation only."""
+    import math
+
+    import numpy as np
+
+    from dgclip.data.catalog import get_spec
+    from dgclip.data.domainbed import scan
+    from dgclip.data.splits import make_protocol
+
+    doms = ["rot60", "rot75"]
+    rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="zero-shot", dataset="rotated-digits-open",
+                            test_domains=doms, hparams={}))
+    spec = get_spec("rotated-digits-open")
+    prot = make_protocol(spec, scan(str(data_root), spec), doms, trial_seed=0)
+    known = {d: int((prot.label_map[prot.test[d].labels] < 6).sum()) for d in doms}
+    per = rec["history"][0]["test"]
+    want = sum(per[d]["closed_acc"] * known[d] for d in doms) / sum(known.values())
+    assert rec["closed_acc"] == pytest.approx(want, abs=1e-9)
+    assert per["rot60"]["threshold"] == per["rot75"]["threshold"] == rec["threshold"]
+    assert math.isnan(rec["h_score_native"])  # zero-shot is closed-set: no native unknown
