@@ -189,15 +189,48 @@ def test_seeclip_losses_match_formulas(backbone):
     torch.testing.assert_close(out["rep"], rep, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["coh"], coh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["reg"], reg)
-    torch.testing.assert_close(out["loss"], ali + rep + 0.5 * coh + 0.01 * reg, atol=1e-4, rtol=1e-4)
+    # effective L_reg weight 1e-4: lambda 0.01 (Eq. 7) inside gamma 0.01 (Eq. 11)
+    torch.testing.assert_close(out["loss"], ali + rep + 0.5 * coh + 1e-4 * reg, atol=1e-4, rtol=1e-4)
+    batch_coh = _make("seeclip", backbone, unknown_generator="none", coh_centroid="batch")
+    batch_coh.load_state_dict(m.state_dict())
+    want = ((F.normalize(unk, dim=-1) - F.normalize(known, dim=-1).mean((0, 1))) ** 2).mean()
+    torch.testing.assert_close(batch_coh.losses(feats.pooled, feats.patches, labels)["coh"], want, atol=1e-5, rtol=1e-4)
     assert m.predict(batch.images).shape == (B, len(CLASSES) + 1)
 
 
 def test_seeclip_pseudo_unknowns_join_the_batch(backbone):
-    m = _make("seeclip", backbone, unknown_ratio=0.5)
+    # released scripts: max(1, int(0.1 B)) PER SOURCE DOMAIN per step: 3 images per domain here
+    for ratio, n in ((0.1, 2), (0.5, 2), (0.7, 4)):
+        m = _make("seeclip", backbone, unknown_ratio=ratio)
+        pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
+        assert pooled.shape[0] == patches.shape[0] == labels.shape[0] == B + n, ratio
+        assert (labels[B:] == len(CLASSES)).all() and (labels[:B] < len(CLASSES)).all()
+
+
+def test_seeclip_pixel_composite_unknowns(backbone):
+    """Composites of two known images of different classes (same domain), in pixel space,
+    encoded by the frozen tower; SeeCLIP then needs images (no feature cache)."""
+    from dgclip.methods.pseudo_unknown import PixelCompositeUnknowns, UnknownRequest
+
+    m = _make("seeclip", backbone, unknown_generator="pixel_composite", unknown_ratio=0.5)
+    assert not m.uses_frozen_features and isinstance(m.generator, PixelCompositeUnknowns)
     pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
-    assert pooled.shape[0] == patches.shape[0] == labels.shape[0] == B + 3
-    assert (labels[B:] == len(CLASSES)).all() and (labels[:B] < len(CLASSES)).all()
+    assert pooled.shape[0] == B + 2 and (labels[B:] == len(CLASSES)).all()
+    a, b = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    out = PixelCompositeUnknowns.compose(a, b, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out[0], torch.maximum(a[0], b[0]))
+    torch.testing.assert_close(out[1, :, :4], a[1, :, :4]) and torch.testing.assert_close(out[1, :, 4:], b[1, :, 4:])
+    torch.testing.assert_close(out[2, :, :, :4], a[2, :, :, :4])
+    torch.testing.assert_close(out[2, :, :, 4:], b[2, :, :, 4:])
+    seen = {}
+    gen = PixelCompositeUnknowns(lambda x: (seen.setdefault("x", x).mean((2, 3)), x.flatten(2).transpose(1, 2)), 0.5)
+    imgs = torch.rand(6, 3, 8, 8)
+    res = gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.tensor([0, 1, 2, 3, 4, 1]),
+                             torch.tensor([0, 0, 1, 1, 0, 1]), imgs), generator=torch.Generator().manual_seed(1))
+    assert seen["x"].shape == (2, 3, 8, 8) and res.domains.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="images"):
+        gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.zeros(6, dtype=torch.long),
+                           torch.zeros(6, dtype=torch.long)))
 
 
 def test_seeclip_trains_frozen_backbone(backbone):
