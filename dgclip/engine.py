@@ -3,8 +3,10 @@
 DomainBed conventions: per-domain seeded 80/20 in/out splits, evaluation every `eval_every`
 steps, model selection by training-domain validation (mean accuracy on the sources' out-splits;
 ties -> earliest), target-domain selection only when asked and then labelled "oracle". Batches
-are drawn with replacement from a seeded generator whose state is checkpointed, so `--resume`
-continues to the same result as an uninterrupted run. Under torchrun every rank draws the same
+draw `batch_size` images with replacement from EACH source domain per step (DomainBed, DPL) from a
+seeded generator whose state is checkpointed, so `--resume` continues to the same result as an
+uninterrupted run. Evaluation scores seeded random batches (`eval_order`), never the
+class-by-class file listing; a transductive method pools over its paper's eval batch size. Under torchrun every rank draws the same
 global batch and keeps its own slice; `Method.step` averages gradients across ranks.
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ from .data.cache import compute_features, feature_cache_key
 from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
+from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
-from .metrics import accuracy, closed_set_accuracy, open_set_metrics
+from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
 
 __all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
 
@@ -126,27 +129,44 @@ class _Split:
         return Batch(images, self.labels[idx], self.domains[idx])
 
 
+def eval_batch_size(method, default: int) -> int:
+    """A transductive method pools over its paper's eval batch; others any size (speed only)."""
+    return int(method.eval_batch_size) if method.transductive else int(default)
+
+
 @torch.no_grad()
-def _logits(method, split: _Split, bs: int, device) -> torch.Tensor:
+def _logits(method, split: _Split, bs: int, device, seed: int = 0) -> torch.Tensor:
+    """Logits in the split's order, computed over seeded random batches (`eval_order`)."""
     method.eval()
+    n = len(split)
+    if n == 0:
+        return torch.zeros(0, method.num_classes)
+    bs = eval_batch_size(method, bs)
+    order = torch.from_numpy(eval_order(split.ds.records.paths, seed_hash(seed, "eval")))
     out = []
-    for start in range(0, len(split), bs):
-        idx = torch.arange(start, min(start + bs, len(split)))
+    for start in range(0, n, bs):
+        idx = order[start:start + bs]
         b = split.batch(idx).to(device)
         out.append(method.predict(b.features if b.features is not None else b.original()).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, method.num_classes)
+    scored = torch.cat(out)
+    logits = torch.empty_like(scored)
+    logits[order] = scored
+    return logits
 
 
 def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     C = protocol.num_classes
-    val_accs = {d: closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device), s.labels, C)
-                for d, s in val.items()}
+    val_logits = {d: _logits(method, s, cfg.eval_batch_size, device, cfg.seed) for d, s in val.items()}
+    val_accs = {d: closed_set_accuracy(val_logits[d], s.labels, C) for d, s in val.items()}
     entry = {"val_acc": float(np.mean(list(val_accs.values()))), "val_acc_by_domain": val_accs}
-    tests = {}
+    threshold = None
+    if protocol.open_set:  # the common rule: calibrated on SOURCE validation only (metrics.py)
+        threshold = calibrate_threshold(torch.cat(list(val_logits.values())), C)
+    tests, all_logits = {}, {}
     for d, s in test.items():
-        lg = _logits(method, s, cfg.eval_batch_size, device)
+        lg = all_logits[d] = _logits(method, s, cfg.eval_batch_size, device, cfg.seed)
         if protocol.open_set:
-            m = open_set_metrics(lg, s.labels, C)
+            m = open_set_metrics(lg, s.labels, C, threshold)
             m["acc"] = m["closed_acc"]
         else:
             m = {"acc": accuracy(lg, s.labels)}
@@ -155,8 +175,11 @@ def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     n = {d: len(s) for d, s in test.items()}
     entry["test"] = tests
     entry["test_acc"] = float(sum(tests[d]["acc"] * n[d] for d in tests) / max(sum(n.values()), 1))
+    if protocol.open_set:  # pooled over every held-out image, i.e. sample-weighted like test_acc
+        entry["open_set"] = open_set_metrics(torch.cat(list(all_logits.values())),
+                                             torch.cat([s.labels for s in test.values()]), C, threshold)
     if oracle:
-        entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device),
+        entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device, cfg.seed),
                                                                  s.labels, C) for s in oracle.values()]))
     return entry
 
@@ -220,6 +243,7 @@ def run_training(cfg: TrainConfig) -> dict:
     oracle = {d: split(r, eval_tf, "oracle") for d, r in protocol.oracle_val.items()}
 
     gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
+    bs = int(hparams.get("batch_size", 32))  # per source domain (DomainBed, DPL)
     ckpt_path = out_dir / "checkpoints" / f"{key}.pt"
     start, history, losses = 0, [], []
     torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
@@ -232,14 +256,14 @@ def run_training(cfg: TrainConfig) -> dict:
 
     trainable = bool(method.trainable_parameters()) and method.optimizer is not None
     steps = cfg.steps if trainable else 0
-    bs = int(hparams.get("batch_size", 32))
+    sampler = DomainBalancedBatches(train.domains, bs, gen) if steps else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
     for step in range(start, steps):
-        idx = torch.randint(len(train), (bs,), generator=gen)[rank::world]
+        idx = sampler.draw()[rank::world]
         method.train()
         out = method.update(train.batch(idx).to(device))
         losses.append(float(out.get("loss", 0.0)))
@@ -266,16 +290,15 @@ def run_training(cfg: TrainConfig) -> dict:
         "seed": cfg.seed, "hparams_seed": cfg.hparams_seed,
         "selection": "oracle (target-domain validation)" if cfg.selection == "oracle" else "training-domain validation",
         "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
+        "transductive": bool(method.transductive),
+        "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
         "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
         "train_seconds": round(time.time() - t0, 2), "history": history,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
     }
     if protocol.open_set:
-        pooled = {}
-        for m in chosen["test"][cfg.test_domains[0]]:
-            pooled[m] = float(np.mean([chosen["test"][d][m] for d in cfg.test_domains]))
-        record.update({k: v for k, v in pooled.items() if k != "acc"})
+        record.update(chosen["open_set"])
     if rank == 0:
         append_record(results_path, record)
     return record

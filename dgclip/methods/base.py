@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbone import CLIPBackbone, ImageFeatures
 
-__all__ = ["Batch", "Method", "cosine_logits"]
+__all__ = ["Batch", "Method", "cosine_logits", "check_choice"]
 
 Images = Union[torch.Tensor, dict]
 
@@ -62,6 +62,14 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+def check_choice(hparams: dict, key: str, allowed: tuple) -> str:
+    """The one check of an enum-valued hyper-parameter: a clear error naming the choices."""
+    value = hparams[key]
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * cos(image, text) for image [B, E] and text [K, E] (shared) or [B, K, E] (per image)."""
     image = nn.functional.normalize(image.float(), dim=-1)
@@ -81,6 +89,7 @@ class Method(nn.Module):
       uses_frozen_features True if the method only needs frozen features of the un-augmented
                            original view, so the engine may cache them on disk
       needs_patches / needs_layer_stats: which optional ImageFeatures fields the method reads
+      eval_batch_size      the paper's evaluation batch size; only used when `transductive`
     """
 
     name: str = "base"
@@ -90,6 +99,12 @@ class Method(nn.Module):
     uses_frozen_features: bool = False
     needs_patches: bool = False
     needs_layer_stats: bool = False
+    eval_batch_size: int = 64  # DomainBed's evaluation loaders
+
+    @property
+    def transductive(self) -> bool:
+        """True when `predict` pools over the test batch (its output depends on the batch)."""
+        return False
 
     def __init__(self, backbone: CLIPBackbone, classnames: list[str], num_domains: int, hparams: dict):
         super().__init__()
