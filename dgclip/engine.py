@@ -25,10 +25,11 @@ import torch.distributed as dist
 
 from . import __version__
 from .backbone import ImageFeatures, default_cache_dir, load_backbone
-from .data.cache import compute_features, feature_cache_key
+from .data.cache import CachePlan, compute_features, feature_cache_key, plan_cache
 from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
+from .data.loader import StepSampler, collate, default_workers, eval_loader, train_loader
 from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
@@ -61,6 +62,8 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     feature_cache: bool = True
+    feature_cache_budget_gb: Optional[float] = None  # above it features are computed on the fly
+    workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
 
 
 def _rank_world() -> tuple[int, int]:
@@ -107,12 +110,14 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Split:
-    """Images (lazy) or cached features of one set of records, with method labels/domains."""
+    """Images (decoded in loader workers) or cached features of one set of records, with method
+    labels/domains."""
 
-    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures]):
-        self.ds, self.feats = ds, feats
+    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures], workers: int = 0, pin: bool = False):
+        self.ds, self.feats, self.workers, self.pin = ds, feats, workers, pin
         self.labels = torch.as_tensor(ds.labels, dtype=torch.long)
         self.domains = torch.as_tensor(ds.domains, dtype=torch.long)
+        self._loaders = {}  # (order, batch size) -> persistent evaluation loader
 
     def __len__(self):
         return len(self.ds)
@@ -120,13 +125,20 @@ class _Split:
     def batch(self, idx: torch.Tensor) -> Batch:
         if self.feats is not None:
             return Batch(None, self.labels[idx], self.domains[idx], self.feats.index(idx))
-        items = [self.ds[int(i)] for i in idx]  # image decoding (as a DataLoader would)
-        imgs = items[0][0]
-        if isinstance(imgs, dict):
-            images = {k: torch.stack([it[0][k] for it in items]) for k in imgs}
-        else:
-            images = torch.stack([it[0] for it in items])
-        return Batch(images, self.labels[idx], self.domains[idx])
+        return Batch(*collate([self.ds[int(i)] for i in idx]))
+
+    def batches(self, order: torch.Tensor, bs: int):
+        """Batches of the items in `order`, `bs` at a time (images: through a persistent loader)."""
+        if self.feats is not None:
+            for start in range(0, len(order), bs):
+                yield self.batch(order[start:start + bs])
+            return
+        key = (hash(order.numpy().tobytes()), bs)
+        if key not in self._loaders:
+            sub = torch.utils.data.Subset(self.ds, order.tolist())
+            self._loaders[key] = eval_loader(sub, bs, workers=self.workers, pin=self.pin)
+        for images, labels, domains in self._loaders[key]:
+            yield Batch(images, labels, domains)
 
 
 def eval_batch_size(method, default: int) -> int:
@@ -144,9 +156,8 @@ def _logits(method, split: _Split, bs: int, device, seed: int = 0) -> torch.Tens
     bs = eval_batch_size(method, bs)
     order = torch.from_numpy(eval_order(split.ds.records.paths, seed_hash(seed, "eval")))
     out = []
-    for start in range(0, n, bs):
-        idx = order[start:start + bs]
-        b = split.batch(idx).to(device)
+    for b in split.batches(order, bs):
+        b = b.to(device)
         out.append(method.predict(b.features if b.features is not None else b.original()).float().cpu())
     scored = torch.cat(out)
     logits = torch.empty_like(scored)
@@ -224,6 +235,20 @@ def run_training(cfg: TrainConfig) -> dict:
     eval_tf = backbone.preprocess_val
     train_tf = method.make_train_transform(eval_tf)
     cached = cfg.feature_cache and method.uses_frozen_features and train_tf is eval_tf
+    plan = CachePlan("off", reason="feature cache disabled" if not cfg.feature_cache else
+                     "the method needs augmented or trainable image features")
+    if cached:
+        n_items = len(protocol.train) + sum(len(r) for part in (protocol.val, protocol.test, protocol.oracle_val)
+                                            for r in part.values())
+        probe = ImageDataset(protocol.train, eval_tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
+        plan = plan_cache(backbone, probe, n_items, patches=method.needs_patches,
+                          layer_stats=method.needs_layer_stats, budget_gb=cfg.feature_cache_budget_gb)
+        cached = plan.cached
+    cache_keys = {}
+    workers = default_workers() if cfg.workers is None else int(cfg.workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    pin = device.type == "cuda"
 
     def split(recs, tf, name):
         ds = ImageDataset(recs, tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
@@ -232,10 +257,11 @@ def run_training(cfg: TrainConfig) -> dict:
             wid = str(getattr(backbone, "weights_id", ""))
             fkey = feature_cache_key(backbone, spec.name, recs.paths, tf, patches=method.needs_patches,
                                      layer_stats=method.needs_layer_stats, weights_id=wid)
+            cache_keys[name] = cache_keys.get(name, []) + [fkey]
             feats = compute_features(backbone, ds, patches=method.needs_patches,
                                      layer_stats=method.needs_layer_stats,
-                                     cache_dir=cache_dir / "features", key=fkey)
-        return _Split(ds, feats)
+                                     cache_dir=cache_dir / "features", key=fkey, workers=workers, pin=pin)
+        return _Split(ds, feats, workers, pin)
 
     train = split(protocol.train, train_tf, "train")
     val = {d: split(r, eval_tf, "val") for d, r in protocol.val.items()}
@@ -257,15 +283,19 @@ def run_training(cfg: TrainConfig) -> dict:
     trainable = bool(method.trainable_parameters()) and method.optimizer is not None
     steps = cfg.steps if trainable else 0
     sampler = DomainBalancedBatches(train.domains, bs, gen) if steps else None
+    step_sampler, batches = None, None
+    if steps and train.feats is None:  # images: decoded and augmented in the loader's workers
+        step_sampler = StepSampler(lambda _gen: sampler.draw()[rank::world], gen, start, steps)
+        batches = iter(train_loader(train.ds, cfg.seed, step_sampler, workers=workers, pin=pin))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
     for step in range(start, steps):
-        idx = sampler.draw()[rank::world]
+        batch = Batch(*next(batches)) if batches is not None else train.batch(sampler.draw()[rank::world])
         method.train()
-        out = method.update(train.batch(idx).to(device))
+        out = method.update(batch.to(device))
         losses.append(float(out.get("loss", 0.0)))
         bar.update(1)
         if out:
@@ -277,9 +307,11 @@ def run_training(cfg: TrainConfig) -> dict:
             history.append(entry)
             if rank == 0:
                 _atomic_save({"step": step + 1, "method_state": method.checkpoint_state(),
-                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "generator": step_sampler.state_after(step) if step_sampler else gen.get_state(),
+                              "torch_rng": torch.get_rng_state(),
                               "history": history, "losses": losses, "config": asdict(cfg)}, ckpt_path)
     bar.close()
+    batches = None  # ends the training loader's workers
     if not history:  # nothing trainable (zero-shot): one evaluation
         entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
         entry["step"] = 0
@@ -291,6 +323,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "selection": "oracle (target-domain validation)" if cfg.selection == "oracle" else "training-domain validation",
         "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
         "transductive": bool(method.transductive),
+        "feature_cache": {**plan.describe(), "keys": cache_keys}, "workers": workers,
         "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
         "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
