@@ -63,6 +63,7 @@ class TrainConfig:
     resume: bool = False
     feature_cache: bool = True
     feature_cache_budget_gb: Optional[float] = None  # above it features are computed on the fly
+    track_oracle: bool = False  # also score the targets' out-splits (sweeps: both DomainBed selections)
     workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
 
 
@@ -220,7 +221,7 @@ def run_training(cfg: TrainConfig) -> dict:
     records = scan(cfg.root, spec)
     protocol = make_protocol(spec, records, list(cfg.test_domains), trial_seed=cfg.seed,
                              holdout_fraction=cfg.holdout_fraction, train_domains=cfg.train_domains,
-                             oracle=cfg.selection == "oracle")
+                             oracle=cfg.selection == "oracle" or cfg.track_oracle)
     device = torch.device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
