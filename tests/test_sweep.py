@@ -123,3 +123,12 @@ def test_submitit_local_executor(tmp_path, data_root, cache_dir, capsys):  # noq
     assert "(0 launched now, 2 already done)" in capsys.readouterr().out
     assert main(["results", str(sweep)]) == 0
     assert "| dpl" in capsys.readouterr().out
+
+
+def test_multi_gpu_launcher_runs_jobs_in_pinned_subprocesses(tmp_path, data_root, cache_dir):  # noqa: F811
+    """The subprocess path of multi_gpu, on CPU jobs: one child per 'GPU', CUDA_VISIBLE_DEVICES set."""
+    jobs = _grid(tmp_path, data_root, cache_dir, methods=("coop",), n_hparams=1)
+    with pytest.raises(RuntimeError, match="no visible GPU"):
+        launch(jobs, "multi_gpu", gpus=[])
+    assert launch(jobs, "multi_gpu", gpus=["0"], poll_s=0.2) == {jobs[0].key: "done"}
+    assert json.loads((jobs[0].folder / "job.json").read_text())["method"] == "coop"
