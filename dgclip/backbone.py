@@ -12,7 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -224,6 +224,52 @@ def _weights_hint(name: str, pretrained: str, cache_dir: Optional[Path]) -> str:
             f"--pretrained /path/to/weights.bin, or use --pretrained none for random weights.")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the Hugging Face endpoint, bounded by `timeout` (DNS included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(pretrained) -> Iterator[None]:
+    """Hub tags only: when the hub cannot be reached (checked once, a few seconds at most), load
+    from the local cache alone, so a missing checkpoint fails at once instead of after ~50 s of
+    download retries. HF_HUB_OFFLINE=1 set by the user skips the check."""
+    if pretrained is None or Path(str(pretrained)).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    if _hub_reachable():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def load_backbone(name: str, pretrained: str = "openai", *, cache_dir: Optional[os.PathLike] = None,
                   device="cpu", precision: str = "auto") -> CLIPBackbone:
     """Build a frozen CLIP backbone.
@@ -250,7 +296,7 @@ def load_backbone(name: str, pretrained: str = "openai", *, cache_dir: Optional[
                             f"(open_clip.list_models()) or one of {sorted(tiny_clip.EMBEDDED_MODELS)}")
     random_init = pretrained is None or str(pretrained).lower() == "none"
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _offline_unless_reachable(None if random_init else pretrained):
             torch.manual_seed(0)  # random init is reproducible
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 name, pretrained=None if random_init else pretrained, device=device,

@@ -1,4 +1,4 @@
-"""`dgclip` command line: pretrain, train, eval, results, datasets, quickstart."""
+"""`dgclip` command line: pretrain, train, eval, results, datasets, quickstart, sweep."""
 from __future__ import annotations
 
 import argparse
@@ -72,7 +72,8 @@ def _train_configs(args, method, dataset, test_domain, hparams):
                               hparams_seed=args.hparams_seed, hparams=hparams,
                               holdout_fraction=args.holdout_fraction, selection=args.selection,
                               train_domains=args.train_domains, device=args.device,
-                              precision=args.precision, progress=not args.no_progress, resume=args.resume)
+                              precision=args.precision, progress=not args.no_progress, resume=args.resume,
+                              workers=args.workers, feature_cache_budget_gb=args.feature_cache_budget_gb)
 
 
 def _ensure_pretrained(args):
@@ -107,9 +108,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from .results import format_table, load_results, plot, summarise, write_csv
+    from .results import format_table, load_results, plot, select_sweep, summarise, write_csv
 
-    rows = summarise(load_results(args.dir), args.metric)
+    records = load_results(args.dir)
+    sweep = Path(args.dir).is_dir() and (Path(args.dir) / "sweep.json").exists()
+    if sweep:  # DomainBed: the best hparam seed per (method, dataset, test domain, trial) and selection
+        records = select_sweep(records)
+        n_h = max((r["n_hparams"] for r in records), default=0)
+        print(f"sweep {args.dir}: {len(records)} selections over up to {n_h} hparam seed(s) each; "
+              "mean +- s.e. over trial seeds")
+    rows = summarise(records, args.metric)
     if not rows:
         print(f"no records with metric {args.metric!r} in {args.dir}", file=sys.stderr)
         return 1
@@ -200,6 +208,45 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _sweep_jobs(args):
+    from .sweep import make_grid
+
+    hparams = json.loads(args.hparams) if args.hparams else {}
+    train = {"root": args.root, "backbone": args.backbone, "pretrained": args.pretrained, "cache_dir": args.cache_dir,
+             "eval_every": args.eval_every, "holdout_fraction": args.holdout_fraction, "device": args.device,
+             "precision": args.precision, "progress": not args.no_progress, "workers": args.workers,
+             "feature_cache_budget_gb": args.feature_cache_budget_gb, "train_domains": args.train_domains}
+    return make_grid(args.sweep_dir, args.methods, args.datasets, args.test_domains, args.n_hparams, args.n_trials,
+                     steps=args.steps, hparams=hparams, hparams_seed_start=args.hparams_seed_start, **train)
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import delete_incomplete, launch, list_jobs
+
+    jobs = _sweep_jobs(args)
+    if args.action == "list":
+        rows = list_jobs(jobs)
+        for status, key in rows:
+            print(f"{status:13s} {key}")
+        counts = {s: sum(1 for r in rows if r[0] == s) for s in ("done", "incomplete", "not launched")}
+        print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({len(rows)} jobs)")
+        return 0
+    if args.action == "delete_incomplete":
+        removed = delete_incomplete(jobs)
+        print(f"deleted {len(removed)} incomplete job(s)" + "".join(f"\n  {k}" for k in removed))
+        return 0
+    _ensure_pretrained(args)
+    options = {}
+    if args.launcher == "submitit":
+        options = {"cluster": args.submitit_cluster, **json.loads(args.submitit_options or "{}")}
+    before = {k: s for s, k in list_jobs(jobs)}
+    after = launch(jobs, args.launcher, **options)
+    ran = sum(1 for k in after if before[k] != "done")
+    print(f"{sum(1 for s in after.values() if s == 'done')}/{len(jobs)} jobs done ({ran} launched now, "
+          f"{len(jobs) - ran} already done); results: dgclip results {args.sweep_dir}")
+    return 0 if all(s == "done" for s in after.values()) else 1
+
+
 def _add_common(p, *, steps_default=300):
     p.add_argument("--root", default=_default_root(), help="data root holding DomainBed-layout datasets")
     p.add_argument("--output-dir", default="runs/dgclip")
@@ -217,6 +264,10 @@ def _add_common(p, *, steps_default=300):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader worker processes (default: one per CPU core, at most 8); results do not depend on it")
+    p.add_argument("--feature-cache-budget-gb", type=float, default=None,
+                   help="largest frozen-feature cache a run may write (default 64); above it features are computed on the fly")
 
 
 def _cuda() -> bool:
@@ -251,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--metric", default="test_acc")
     p.set_defaults(fn=cmd_results)
+    p = sub.add_parser("sweep", help="DomainBed-style grid: launch | delete_incomplete | list")
+    p.add_argument("action", choices=["launch", "delete_incomplete", "list"])
+    p.add_argument("--sweep-dir", required=True, help="one folder per job, plus sweep.json")
+    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--test-domains", nargs="+", default=["all"], help="domains (or 'a,b' groups); 'all' = each in turn")
+    p.add_argument("--n-hparams", type=int, default=1, help="hparam seeds per cell (0 = paper defaults, then draws)")
+    p.add_argument("--hparams-seed-start", type=int, default=0)
+    p.add_argument("--n-trials", type=int, default=1, help="trial seeds (data splits) per cell")
+    p.add_argument("--hparams", default=None, help="JSON overrides: {name: value} or {method: {name: value}}")
+    p.add_argument("--launcher", choices=["local", "multi_gpu", "submitit"], default="local")
+    p.add_argument("--submitit-cluster", default=None, help="None = auto (SLURM when present), 'local' or 'debug'")
+    p.add_argument("--submitit-options", default=None, help='JSON executor parameters, e.g. {"slurm_partition": "gpu", '
+                                                              '"gpus_per_node": 1, "timeout_min": 600}')
+    _add_common(p)
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("datasets", help="list and verify the datasets under a root")
     p.add_argument("--root", required=True)
     p.add_argument("--quick", action="store_true", help="skip opening every image")

@@ -3,8 +3,10 @@
 DomainBed conventions: per-domain seeded 80/20 in/out splits, evaluation every `eval_every`
 steps, model selection by training-domain validation (mean accuracy on the sources' out-splits;
 ties -> earliest), target-domain selection only when asked and then labelled "oracle". Batches
-are drawn with replacement from a seeded generator whose state is checkpointed, so `--resume`
-continues to the same result as an uninterrupted run. Under torchrun every rank draws the same
+draw `batch_size` images with replacement from EACH source domain per step (DomainBed, DPL) from a
+seeded generator whose state is checkpointed, so `--resume` continues to the same result as an
+uninterrupted run. Evaluation scores seeded random batches (`eval_order`), never the
+class-by-class file listing; a transductive method pools over its paper's eval batch size. Under torchrun every rank draws the same
 global batch and keeps its own slice; `Method.step` averages gradients across ranks.
 """
 from __future__ import annotations
@@ -23,13 +25,15 @@ import torch.distributed as dist
 
 from . import __version__
 from .backbone import ImageFeatures, default_cache_dir, load_backbone
-from .data.cache import compute_features, feature_cache_key
+from .data.cache import CachePlan, compute_features, feature_cache_key, plan_cache
 from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
+from .data.loader import StepSampler, collate, default_workers, eval_loader, train_loader
+from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
-from .metrics import accuracy, closed_set_accuracy, open_set_metrics
+from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
 
 __all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
 
@@ -58,6 +62,9 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     feature_cache: bool = True
+    feature_cache_budget_gb: Optional[float] = None  # above it features are computed on the fly
+    track_oracle: bool = False  # also score the targets' out-splits (sweeps: both DomainBed selections)
+    workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
 
 
 def _rank_world() -> tuple[int, int]:
@@ -104,12 +111,14 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Split:
-    """Images (lazy) or cached features of one set of records, with method labels/domains."""
+    """Images (decoded in loader workers) or cached features of one set of records, with method
+    labels/domains."""
 
-    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures]):
-        self.ds, self.feats = ds, feats
+    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures], workers: int = 0, pin: bool = False):
+        self.ds, self.feats, self.workers, self.pin = ds, feats, workers, pin
         self.labels = torch.as_tensor(ds.labels, dtype=torch.long)
         self.domains = torch.as_tensor(ds.domains, dtype=torch.long)
+        self._loaders = {}  # (order, batch size) -> persistent evaluation loader
 
     def __len__(self):
         return len(self.ds)
@@ -117,36 +126,59 @@ class _Split:
     def batch(self, idx: torch.Tensor) -> Batch:
         if self.feats is not None:
             return Batch(None, self.labels[idx], self.domains[idx], self.feats.index(idx))
-        items = [self.ds[int(i)] for i in idx]  # image decoding (as a DataLoader would)
-        imgs = items[0][0]
-        if isinstance(imgs, dict):
-            images = {k: torch.stack([it[0][k] for it in items]) for k in imgs}
-        else:
-            images = torch.stack([it[0] for it in items])
-        return Batch(images, self.labels[idx], self.domains[idx])
+        return Batch(*collate([self.ds[int(i)] for i in idx]))
+
+    def batches(self, order: torch.Tensor, bs: int):
+        """Batches of the items in `order`, `bs` at a time (images: through a persistent loader)."""
+        if self.feats is not None:
+            for start in range(0, len(order), bs):
+                yield self.batch(order[start:start + bs])
+            return
+        key = (hash(order.numpy().tobytes()), bs)
+        if key not in self._loaders:
+            sub = torch.utils.data.Subset(self.ds, order.tolist())
+            self._loaders[key] = eval_loader(sub, bs, workers=self.workers, pin=self.pin)
+        for images, labels, domains in self._loaders[key]:
+            yield Batch(images, labels, domains)
+
+
+def eval_batch_size(method, default: int) -> int:
+    """A transductive method pools over its paper's eval batch; others any size (speed only)."""
+    return int(method.eval_batch_size) if method.transductive else int(default)
 
 
 @torch.no_grad()
-def _logits(method, split: _Split, bs: int, device) -> torch.Tensor:
+def _logits(method, split: _Split, bs: int, device, seed: int = 0) -> torch.Tensor:
+    """Logits in the split's order, computed over seeded random batches (`eval_order`)."""
     method.eval()
+    n = len(split)
+    if n == 0:
+        return torch.zeros(0, method.num_classes)
+    bs = eval_batch_size(method, bs)
+    order = torch.from_numpy(eval_order(split.ds.records.paths, seed_hash(seed, "eval")))
     out = []
-    for start in range(0, len(split), bs):
-        idx = torch.arange(start, min(start + bs, len(split)))
-        b = split.batch(idx).to(device)
+    for b in split.batches(order, bs):
+        b = b.to(device)
         out.append(method.predict(b.features if b.features is not None else b.original()).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, method.num_classes)
+    scored = torch.cat(out)
+    logits = torch.empty_like(scored)
+    logits[order] = scored
+    return logits
 
 
 def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     C = protocol.num_classes
-    val_accs = {d: closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device), s.labels, C)
-                for d, s in val.items()}
+    val_logits = {d: _logits(method, s, cfg.eval_batch_size, device, cfg.seed) for d, s in val.items()}
+    val_accs = {d: closed_set_accuracy(val_logits[d], s.labels, C) for d, s in val.items()}
     entry = {"val_acc": float(np.mean(list(val_accs.values()))), "val_acc_by_domain": val_accs}
-    tests = {}
+    threshold = None
+    if protocol.open_set:  # the common rule: calibrated on SOURCE validation only (metrics.py)
+        threshold = calibrate_threshold(torch.cat(list(val_logits.values())), C)
+    tests, all_logits = {}, {}
     for d, s in test.items():
-        lg = _logits(method, s, cfg.eval_batch_size, device)
+        lg = all_logits[d] = _logits(method, s, cfg.eval_batch_size, device, cfg.seed)
         if protocol.open_set:
-            m = open_set_metrics(lg, s.labels, C)
+            m = open_set_metrics(lg, s.labels, C, threshold)
             m["acc"] = m["closed_acc"]
         else:
             m = {"acc": accuracy(lg, s.labels)}
@@ -155,8 +187,11 @@ def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     n = {d: len(s) for d, s in test.items()}
     entry["test"] = tests
     entry["test_acc"] = float(sum(tests[d]["acc"] * n[d] for d in tests) / max(sum(n.values()), 1))
+    if protocol.open_set:  # pooled over every held-out image, i.e. sample-weighted like test_acc
+        entry["open_set"] = open_set_metrics(torch.cat(list(all_logits.values())),
+                                             torch.cat([s.labels for s in test.values()]), C, threshold)
     if oracle:
-        entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device),
+        entry["oracle_acc"] = float(np.mean([closed_set_accuracy(_logits(method, s, cfg.eval_batch_size, device, cfg.seed),
                                                                  s.labels, C) for s in oracle.values()]))
     return entry
 
@@ -186,7 +221,7 @@ def run_training(cfg: TrainConfig) -> dict:
     records = scan(cfg.root, spec)
     protocol = make_protocol(spec, records, list(cfg.test_domains), trial_seed=cfg.seed,
                              holdout_fraction=cfg.holdout_fraction, train_domains=cfg.train_domains,
-                             oracle=cfg.selection == "oracle")
+                             oracle=cfg.selection == "oracle" or cfg.track_oracle)
     device = torch.device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
@@ -201,6 +236,20 @@ def run_training(cfg: TrainConfig) -> dict:
     eval_tf = backbone.preprocess_val
     train_tf = method.make_train_transform(eval_tf)
     cached = cfg.feature_cache and method.uses_frozen_features and train_tf is eval_tf
+    plan = CachePlan("off", reason="feature cache disabled" if not cfg.feature_cache else
+                     "the method needs augmented or trainable image features")
+    if cached:
+        n_items = len(protocol.train) + sum(len(r) for part in (protocol.val, protocol.test, protocol.oracle_val)
+                                            for r in part.values())
+        probe = ImageDataset(protocol.train, eval_tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
+        plan = plan_cache(backbone, probe, n_items, patches=method.needs_patches,
+                          layer_stats=method.needs_layer_stats, budget_gb=cfg.feature_cache_budget_gb)
+        cached = plan.cached
+    cache_keys = {}
+    workers = default_workers() if cfg.workers is None else int(cfg.workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    pin = device.type == "cuda"
 
     def split(recs, tf, name):
         ds = ImageDataset(recs, tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
@@ -209,10 +258,11 @@ def run_training(cfg: TrainConfig) -> dict:
             wid = str(getattr(backbone, "weights_id", ""))
             fkey = feature_cache_key(backbone, spec.name, recs.paths, tf, patches=method.needs_patches,
                                      layer_stats=method.needs_layer_stats, weights_id=wid)
+            cache_keys[name] = cache_keys.get(name, []) + [fkey]
             feats = compute_features(backbone, ds, patches=method.needs_patches,
                                      layer_stats=method.needs_layer_stats,
-                                     cache_dir=cache_dir / "features", key=fkey)
-        return _Split(ds, feats)
+                                     cache_dir=cache_dir / "features", key=fkey, workers=workers, pin=pin)
+        return _Split(ds, feats, workers, pin)
 
     train = split(protocol.train, train_tf, "train")
     val = {d: split(r, eval_tf, "val") for d, r in protocol.val.items()}
@@ -220,6 +270,7 @@ def run_training(cfg: TrainConfig) -> dict:
     oracle = {d: split(r, eval_tf, "oracle") for d, r in protocol.oracle_val.items()}
 
     gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
+    bs = int(hparams.get("batch_size", 32))  # per source domain (DomainBed, DPL)
     ckpt_path = out_dir / "checkpoints" / f"{key}.pt"
     start, history, losses = 0, [], []
     torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
@@ -232,16 +283,20 @@ def run_training(cfg: TrainConfig) -> dict:
 
     trainable = bool(method.trainable_parameters()) and method.optimizer is not None
     steps = cfg.steps if trainable else 0
-    bs = int(hparams.get("batch_size", 32))
+    sampler = DomainBalancedBatches(train.domains, bs, gen) if steps else None
+    step_sampler, batches = None, None
+    if steps and train.feats is None:  # images: decoded and augmented in the loader's workers
+        step_sampler = StepSampler(lambda _gen: sampler.draw()[rank::world], gen, start, steps)
+        batches = iter(train_loader(train.ds, cfg.seed, step_sampler, workers=workers, pin=pin))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
     for step in range(start, steps):
-        idx = torch.randint(len(train), (bs,), generator=gen)[rank::world]
+        batch = Batch(*next(batches)) if batches is not None else train.batch(sampler.draw()[rank::world])
         method.train()
-        out = method.update(train.batch(idx).to(device))
+        out = method.update(batch.to(device))
         losses.append(float(out.get("loss", 0.0)))
         bar.update(1)
         if out:
@@ -253,9 +308,11 @@ def run_training(cfg: TrainConfig) -> dict:
             history.append(entry)
             if rank == 0:
                 _atomic_save({"step": step + 1, "method_state": method.checkpoint_state(),
-                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "generator": step_sampler.state_after(step) if step_sampler else gen.get_state(),
+                              "torch_rng": torch.get_rng_state(),
                               "history": history, "losses": losses, "config": asdict(cfg)}, ckpt_path)
     bar.close()
+    batches = None  # ends the training loader's workers
     if not history:  # nothing trainable (zero-shot): one evaluation
         entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
         entry["step"] = 0
@@ -266,16 +323,16 @@ def run_training(cfg: TrainConfig) -> dict:
         "seed": cfg.seed, "hparams_seed": cfg.hparams_seed,
         "selection": "oracle (target-domain validation)" if cfg.selection == "oracle" else "training-domain validation",
         "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
+        "transductive": bool(method.transductive),
+        "feature_cache": {**plan.describe(), "keys": cache_keys}, "workers": workers,
+        "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
         "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
         "train_seconds": round(time.time() - t0, 2), "history": history,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
     }
     if protocol.open_set:
-        pooled = {}
-        for m in chosen["test"][cfg.test_domains[0]]:
-            pooled[m] = float(np.mean([chosen["test"][d][m] for d in cfg.test_domains]))
-        record.update({k: v for k, v in pooled.items() if k != "acc"})
+        record.update(chosen["open_set"])
     if rank == 0:
         append_record(results_path, record)
     return record

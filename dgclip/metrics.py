@@ -1,11 +1,22 @@
 """Closed-set and open-set domain-generalization metrics.
 
 Conventions: `num_known` = C known classes with labels 0..C-1; any label >= C is an unknown
-sample. Open-set logits are [N, C+1] with the last column = "unknown". Closed-set logits [N, C]
-get an unknown score of 1 - max softmax (and, where a hard unknown decision is needed, the fixed
-non-oracle rule "unknown if max softmax < `closed_threshold`").
-The names below are the record fields used in results (DESIGN.md sec. 3):
-  acc, closed_acc, known_acc, unknown_recall, h_score, h_score_swept_oracle, auroc, oscr.
+sample. Open-set logits are [N, C+1] with the last column = "unknown". Every method gets a
+known-class confidence: 1 - p(unknown) for C+1 logits, max softmax for C logits
+(`known_confidence`; the unknown score used by AUROC/OSCR is its negative).
+
+Decision rules (DESIGN.md sec. 3):
+  h_score              the COMMON rule, one for every method: unknown when the known-class
+                       confidence is below a threshold calibrated on SOURCE validation knowns
+                       only (`calibrate_threshold`: accept 95% of them); otherwise the argmax
+                       over the known columns. No target data, no labels of the target.
+  h_score_native       the method's own rule: argmax over C+1 for an open-set method; NaN for a
+                       closed-set method (it has no native unknown).
+  h_score_swept_oracle MEDIC/DAML's sweep: 10 thresholds EVENLY SPACED between the min and max
+                       confidence on the target, the best H reported: uses target labels (oracle).
+known_acc / unknown_recall belong to the common rule; auroc, oscr need no threshold.
+Record fields: closed_acc, known_acc, unknown_recall, h_score, h_score_native,
+h_score_swept_oracle, auroc, oscr, threshold.
 """
 from __future__ import annotations
 
@@ -13,11 +24,13 @@ import numpy as np
 import torch
 
 __all__ = ["accuracy", "closed_set_accuracy", "known_accuracy", "unknown_recall", "h_score",
-           "threshold_swept_h_score", "auroc", "oscr", "unknown_scores", "open_set_predictions",
-           "open_set_metrics", "OPEN_SET_METRICS"]
+           "threshold_swept_h_score", "auroc", "oscr", "unknown_scores", "known_confidence",
+           "calibrate_threshold", "threshold_predictions", "native_predictions", "open_set_predictions",
+           "open_set_metrics", "OPEN_SET_METRICS", "DEFAULT_ACCEPT_RATE"]
 
-OPEN_SET_METRICS = ("closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_swept_oracle",
-                    "auroc", "oscr")
+OPEN_SET_METRICS = ("closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_native",
+                    "h_score_swept_oracle", "auroc", "oscr")
+DEFAULT_ACCEPT_RATE = 0.95  # the common rule accepts 95% of the source-validation knowns
 
 
 def _np(x) -> np.ndarray:
@@ -48,26 +61,55 @@ def closed_set_accuracy(logits, labels, num_known: int) -> float:
     return accuracy(x[known][:, :num_known], y[known])
 
 
-def open_set_predictions(logits, num_known: int, closed_threshold: float = 0.5) -> np.ndarray:
-    """Hard (C+1)-way decisions: argmax for open-set logits; thresholded max softmax otherwise."""
+def _check_columns(x: np.ndarray, num_known: int) -> None:
+    if x.ndim != 2 or x.shape[1] not in (num_known, num_known + 1):
+        raise ValueError(f"logits have shape {x.shape}; expected [N, C={num_known}] or [N, C+1]")
+
+
+def known_confidence(logits, num_known: int) -> np.ndarray:
+    """Higher = more likely known: 1 - p(unknown) for C+1 logits, max softmax for C logits."""
     x = _np(logits)
-    if x.shape[1] == num_known + 1:
-        return x.argmax(axis=1)
-    if x.shape[1] != num_known:
-        raise ValueError(f"logits have {x.shape[1]} columns; expected C={num_known} or C+1")
+    _check_columns(x, num_known)
     p = _softmax(x)
-    pred = p.argmax(axis=1)
-    pred[p.max(axis=1) < closed_threshold] = num_known
-    return pred
+    if x.shape[1] == num_known + 1:
+        return 1.0 - p[:, num_known]
+    return p.max(axis=1)
 
 
 def unknown_scores(logits, num_known: int) -> np.ndarray:
     """Higher = more likely unknown: p(unknown) for C+1 logits, 1 - max softmax for C logits."""
+    return 1.0 - known_confidence(logits, num_known)
+
+
+def calibrate_threshold(source_val_logits, num_known: int, accept_rate: float = DEFAULT_ACCEPT_RATE) -> float:
+    """The confidence threshold that accepts `accept_rate` of the SOURCE validation images
+    (all known by construction): the (1 - accept_rate) quantile of their confidences."""
+    if not 0.0 < accept_rate <= 1.0:
+        raise ValueError(f"accept_rate must be in (0, 1], got {accept_rate}")
+    c = known_confidence(source_val_logits, num_known)
+    if c.size == 0:
+        raise ValueError("no source-validation logits to calibrate the open-set threshold on")
+    return float(np.quantile(c, 1.0 - accept_rate, method="lower"))
+
+
+def threshold_predictions(logits, num_known: int, threshold: float) -> np.ndarray:
+    """Common rule: unknown (C) when known confidence < threshold, else argmax over known columns."""
     x = _np(logits)
-    p = _softmax(x)
-    if x.shape[1] == num_known + 1:
-        return p[:, num_known]
-    return 1.0 - p.max(axis=1)
+    pred = x[:, :num_known].argmax(axis=1)
+    pred[known_confidence(x, num_known) < threshold] = num_known
+    return pred
+
+
+def native_predictions(logits, num_known: int) -> np.ndarray | None:
+    """The method's own rule: argmax over C+1 columns; None for closed-set logits."""
+    x = _np(logits)
+    _check_columns(x, num_known)
+    return x.argmax(axis=1) if x.shape[1] == num_known + 1 else None
+
+
+def open_set_predictions(logits, num_known: int, threshold: float) -> np.ndarray:
+    """Hard (C+1)-way decisions under the common rule (see `threshold_predictions`)."""
+    return threshold_predictions(logits, num_known, threshold)
 
 
 def known_accuracy(preds, labels, num_known: int) -> float:
@@ -96,18 +138,18 @@ def h_score(known_acc: float, unk_recall: float) -> float:
 
 
 def threshold_swept_h_score(logits, labels, num_known: int, num_thresholds: int = 10) -> tuple[float, float]:
-    """Best H over `num_thresholds` thresholds on the unknown score (ORACLE: uses target labels).
+    """Best H over `num_thresholds` thresholds on the known confidence (ORACLE: target labels).
 
-    Thresholds are the (i + 0.5) / n quantiles of the unknown scores; a sample is unknown when its
-    score >= threshold, else the argmax over the known columns. Returns (best H, its threshold).
+    MEDIC/DAML: thresholds evenly spaced between the min and max confidence on the evaluated set
+    (np.linspace, both ends included); a sample is unknown when its confidence < threshold, else
+    the argmax over the known columns. Returns (best H, its threshold).
     """
     x, y = _np(logits), _np(labels)
-    s = unknown_scores(x, num_known)
+    c = known_confidence(x, num_known)
     known_pred = x[:, :num_known].argmax(axis=1)
-    qs = (np.arange(num_thresholds) + 0.5) / num_thresholds
     best, best_t = -1.0, float("nan")
-    for t in np.quantile(s, qs):  # 10 thresholds, not a per-sample loop
-        pred = np.where(s >= t, num_known, known_pred)
+    for t in np.linspace(c.min(), c.max(), num_thresholds):  # 10 thresholds, not a per-sample loop
+        pred = np.where(c < t, num_known, known_pred)
         h = h_score(known_accuracy(pred, y, num_known), unknown_recall(pred, y, num_known))
         if h > best:
             best, best_t = h, float(t)
@@ -152,17 +194,27 @@ def oscr(logits, labels, num_known: int) -> float:
     return float(np.trapezoid(ccr, fpr) if hasattr(np, "trapezoid") else np.trapz(ccr, fpr))
 
 
-def open_set_metrics(logits, labels, num_known: int, closed_threshold: float = 0.5) -> dict[str, float]:
-    """Every open-set metric for one evaluation (names as in OPEN_SET_METRICS)."""
+def open_set_metrics(logits, labels, num_known: int, threshold: float) -> dict[str, float]:
+    """Every open-set metric for one evaluation (names as in OPEN_SET_METRICS).
+
+    threshold: the common rule's confidence threshold, from `calibrate_threshold` on the source
+    validation logits (never on the evaluated set).
+    """
     x, y = _np(logits), _np(labels)
-    pred = open_set_predictions(x, num_known, closed_threshold)
+    _check_columns(x, num_known)
+    pred = threshold_predictions(x, num_known, threshold)
     ka, ur = known_accuracy(pred, y, num_known), unknown_recall(pred, y, num_known)
     swept, _ = threshold_swept_h_score(x, y, num_known)
+    native = native_predictions(x, num_known)
+    h_native = float("nan") if native is None else h_score(known_accuracy(native, y, num_known),
+                                                         unknown_recall(native, y, num_known))
     return {
         "closed_acc": closed_set_accuracy(x, y, num_known),
         "known_acc": ka,
         "unknown_recall": ur,
         "h_score": h_score(ka, ur),
+        "h_score_native": h_native,
+        "threshold": float(threshold),
         "h_score_swept_oracle": swept,
         "auroc": auroc(unknown_scores(x, num_known), y >= num_known),
         "oscr": oscr(x, y, num_known),

@@ -16,7 +16,12 @@ import numpy as np
 
 from .engine import read_records
 
-__all__ = ["load_results", "summarise", "format_table", "write_csv", "plot", "METRIC_LABELS"]
+__all__ = ["load_results", "summarise", "format_table", "write_csv", "plot", "METRIC_LABELS", "select_sweep",
+           "SWEEP_SELECTIONS"]
+
+# DomainBed's two model selections over a sweep (domainbed/model_selection.py).
+SWEEP_SELECTIONS = {"training-domain": "training-domain validation (best hparam seed)",
+                    "oracle": "oracle: test-domain validation, last step (best hparam seed)"}
 
 METRIC_LABELS = {"test_acc": "accuracy"}
 
@@ -32,6 +37,36 @@ def load_results(path) -> list[dict]:
     for f in files:
         records += read_records(f)
     return records
+
+
+def select_sweep(records: list[dict]) -> list[dict]:
+    """DomainBed model selection over a sweep: one record per (dataset, method, test domain, trial
+    seed) and selection, holding the test accuracy of the chosen hyper-parameter seed.
+
+    training-domain: each run at its best source-validation step (ties: earliest), then the
+      hparam seed with the highest such validation accuracy (ties: lowest seed).
+    oracle: each run at its LAST step (no early stopping, as DomainBed), then the hparam seed
+      with the highest test-domain out-split accuracy; needs runs that tracked it (sweep jobs do).
+    """
+    from .engine import _select
+
+    groups = defaultdict(dict)  # (dataset, method, test_domain, seed) -> hparams_seed -> record
+    for r in records:
+        if r.get("history"):
+            groups[(r["dataset"], r["method"], r["test_domain"], r["seed"])][r["hparams_seed"]] = r
+    out = []
+    for (dataset, method, test_domain, seed), runs in sorted(groups.items()):
+        base = {"dataset": dataset, "method": method, "test_domain": test_domain, "seed": seed,
+                "n_hparams": len(runs)}
+        picks = {"training-domain": [(_select(r["history"], "training-domain"), h) for h, r in runs.items()]}
+        if all("oracle_acc" in r["history"][-1] for r in runs.values()):
+            picks["oracle"] = [(r["history"][-1], h) for h, r in runs.items()]
+        for sel, cands in picks.items():
+            key = "oracle_acc" if sel == "oracle" else "val_acc"
+            entry, h = max(cands, key=lambda c: (c[0][key], -c[1]))
+            out.append({**base, "selection": SWEEP_SELECTIONS[sel], "hparams_seed": h, "test_acc": entry["test_acc"],
+                        "val_acc": entry[key], "selected_step": entry["step"]})
+    return out
 
 
 def _mse(vals) -> tuple[float, float, int]:

@@ -164,6 +164,23 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     raise BackendUnavailableError(f"dgkernels.{op}: no backend can run {device.type} tensors: " + "; ".join(reasons))
 
 
+@torch.compiler.assume_constant_result
+def _select_name(op: str, device_type: str, backend: str | None) -> str:
+    return select(op, torch.device(device_type), backend)[0]
+
+
+def select_name(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The name `select` would return, usable while torch.compile traces: it runs eagerly at trace
+    time (environment, `use_backend` and availability are read then, never in the graph) and
+    enters the graph as a constant. A compiled function keeps the backend it was traced with."""
+    return _select_name(op, device.type, backend)
+
+
+def impl_of(op: str, name: str) -> object:
+    """The implementation registered for (op, backend name); called by the custom ops at run time."""
+    return _REGISTRY[op][name]
+
+
 def explain(op: str, device: torch.device | str = "cpu") -> dict[str, str]:
     """For each backend, '' if it would run `op` on `device`, else the reason it would not."""
     device = torch.device(device)

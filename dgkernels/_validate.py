@@ -1,10 +1,36 @@
-"""Argument checks shared by every op: each error names the argument and what it got."""
+"""Argument checks shared by every op: each error names the argument and what it got.
+
+Value checks (index ranges, a positive scale held in a tensor) read tensor data. In eager mode
+they run on the host and raise ValueError. Inside torch.compile they cannot (a host read is a graph
+break and, on GPU, a synchronisation), so there they become one traced `torch._assert_async` per
+check, a device-side assert that fails the call at run time (RuntimeError on CPU; on CUDA a
+device-side assert, which poisons the CUDA context), or nothing at all with
+DGKERNELS_COMPILED_CHECKS=0 (read when a function is traced). Shape, dtype and device checks
+are static and run in both modes with the same messages.
+"""
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable
 
 import torch
+
+_COMPILED_CHECKS_ENV = "DGKERNELS_COMPILED_CHECKS"
+
+
+def compiling() -> bool:
+    """True while torch.compile (dynamo) traces the calling code."""
+    return torch.compiler.is_compiling()
+
+
+def _compiled_checks() -> bool:
+    return os.environ.get(_COMPILED_CHECKS_ENV, "1").strip() not in ("0", "off", "false", "")
+
+
+def _device_assert(cond: torch.Tensor, msg: str) -> None:
+    if _compiled_checks():
+        torch._assert_async(cond.all(), msg)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,6 +58,12 @@ def check_index(name: str, t, size: int, *, length: int | None = None, ignore_in
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name} must have {length} entries, got {t.shape[0]}")
     if t.numel() == 0:
+        return
+    if compiling():
+        ok = (t >= 0) & (t < size)
+        if ignore_index is not None:
+            ok = ok | (t == ignore_index)
+        _device_assert(ok, f"{name} values must lie in [0, {size})")
         return
     valid = t if ignore_index is None else t[t != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
@@ -61,7 +93,10 @@ def check_positive_scalar(name: str, value) -> None:
             raise ValueError(f"{name} must be a scalar or a one-element tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if value.device.type != "meta":
+        if compiling():
+            v = value.detach()
+            _device_assert(torch.isfinite(v) & (v > 0), f"{name} must be finite and > 0")
+        elif value.device.type != "meta":
             v = float(value.detach())
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{name} must be finite and > 0, got {v}")

@@ -47,3 +47,27 @@ def test_offline_open_clip_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneError, match="Put the checkpoint in"):
         load_backbone("RN50", str(tmp_path / "missing.bin"), cache_dir=tmp_path)
+
+
+def test_unreachable_hub_loads_from_the_cache_only(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE: one bounded reachability check, then cache-only loading, so
+    a missing checkpoint fails at once (it took ~50 s of download retries before)."""
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import dgclip.backbone as bb
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=3.0: False)
+    before = constants.HF_HUB_OFFLINE
+    t0 = time.time()
+    with bb._offline_unless_reachable("openai"):
+        assert constants.HF_HUB_OFFLINE
+        with pytest.raises(Exception, match="(?i)offline|cache|connection"):
+            huggingface_hub.hf_hub_download("timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin",
+                                            cache_dir=str(tmp_path))
+    assert time.time() - t0 < 10 and constants.HF_HUB_OFFLINE == before
+    with bb._offline_unless_reachable(str(tmp_path)):  # a local path: no check, nothing changed
+        assert constants.HF_HUB_OFFLINE == before

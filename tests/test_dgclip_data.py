@@ -41,6 +41,8 @@ def test_split_in_out_deterministic_and_disjoint():
     assert len(a_out) == 20 and not set(a_in) & set(a_out) and len(set(a_in) | set(a_out)) == 100
     c_in, _ = split_in_out(100, 0.2, 8)
     assert not (a_in == c_in).all()
+    # DomainBed keeps the shuffled order: never sorted back into the class-by-class listing
+    assert not (np.diff(a_in) > 0).all() and not (np.diff(a_out) > 0).all()
 
 
 def test_leave_one_domain_out_protocol(data_root):
@@ -77,12 +79,60 @@ def test_open_set_protocol(data_root):
     assert set(np.unique(test_labels)) == set(range(7))  # 6 known + unknown (=6)
 
 
-def test_daml_style_subsets():
+# The published ODG-CLIP / SeeCLIP OfficeHome split (Art, Clipart, Product -> Real World), by name.
+OH_TARGET_KNOWN = ["Alarm_Clock", "Bed", "Bike", "Candles", "Chair", "Desk_Lamp", "Drill", "Flipflops", "Flowers",
+                   "Folder", "Laptop", "Marker", "Monitor", "Pencil", "Postit_Notes", "Printer"]
+OH_UNKNOWN = ["Sneakers", "Soda", "Speaker", "Spoon", "TV", "Table", "Telephone", "ToothBrush", "Toys", "Trash_Can",
+              "Webcam"]
+
+
+def test_published_open_set_splits_by_name():
+    from dgclip.data.catalog import OFFICEHOME_CLASSES, MINI_DOMAINNET_CLASSES
+
+    oh = get_spec("officehome-open").open_set
+    assert list(oh.target_known) == OH_TARGET_KNOWN and list(oh.unknown) == OH_UNKNOWN
+    art, clipart, product = oh.source_patterns
+    assert list(art) == list(OFFICEHOME_CLASSES[0:15] + OFFICEHOME_CLASSES[21:32])
+    assert list(clipart) == list(OFFICEHOME_CLASSES[0:9] + OFFICEHOME_CLASSES[15:21] + OFFICEHOME_CLASSES[32:43])
+    assert list(product) == list(OFFICEHOME_CLASSES[0:3] + OFFICEHOME_CLASSES[9:21] + OFFICEHOME_CLASSES[43:54])
+    assert set(art) | set(clipart) | set(product) == set(oh.known) == set(OFFICEHOME_CLASSES[:54])
+    medic = get_spec("officehome-open-medic").open_set
+    assert medic.known[-1] == "Oven" and medic.unknown[0] == "Pan" and len(medic.unknown) == 25
+    pacs = get_spec("pacs-open-odgclip").open_set
+    assert pacs.source_patterns == (("guitar", "dog", "elephant"), ("horse", "dog", "giraffe"),
+                                    ("house", "elephant", "giraffe")) and pacs.unknown == ("person",)
+    assert get_spec("pacs-open").open_set.source_patterns is None  # SeeCLIP / MEDIC: homogeneous
+    vlcs = get_spec("vlcs-open-odgclip").open_set
+    assert vlcs.source_patterns == (("bird", "car"), ("car", "chair"), ("chair", "dog"))
+    dg = get_spec("digits-dg-open-odgclip").open_set
+    assert dg.source_patterns == (("0", "1", "2"), ("2", "3", "4"), ("4", "5", "6")) and dg.unknown == ("7", "8", "9")
+    assert get_spec("digits-dg-open").open_set.unknown == ("6", "7", "8", "9")
+    mini = get_spec("mini-domainnet-open").open_set
+    want_tk = [MINI_DOMAINNET_CLASSES[i] for r in ((0, 4), (8, 17), (25, 34), (43, 47), (75, 79), (83, 87))
+               for i in range(r[0], r[1] + 1)]
+    assert list(mini.target_known) == want_tk and len(want_tk) == 40
+    assert list(mini.unknown) == list(MINI_DOMAINNET_CLASSES[90:]) and len(mini.known) == 90
+
+
+def test_odgclip_protocol_filters_sources_and_target(tmp_path):
     spec = get_spec("officehome-open")
-    per = spec.open_set.per_source_known
-    assert all(len(v) == 28 for v in per.values())
-    assert set().union(*map(set, per.values())) == set(spec.open_set.known)
-    assert not set().union(*map(set, per.values())) & set(spec.open_set.unknown)
+    _tiny_tree(tmp_path, spec, n=1)
+    records = scan(tmp_path, spec)
+    prot = make_protocol(spec, records, ["Real World"], trial_seed=0, holdout_fraction=0.5)
+    d = prot.describe()
+    assert d["target_known"] == OH_TARGET_KNOWN and d["target_unknown"] == OH_UNKNOWN
+    assert d["source_classes"]["Art"] == list(spec.open_set.source_patterns[0])
+    train_classes = {dom: {spec.classes[c] for c, dd in zip(prot.train.labels, prot.train.domains)
+                           if spec.domains[dd] == dom} for dom in ("Art", "Clipart", "Product")}
+    for i, dom in enumerate(("Art", "Clipart", "Product")):
+        assert train_classes[dom] <= set(spec.open_set.source_patterns[i])
+    test_classes = {spec.classes[c] for c in prot.test["Real World"].labels}
+    assert test_classes <= set(OH_TARGET_KNOWN) | set(OH_UNKNOWN) and set(OH_UNKNOWN) & test_classes
+    # another target: the same pattern on the sources in DomainBed order
+    prot = make_protocol(spec, records, ["Art"], trial_seed=0, holdout_fraction=0.5)
+    assert prot.describe()["source_classes"]["Clipart"] == list(spec.open_set.source_patterns[0])
+    with pytest.raises(DataError, match="3 sources by position"):
+        make_protocol(spec, records, ["Art"], train_domains=["Clipart"])
 
 
 def _tiny_tree(root, spec, n=2, corrupt=False, skip_domain=None, skip_class=None):

@@ -10,7 +10,7 @@ import torch
 
 from dgclip.cli import main
 from dgclip.engine import TrainConfig, read_records, run_training
-from tests.dgclip_fixtures import cache_dir, data_root  # noqa: F401
+from tests.dgclip_fixtures import backbone, cache_dir, data_root  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,8 @@ def test_record_fields_and_open_set(data_root, cache_dir, tmp_path):
     rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="zero-shot", dataset="rotated-digits-open",
                             test_domains=["rot30"], hparams={}))
     for k in ("method", "dataset", "test_domain", "seed", "selection", "test_acc", "config", "versions",
-              "protocol", "closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_swept_oracle",
-              "auroc", "oscr"):
+              "protocol", "closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_native",
+              "h_score_swept_oracle", "auroc", "oscr", "threshold"):
         assert k in rec, k
     assert rec["selection"] == "training-domain validation" and rec["protocol"]["num_known"] == 6
     orc = run_training(_cfg(data_root, cache_dir, tmp_path, selection="oracle"))
@@ -131,3 +131,112 @@ def test_cli_train_results_datasets(data_root, cache_dir, tmp_path, capsys):
     assert main(run) == 0
     assert main(["eval", "--checkpoint", str(next((ck / "checkpoints").iterdir()))]) == 0
     assert '"test_acc"' in capsys.readouterr().out
+
+
+def test_batches_draw_batch_size_per_source_domain(data_root, cache_dir, tmp_path, monkeypatch):
+    """DomainBed / DPL: every step holds batch_size images of EACH source domain."""
+    from dgclip.methods.coop import CoOp
+
+    seen = []
+    orig = CoOp.update
+
+    def spy(self, batch):
+        seen.append(torch.bincount(batch.domains, minlength=self.num_domains).tolist())
+        return orig(self, batch)
+
+    monkeypatch.setattr(CoOp, "update", spy)
+    run_training(_cfg(data_root, cache_dir, tmp_path, steps=3, eval_every=3))
+    assert seen == [[8] * 5] * 3
+
+
+def test_domain_balanced_batches_errors_and_resume():
+    from dgclip.data.sampling import DomainBalancedBatches
+
+    dom = torch.tensor([0, 0, 1, 1, 1, 2])
+    g = torch.Generator().manual_seed(3)
+    s = DomainBalancedBatches(dom, 4, g)
+    state = g.get_state()
+    a = s.draw()
+    assert (dom[a] == torch.arange(3).repeat_interleave(4)).all()
+    g.set_state(state)
+    assert (s.draw() == a).all()
+    with pytest.raises(ValueError, match="no training items"):
+        DomainBalancedBatches(torch.tensor([0, 2]), 4, g)
+    with pytest.raises(ValueError, match="batch_size"):
+        DomainBalancedBatches(dom, 0, g)
+
+
+def _test_split(data_root, backbone, order=None):
+    from dgclip.data.catalog import get_spec
+    from dgclip.data.domainbed import ImageDataset, scan
+    from dgclip.data.splits import make_protocol
+    from dgclip.engine import _Split
+
+    spec = get_spec("rotated-digits")
+    protocol = make_protocol(spec, scan(str(data_root), spec), ["rot75"], trial_seed=0)
+    recs = protocol.test["rot75"]
+    if order is not None:
+        recs = recs.subset(order(recs))
+    ds = ImageDataset(recs, backbone.preprocess_val, label_map=protocol.label_map, domain_map=protocol.domain_map)
+    return protocol, _Split(ds, None)
+
+
+def test_transductive_eval_is_independent_of_listing_order(data_root, backbone):  # noqa: F811
+    """DPL's batch-mean prompt must not see the class-by-class listing: same logits per image for
+    class-sorted, reversed and shuffled listings, and no eval batch is one or two classes."""
+    import numpy as np
+
+    from dgclip.engine import _logits
+    from dgclip.methods import get_method
+
+    protocol, base = _test_split(data_root, backbone)
+    m = get_method("dpl")(backbone, protocol.classnames, 5, {})
+    assert m.transductive and m.eval_batch_size == 64
+    ref = _logits(m, base, 256, "cpu")
+    by_path = dict(zip(base.ds.records.paths, ref))
+    for order in (lambda r: np.argsort(r.labels, kind="stable"), lambda r: np.arange(len(r))[::-1].copy(),
+                  lambda r: np.random.RandomState(5).permutation(len(r))):
+        _, s = _test_split(data_root, backbone, order)
+        lg = _logits(m, s, 256, "cpu")
+        for p, row in zip(s.ds.records.paths, lg):
+            torch.testing.assert_close(row, by_path[p], rtol=0, atol=1e-5)
+    # the seeded eval batches mix classes although the listing is class-sorted
+    from dgclip.data.sampling import eval_order
+    from dgclip.data.splits import seed_hash
+
+    _, s = _test_split(data_root, backbone, lambda r: np.argsort(r.labels, kind="stable"))
+    order = eval_order(s.ds.records.paths, seed_hash(0, "eval"))
+    for start in range(0, len(order) - 63, 64):
+        assert len(set(s.labels[order[start:start + 64]].tolist())) >= 6
+    assert not get_method("dpl")(backbone, protocol.classnames, 5, {"test_prompt": "instance"}).transductive
+
+
+def test_transductive_flag_in_record(data_root, cache_dir, tmp_path):
+    rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="dpl", steps=2, eval_every=2))
+    assert rec["transductive"] is True and rec["eval_batch_size"] == 64
+    rec = run_training(_cfg(data_root, cache_dir, tmp_path, steps=2, eval_every=2))
+    assert rec["transductive"] is False
+
+
+def test_open_set_metrics_pool_held_out_domains_by_sample(data_root, cache_dir, tmp_path):
+    """Several held-out domains: open-set metrics over the union of their images (sample-weighted,
+    like test_acc), the common threshold calibrated on source validation only."""
+    import math
+
+    import numpy as np
+
+    from dgclip.data.catalog import get_spec
+    from dgclip.data.domainbed import scan
+    from dgclip.data.splits import make_protocol
+
+    doms = ["rot60", "rot75"]
+    rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="zero-shot", dataset="rotated-digits-open",
+                            test_domains=doms, hparams={}))
+    spec = get_spec("rotated-digits-open")
+    prot = make_protocol(spec, scan(str(data_root), spec), doms, trial_seed=0)
+    known = {d: int((prot.label_map[prot.test[d].labels] < 6).sum()) for d in doms}
+    per = rec["history"][0]["test"]
+    want = sum(per[d]["closed_acc"] * known[d] for d in doms) / sum(known.values())
+    assert rec["closed_acc"] == pytest.approx(want, abs=1e-9)
+    assert per["rot60"]["threshold"] == per["rot75"]["threshold"] == rec["threshold"]
+    assert math.isnan(rec["h_score_native"])  # zero-shot is closed-set: no native unknown

@@ -25,7 +25,7 @@ def test_accuracy_and_closed_set():
 
 
 def test_known_accuracy_unknown_recall_h():
-    pred = M.open_set_predictions(LOGITS, 3)
+    pred = M.native_predictions(LOGITS, 3)
     assert list(pred) == [0, 1, 3, 0, 3, 0]
     assert M.known_accuracy(pred, LABELS, 3) == pytest.approx(2 / 4)
     assert M.unknown_recall(pred, LABELS, 3) == pytest.approx(1 / 2)
@@ -36,8 +36,9 @@ def test_known_accuracy_unknown_recall_h():
 
 def test_closed_logits_threshold_rule():
     logits = np.log(np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]]))
-    assert list(M.open_set_predictions(logits, 3, closed_threshold=0.5)) == [0, 3]
+    assert list(M.threshold_predictions(logits, 3, 0.5)) == [0, 3]
     np.testing.assert_allclose(M.unknown_scores(logits, 3), [0.1, 0.6], rtol=1e-6)
+    assert M.native_predictions(logits, 3) is None  # a closed-set method has no native unknown
 
 
 def test_auroc_hand_cases():
@@ -62,16 +63,38 @@ def test_oscr_hand_cases():
     assert M.oscr(np.log(p), np.array([2, 0, 1, 2]), 2) == pytest.approx(0.25)
 
 
-def test_threshold_swept_h_is_at_least_fixed_h():
+def test_threshold_swept_h_uses_medic_evenly_spaced_thresholds():
     best, t = M.threshold_swept_h_score(LOGITS, LABELS, 3)
-    fixed = M.open_set_metrics(LOGITS, LABELS, 3)["h_score"]
-    assert best >= fixed - 1e-12 and 0 <= best <= 1
+    c = M.known_confidence(LOGITS, 3)
+    grid = np.linspace(c.min(), c.max(), 10)
+    assert np.isclose(grid, t).any() and 0 <= best <= 1
+    hs = [M.open_set_metrics(LOGITS, LABELS, 3, threshold=g)["h_score"] for g in grid]
+    assert best == pytest.approx(max(hs))
     # separable scores: some threshold gets H = 1
     logits = np.array([[5.0, 0.0, -9.0], [0.0, 5.0, -9.0], [0.0, 0.0, 9.0], [0.0, 0.0, 9.0]])
     assert M.threshold_swept_h_score(logits, np.array([0, 1, 2, 2]), 2)[0] == pytest.approx(1.0)
 
 
-def test_open_set_metrics_names():
-    m = M.open_set_metrics(LOGITS, LABELS, 3)
-    assert set(m) == set(M.OPEN_SET_METRICS)
-    assert m["known_acc"] == pytest.approx(0.5) and m["unknown_recall"] == pytest.approx(0.5)
+def test_open_set_metrics_names_and_rules():
+    # threshold 0.5 on 1 - p(unknown): rows 2 and 4 are unknown, the rest argmax over known columns
+    m = M.open_set_metrics(LOGITS, LABELS, 3, threshold=0.5)
+    assert set(m) == set(M.OPEN_SET_METRICS) | {"threshold"}
+    assert m["known_acc"] == pytest.approx(2 / 4) and m["unknown_recall"] == pytest.approx(1 / 2)
+    assert m["h_score_native"] == pytest.approx(0.5)
+    closed = M.open_set_metrics(LOGITS[:, :3], LABELS, 3, threshold=0.5)
+    assert math.isnan(closed["h_score_native"]) and 0 <= closed["h_score"] <= 1
+
+
+def test_common_rule_threshold_accepts_95_percent_of_source_validation():
+    rng = np.random.default_rng(0)
+    val = rng.normal(size=(400, 5)) * 3
+    t = M.calibrate_threshold(val, 5)
+    accepted = (M.known_confidence(val, 5) >= t).mean()
+    assert 0.95 <= accepted <= 0.955
+    # the same rule for a closed-set and an open-set method: confidence 1 - p(unknown) vs max softmax
+    t_open = M.calibrate_threshold(np.c_[val, rng.normal(size=400)], 5)
+    assert 0 < t_open < 1
+    with pytest.raises(ValueError, match="accept_rate"):
+        M.calibrate_threshold(val, 5, accept_rate=0.0)
+    with pytest.raises(ValueError, match="expected"):
+        M.open_set_metrics(val, np.zeros(400, dtype=int), 3, threshold=0.5)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dgclip.methods.prompt_modules import AttentionPromptGenerator, SemanticTokenizer, StackedLinear, StyleContentShift
-from dgclip.methods.pseudo_unknown import FeatureSpaceUnknowns, UnknownRequest, count_for, different_class_partner
+from dgclip.methods.pseudo_unknown import (FeatureSpaceUnknowns, UnknownRequest, count_for, different_class_partner,
+                                           per_domain_anchors)
 from dgclip.methods.training import cosine_with_constant_warmup
 
 
@@ -72,13 +73,14 @@ def test_feature_unknowns_mix_different_classes_and_shift_tokens_by_eps():
     labels = torch.tensor([0, 0, 1, 2, 1, 0, 2, 1])
     pooled, patches = torch.randn(8, 4), torch.randn(8, 5, 4)
     g = torch.Generator().manual_seed(3)
-    out = gen(UnknownRequest(pooled, patches, labels, torch.arange(8) % 2), generator=g)
-    assert out.pooled.shape == (4, 4) and out.patches.shape == (4, 5, 4) and out.domains.shape == (4,)
-    # replay the draws: anchors, partners, lam, eps
+    domains = torch.arange(8) % 2
+    out = gen(UnknownRequest(pooled, patches, labels, domains), generator=g)
+    assert out.pooled.shape == (4, 4) and out.patches.shape == (4, 5, 4) and out.domains.tolist() == [0, 0, 1, 1]
+    # replay the draws: anchors (2 per domain), partners (other class, same domain), lam, eps
     g = torch.Generator().manual_seed(3)
-    anchors = torch.randperm(8, generator=g)[:4]
-    partners = different_class_partner(labels, anchors, g)
-    assert (labels[anchors] != labels[partners]).all()
+    anchors = per_domain_anchors(domains, 0.5, g)
+    partners = different_class_partner(labels, anchors, g, domains)
+    assert (labels[anchors] != labels[partners]).all() and (domains[anchors] == domains[partners]).all()
     lam = 0.3 + 0.4 * torch.rand(4, 1, generator=g)
     eps = torch.randn(4, 4, generator=g)
     mixed = lam * pooled[anchors] + (1 - lam) * pooled[partners]
@@ -92,7 +94,12 @@ def test_feature_unknowns_mix_different_classes_and_shift_tokens_by_eps():
 
 
 def test_feature_unknowns_counts_and_single_class_batch():
+    # max(1, int(ratio * B)) as the released scripts (not round: 0.1 * 16 -> 1)
     assert count_for(32, 0.1) == 3 and count_for(4, 0.1) == 1 and count_for(4, 0.0) == 0
+    assert count_for(16, 0.1) == 1 and count_for(19, 0.1) == 1
+    dom = torch.tensor([0] * 16 + [1] * 32 + [2] * 5)
+    anchors = per_domain_anchors(dom[torch.randperm(53)], 0.1, torch.Generator().manual_seed(0))
+    assert anchors.numel() == 1 + 3 + 1
     labels = torch.zeros(4, dtype=torch.long)
     partners = different_class_partner(labels, torch.tensor([1, 3]), None)
     assert partners.tolist() == [1, 3]  # no other class: the anchor itself (noise only)
@@ -171,3 +178,23 @@ def test_gopro_original_view_without_mirroring_keeps_full_image():
     assert all(np.array_equal(s, np.array(img)) for s in same)
     flipped = [np.array(original_view((1.0, 1.0), hflip=True)(img)) for _ in range(16)]
     assert any(np.array_equal(f, np.array(img)[:, ::-1]) for f in flipped)
+
+
+def test_gopro_augmix_uses_tpt_ops_after_crop_and_flip(monkeypatch):
+    """Issue 12.6: TPT's AugMix list has no colour/contrast/brightness/sharpness ops, and the
+    AugMix view is cropped/flipped like the original view first."""
+    from torchvision import transforms as T
+
+    from dgclip.methods.views import augmix_view
+
+    tpt = augmix_view("tpt")
+    mix = tpt.transforms[-1]
+    ops = set(mix._augmentation_space(10, (32, 32)))
+    assert ops == {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize",
+                   "AutoContrast", "Equalize"}
+    assert type(tpt.transforms[0]).__name__ == "_OwnSizeCrop"
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in tpt.transforms)
+    full = augmix_view("torchvision").transforms[-1]
+    assert {"Brightness", "Color", "Contrast", "Sharpness"} <= set(full._augmentation_space(10, (32, 32)))
+    with pytest.raises(ValueError, match="augmix_ops"):
+        augmix_view("colour")

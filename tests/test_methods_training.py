@@ -102,7 +102,7 @@ def test_gopro_losses_match_formulas(backbone):
     text = torch.stack([m.encoder(m.ctx + m.shift(feats.layer_mean[i:i + 1], feats.layer_std[i:i + 1])[0]) [0]
                         for i in range(3 * B)]).view(3, B, len(CLASSES), -1)
     pooled = feats.pooled.view(3, B, -1)
-    p_o, p_m = m.projector(pooled[0]), m.projector(pooled[1])
+    p_o, p_m = m.project(pooled[0]), m.project(pooled[1])
     logits = backbone.logit_scale * F.normalize(p_o, dim=-1)[:, None, :].mul(F.normalize(text[0], dim=-1)).sum(-1)
     ce = F.cross_entropy(logits, batch.labels)
     t = F.normalize(text, dim=-1)
@@ -124,10 +124,30 @@ def test_gopro_projector_option(backbone):
         m = _make("gopro", backbone, projector_feeds_logits=feeds)
         m.eval()
         feats = backbone.image_features(batch.images["original"], layer_stats=True)
-        image = m.projector(feats.pooled) if feeds else feats.pooled
+        image = m.project(feats.pooled) if feeds else feats.pooled
         want = backbone.logit_scale * torch.einsum("be,bke->bk", F.normalize(image, dim=-1),
                                                    F.normalize(m.text_features(feats), dim=-1))
         torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gopro_defaults_start_from_zero_shot(backbone):
+    """Issue 12.1: P_v feeds the logits by default, so it must start as the identity: GOPro's
+    first predictions are zero-shot CLIP's ("a photo of a {}."), in train and eval mode."""
+    from dgclip.methods import get_method
+
+    batch = _batch(views=True)
+    m = _make("gopro", backbone)
+    zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
+    feats = backbone.image_features(batch.images["original"], layer_stats=True)
+    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    torch.testing.assert_close(m.predict(batch.images), zs.predict(batch.images["original"]), atol=1e-4, rtol=1e-4)
+    m.train()
+    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    assert m.projector[1].weight.requires_grad
+    old = _make("gopro", backbone, projector_init="random")
+    assert not torch.allclose(old.project(feats.pooled), feats.pooled)
+    with pytest.raises(ValueError, match="projector_init must be one of"):
+        _make("gopro", backbone, projector_init="eye")
 
 
 def test_gopro_trains_frozen_backbone(backbone):
@@ -169,15 +189,48 @@ def test_seeclip_losses_match_formulas(backbone):
     torch.testing.assert_close(out["rep"], rep, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["coh"], coh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["reg"], reg)
-    torch.testing.assert_close(out["loss"], ali + rep + 0.5 * coh + 0.01 * reg, atol=1e-4, rtol=1e-4)
+    # effective L_reg weight 1e-4: lambda 0.01 (Eq. 7) inside gamma 0.01 (Eq. 11)
+    torch.testing.assert_close(out["loss"], ali + rep + 0.5 * coh + 1e-4 * reg, atol=1e-4, rtol=1e-4)
+    batch_coh = _make("seeclip", backbone, unknown_generator="none", coh_centroid="batch")
+    batch_coh.load_state_dict(m.state_dict())
+    want = ((F.normalize(unk, dim=-1) - F.normalize(known, dim=-1).mean((0, 1))) ** 2).mean()
+    torch.testing.assert_close(batch_coh.losses(feats.pooled, feats.patches, labels)["coh"], want, atol=1e-5, rtol=1e-4)
     assert m.predict(batch.images).shape == (B, len(CLASSES) + 1)
 
 
 def test_seeclip_pseudo_unknowns_join_the_batch(backbone):
-    m = _make("seeclip", backbone, unknown_ratio=0.5)
+    # released scripts: max(1, int(0.1 B)) PER SOURCE DOMAIN per step: 3 images per domain here
+    for ratio, n in ((0.1, 2), (0.5, 2), (0.7, 4)):
+        m = _make("seeclip", backbone, unknown_ratio=ratio)
+        pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
+        assert pooled.shape[0] == patches.shape[0] == labels.shape[0] == B + n, ratio
+        assert (labels[B:] == len(CLASSES)).all() and (labels[:B] < len(CLASSES)).all()
+
+
+def test_seeclip_pixel_composite_unknowns(backbone):
+    """Composites of two known images of different classes (same domain), in pixel space,
+    encoded by the frozen tower; SeeCLIP then needs images (no feature cache)."""
+    from dgclip.methods.pseudo_unknown import PixelCompositeUnknowns, UnknownRequest
+
+    m = _make("seeclip", backbone, unknown_generator="pixel_composite", unknown_ratio=0.5)
+    assert not m.uses_frozen_features and isinstance(m.generator, PixelCompositeUnknowns)
     pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
-    assert pooled.shape[0] == patches.shape[0] == labels.shape[0] == B + 3
-    assert (labels[B:] == len(CLASSES)).all() and (labels[:B] < len(CLASSES)).all()
+    assert pooled.shape[0] == B + 2 and (labels[B:] == len(CLASSES)).all()
+    a, b = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    out = PixelCompositeUnknowns.compose(a, b, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out[0], torch.maximum(a[0], b[0]))
+    torch.testing.assert_close(out[1, :, :4], a[1, :, :4]) and torch.testing.assert_close(out[1, :, 4:], b[1, :, 4:])
+    torch.testing.assert_close(out[2, :, :, :4], a[2, :, :, :4])
+    torch.testing.assert_close(out[2, :, :, 4:], b[2, :, :, 4:])
+    seen = {}
+    gen = PixelCompositeUnknowns(lambda x: (seen.setdefault("x", x).mean((2, 3)), x.flatten(2).transpose(1, 2)), 0.5)
+    imgs = torch.rand(6, 3, 8, 8)
+    res = gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.tensor([0, 1, 2, 3, 4, 1]),
+                             torch.tensor([0, 0, 1, 1, 0, 1]), imgs), generator=torch.Generator().manual_seed(1))
+    assert seen["x"].shape == (2, 3, 8, 8) and res.domains.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="images"):
+        gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.zeros(6, dtype=torch.long),
+                           torch.zeros(6, dtype=torch.long)))
 
 
 def test_seeclip_trains_frozen_backbone(backbone):

@@ -20,17 +20,35 @@ class UnknownDatasetError(KeyError):
 
 @dataclass(frozen=True)
 class OpenSetSpec:
-    """Known classes (trained on) and target-only unknown classes.
+    """Known classes (trained on) and target-only unknown classes, all by NAME.
 
-    per_source_known: for DAML-style splits, maps a domain name to the known classes present in
-    that domain when it is a source (others are removed from its training data); None = every
-    source domain carries every known class (homogeneous).
+    per_source_known: maps a domain name to the known classes it carries when it is a source
+    (others are removed from its training data); None = homogeneous (every source carries every
+    known class).
+    source_patterns: ODG-CLIP / DAML splits: the known classes of source 1, 2, 3 BY POSITION
+    (the sources in DomainBed order, whichever domain is the target); needs exactly that many
+    sources.
+    target_known: the known classes kept in the target's test set (None = every known class);
+    target images of other known classes are left out, as in the published protocols.
     """
 
     known: tuple[str, ...]
     unknown: tuple[str, ...]
     per_source_known: Optional[dict] = None
     note: str = ""
+    source_patterns: Optional[tuple] = None
+    target_known: Optional[tuple] = None
+
+    def source_classes(self, sources: list[str]) -> Optional[dict]:
+        """{source domain: its known classes} for this run's sources, or None (homogeneous)."""
+        if self.source_patterns is not None:
+            if len(sources) != len(self.source_patterns):
+                raise ValueError(f"this open-set split defines {len(self.source_patterns)} sources by position; "
+                                 f"got {len(sources)}: {sources}")
+            return {d: tuple(p) for d, p in zip(sources, self.source_patterns)}
+        if self.per_source_known is not None:
+            return {d: tuple(self.per_source_known.get(d, self.known)) for d in sources}
+        return None
 
 
 @dataclass(frozen=True)
@@ -142,16 +160,43 @@ def _without(classes, drop):
     return tuple(c for c in classes if c not in drop)
 
 
-def _officehome_daml(domains) -> dict:
-    """DAML-style per-source known subsets (INFERRED: the exact published lists were not
-    available here). Known = the first 54 classes (sorted order), unknown = the last 11 (target
-    only). Classes 0-14 are shared by every source; the remaining 39 known classes are split into
-    three private blocks of 13, the i-th domain (DomainBed order) owning block i mod 3, so each
-    source sees 28 known classes and the sources jointly cover all 54."""
-    known = OFFICEHOME_CLASSES[:54]
-    shared, private = known[:15], known[15:]
-    blocks = [private[i * 13:(i + 1) * 13] for i in range(3)]
-    return {d: tuple(shared) + tuple(blocks[i % 3]) for i, d in enumerate(domains)}
+def _idx(*parts) -> tuple[int, ...]:
+    """Class indices from ints and inclusive (lo, hi) ranges, in the order given."""
+    out = []
+    for p in parts:
+        out += list(range(p[0], p[1] + 1)) if isinstance(p, tuple) else [p]
+    return tuple(out)
+
+
+def _names(classes, idx) -> tuple[str, ...]:
+    return tuple(classes[i] for i in idx)
+
+
+def _odg_split(classes, sources, known, target_known, unknown, note) -> OpenSetSpec:
+    """An ODG-CLIP / DAML split from DESIGN.md sec. 3's index table (sorted class folders)."""
+    return OpenSetSpec(_names(classes, known), _names(classes, unknown), note=note,
+                       source_patterns=tuple(_names(classes, p) for p in sources),
+                       target_known=_names(classes, target_known))
+
+
+# ODG-CLIP (CVPR 2024) / DAML index patterns, applied to sorted class folders as ODG-CLIP and
+# SeeCLIP do (not DAML's own OfficeHome CLASSES order).
+ODG_SPLITS = {
+    "pacs": dict(sources=[(3, 0, 1), (4, 0, 2), (5, 1, 2)], known=_idx((0, 5)), target_known=_idx((0, 5)),
+                 unknown=(6,)),
+    "vlcs": dict(sources=[(0, 1), (1, 2), (2, 3)], known=_idx((0, 3)), target_known=_idx((0, 3)), unknown=(4,)),
+    "officehome": dict(sources=[_idx((0, 14), (21, 31)), _idx((0, 8), (15, 20), (32, 42)),
+                                _idx((0, 2), (9, 20), (43, 53))],
+                       known=_idx((0, 53)), target_known=(0, 3, 4, 9, 10, 15, 16, 21, 22, 23, 32, 33, 34, 43, 44, 45),
+                       unknown=_idx((54, 64))),
+    "digits-dg": dict(sources=[(0, 1, 2), (2, 3, 4), (4, 5, 6)], known=_idx((0, 6)), target_known=_idx((0, 6)),
+                      unknown=_idx((7, 9))),
+    "mini-domainnet": dict(sources=[_idx((0, 19), (40, 59)), _idx((0, 9), (20, 39), (80, 89)),
+                                    _idx((10, 19), (40, 49), (60, 79))],
+                           known=_idx((0, 89)),
+                           target_known=_idx((0, 4), (8, 17), (25, 34), (43, 47), (75, 79), (83, 87)),
+                           unknown=_idx((90, 125))),
+}
 
 
 _OH_DOMAINS = ("Art", "Clipart", "Product", "Real World")
@@ -184,30 +229,39 @@ register_dataset("rotated-digits", DatasetSpec(
     "rotated-digits", "rotated_digits", tuple(f"rot{a}" for a in ROTATIONS), DIGITS, DIGIT_TEXT,
     embedded=True))
 
-# Open-set variants (DESIGN.md sec. 3).
+# Open-set variants (DESIGN.md sec. 3). Homogeneous (MEDIC, SeeCLIP's PACS/VLCS): every source
+# carries every known class. ODG-CLIP/DAML: per-source subsets by source position.
+_ODG_NOTE = "ODG-CLIP/DAML per-source subsets (index pattern on sorted class folders), sources by position"
+
+
+def _odg(base: str, key: str, name: str) -> DatasetSpec:
+    b = _SPECS[base]
+    return DatasetSpec(name, b.dirname, b.domains, b.classes, b.text_names,
+                       open_set=_odg_split(b.classes, note=_ODG_NOTE, **ODG_SPLITS[key]))
+
+
 register_dataset("pacs-open", DatasetSpec(
     "PACS-open", "PACS", _SPECS["pacs"].domains, PACS_CLASSES,
-    open_set=OpenSetSpec(_without(PACS_CLASSES, {"person"}), ("person",))))
+    open_set=OpenSetSpec(_without(PACS_CLASSES, {"person"}), ("person",),
+                         note="homogeneous: SeeCLIP and MEDIC (known dog..house, unknown person)")))
+register_dataset("pacs-open-odgclip", _odg("pacs", "pacs", "PACS-open-odgclip"))
 register_dataset("vlcs-open", DatasetSpec(
     "VLCS-open", "VLCS", _SPECS["vlcs"].domains, VLCS_CLASSES,
-    open_set=OpenSetSpec(_without(VLCS_CLASSES, {"person"}), ("person",))))
-register_dataset("officehome-open", DatasetSpec(
-    "OfficeHome-open", "office_home", _OH_DOMAINS, OFFICEHOME_CLASSES,
-    open_set=OpenSetSpec(OFFICEHOME_CLASSES[:54], OFFICEHOME_CLASSES[54:], _officehome_daml(_OH_DOMAINS),
-                         note="DAML-style per-source subsets (INFERRED block layout)")))
-register_dataset("officehome-open-homogeneous", DatasetSpec(
-    "OfficeHome-open-homogeneous", "office_home", _OH_DOMAINS, OFFICEHOME_CLASSES,
-    open_set=OpenSetSpec(OFFICEHOME_CLASSES[:54], OFFICEHOME_CLASSES[54:])))
-register_dataset("mini-domainnet-open", DatasetSpec(
-    "Mini-DomainNet-open", "mini_domainnet", _MINI_DOMAINS, MINI_DOMAINNET_CLASSES,
-    open_set=OpenSetSpec(MINI_DOMAINNET_CLASSES[:90], MINI_DOMAINNET_CLASSES[90:],
-                         note="known = first 90 in sorted order (INFERRED)")))
+    open_set=OpenSetSpec(_without(VLCS_CLASSES, {"person"}), ("person",), note="homogeneous: SeeCLIP")))
+register_dataset("vlcs-open-odgclip", _odg("vlcs", "vlcs", "VLCS-open-odgclip"))
+register_dataset("officehome-open", _odg("officehome", "officehome", "OfficeHome-open"))
+register_dataset("officehome-open-medic", DatasetSpec(
+    "OfficeHome-open-medic", "office_home", _OH_DOMAINS, OFFICEHOME_CLASSES,
+    open_set=OpenSetSpec(OFFICEHOME_CLASSES[:40], OFFICEHOME_CLASSES[40:],
+                         note="homogeneous: MEDIC (Alarm_Clock..Oven known, Pan..Webcam unknown)")))
+register_dataset("mini-domainnet-open", _odg("mini-domainnet", "mini-domainnet", "Mini-DomainNet-open"))
 register_dataset("digits-dg-open", DatasetSpec(
     "Digits-DG-open", "digits_dg", _SPECS["digits-dg"].domains, DIGITS, DIGIT_TEXT,
-    open_set=OpenSetSpec(DIGITS[:6], DIGITS[6:])))
+    open_set=OpenSetSpec(DIGITS[:6], DIGITS[6:], note="homogeneous: MEDIC (0-5 known, 6-9 unknown)")))
+register_dataset("digits-dg-open-odgclip", _odg("digits-dg", "digits-dg", "Digits-DG-open-odgclip"))
 register_dataset("rotated-digits-open", DatasetSpec(
     "rotated-digits-open", "rotated_digits", _SPECS["rotated-digits"].domains, DIGITS, DIGIT_TEXT,
-    open_set=OpenSetSpec(DIGITS[:6], DIGITS[6:]), embedded=True))
+    open_set=OpenSetSpec(DIGITS[:6], DIGITS[6:], note="homogeneous, as Digits-DG in MEDIC"), embedded=True))
 
 
 def get_spec(name: str) -> DatasetSpec:

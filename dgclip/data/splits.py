@@ -21,12 +21,15 @@ def seed_hash(*args) -> int:
 
 
 def split_in_out(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle 0..n-1 with `seed`; the first `holdout_fraction` is "out", the rest "in"."""
+    """Shuffle 0..n-1 with `seed`; the first `holdout_fraction` is "out", the rest "in".
+
+    Both parts stay in the shuffled order (DomainBed's `split_dataset`), never sorted back into
+    the class-by-class file listing."""
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     keys = np.random.RandomState(seed).permutation(n)
     n_out = int(round(n * holdout_fraction))
-    return np.sort(keys[n_out:]), np.sort(keys[:n_out])
+    return keys[n_out:], keys[:n_out]
 
 
 @dataclass
@@ -46,6 +49,9 @@ class Protocol:
     open_set: bool = False
     trial_seed: int = 0
     holdout_fraction: float = 0.2
+    source_classes: Optional[dict] = None  # open set: {source: [known class names it carries]}
+    target_known: Optional[list] = None    # open set: known class names in the target test set
+    target_unknown: Optional[list] = None  # open set: unknown (target-only) class names
 
     @property
     def num_classes(self) -> int:
@@ -56,7 +62,10 @@ class Protocol:
                 "open_set": self.open_set, "num_known": self.num_classes, "trial_seed": self.trial_seed,
                 "holdout_fraction": self.holdout_fraction,
                 "n_train": len(self.train), "n_val": {k: len(v) for k, v in self.val.items()},
-                "n_test": {k: len(v) for k, v in self.test.items()}}
+                "n_test": {k: len(v) for k, v in self.test.items()},
+                **({"source_classes": self.source_classes, "target_known": self.target_known,
+                    "target_unknown": self.target_unknown, "split_note": self.spec.open_set.note}
+                   if self.open_set else {})}
 
 
 def resolve_test_domains(spec: DatasetSpec, test_domain: str) -> list[list[str]]:
@@ -75,10 +84,16 @@ def _label_map(spec: DatasetSpec) -> tuple[np.ndarray, list[str]]:
     if spec.open_set is None:
         return np.arange(n, dtype=np.int64), list(spec.classes)
     os_ = spec.open_set
-    for name in list(os_.known) + list(os_.unknown) + [c for v in (os_.per_source_known or {}).values()
-                                                       for c in v]:
+    for name in list(os_.known) + list(os_.unknown) + list(os_.target_known or ()) + \
+            [c for v in (os_.per_source_known or {}).values() for c in v] + \
+            [c for v in (os_.source_patterns or ()) for c in v]:
         if name not in spec.classes:
             raise DataError(f"{spec.name}: open-set split names unknown class {name!r}")
+    stray = set(os_.target_known or ()) - set(os_.known)
+    stray |= {c for v in list((os_.per_source_known or {}).values()) + list(os_.source_patterns or ())
+              for c in v} - set(os_.known)
+    if stray:
+        raise DataError(f"{spec.name}: source/target-known classes outside the known list: {sorted(stray)}")
     overlap = set(os_.known) & set(os_.unknown)
     if overlap:
         raise DataError(f"{spec.name}: classes both known and unknown: {sorted(overlap)}")
@@ -109,6 +124,18 @@ def make_protocol(spec: DatasetSpec, records: Records, test_domains: list[str], 
         raise DataError(f"{spec.name}: no source domain left after holding out {test_domains}")
     label_map, classnames = _label_map(spec)
     n_known = len(classnames)
+    os_ = spec.open_set
+    try:
+        per = os_.source_classes(sources) if os_ is not None else None
+    except ValueError as exc:
+        raise DataError(f"{spec.name}: {exc}") from None
+    if os_ is not None:  # target test set: the target's known classes plus every unknown one
+        target_keep = label_map.copy()
+        if os_.target_known is not None:
+            dropped = [spec.classes.index(c) for c in os_.known if c not in set(os_.target_known)]
+            target_keep[dropped] = -1
+    else:
+        target_keep = label_map
     domain_map = np.full(len(spec.domains), -1, dtype=np.int64)
     for i, d in enumerate(sources):
         domain_map[spec.domains.index(d)] = i
@@ -124,7 +151,6 @@ def make_protocol(spec: DatasetSpec, records: Records, test_domains: list[str], 
     def source_filter(dom: str, idx: np.ndarray) -> np.ndarray:
         lab = label_map[records.labels[idx]]
         keep = (lab >= 0) & (lab < n_known)  # sources never show unknown classes
-        per = spec.open_set.per_source_known if spec.open_set is not None else None
         if per is not None and dom in per:
             allowed = np.isin(records.labels[idx], [spec.classes.index(c) for c in per[dom]])
             keep &= allowed
@@ -138,11 +164,18 @@ def make_protocol(spec: DatasetSpec, records: Records, test_domains: list[str], 
     test, oracle_val = {}, {}
     for dom in test_domains:
         i_in, i_out = in_out(dom)
-        keep = lambda ix: ix[label_map[records.labels[ix]] >= 0]  # noqa: E731
+        keep = lambda ix: ix[target_keep[records.labels[ix]] >= 0]  # noqa: E731
         test[dom] = records.subset(keep(i_in))
         if oracle:
             oracle_val[dom] = records.subset(keep(i_out))
+    if os_ is not None:
+        source_classes = {d: list(per[d]) if per is not None else list(os_.known) for d in sources}
+        target_known = list(os_.target_known) if os_.target_known is not None else list(os_.known)
+        target_unknown = list(os_.unknown)
+    else:
+        source_classes, target_known, target_unknown = None, None, None
     return Protocol(spec=spec, classnames=classnames, source_domains=sources, target_domains=list(test_domains),
+                    source_classes=source_classes, target_known=target_known, target_unknown=target_unknown,
                     train=records.subset(np.concatenate(train_idx)), val=val, test=test, oracle_val=oracle_val,
                     label_map=label_map, domain_map=domain_map, open_set=spec.open_set is not None,
                     trial_seed=trial_seed, holdout_fraction=holdout_fraction)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbone import CLIPBackbone, ImageFeatures
 
-__all__ = ["Batch", "Method", "cosine_logits"]
+__all__ = ["Batch", "Method", "cosine_logits", "check_choice"]
 
 Images = Union[torch.Tensor, dict]
 
@@ -62,6 +62,31 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+def check_choice(hparams: dict, key: str, allowed: tuple) -> str:
+    """The one check of an enum-valued hyper-parameter: a clear error naming the choices."""
+    value = hparams[key]
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _grad_buckets(grads: list, cap_bytes: int) -> list:
+    """Consecutive gradients grouped by (dtype, device), each group cut at `cap_bytes`."""
+    buckets, current, size, key = [], [], 0, None
+    for g in grads:
+        k = (g.dtype, g.device)
+        nbytes = g.numel() * g.element_size()
+        if current and (k != key or size + nbytes > cap_bytes):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(g)
+        size += nbytes
+        key = k
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * cos(image, text) for image [B, E] and text [K, E] (shared) or [B, K, E] (per image)."""
     image = nn.functional.normalize(image.float(), dim=-1)
@@ -81,6 +106,7 @@ class Method(nn.Module):
       uses_frozen_features True if the method only needs frozen features of the un-augmented
                            original view, so the engine may cache them on disk
       needs_patches / needs_layer_stats: which optional ImageFeatures fields the method reads
+      eval_batch_size      the paper's evaluation batch size; only used when `transductive`
     """
 
     name: str = "base"
@@ -90,6 +116,12 @@ class Method(nn.Module):
     uses_frozen_features: bool = False
     needs_patches: bool = False
     needs_layer_stats: bool = False
+    eval_batch_size: int = 64  # DomainBed's evaluation loaders
+
+    @property
+    def transductive(self) -> bool:
+        """True when `predict` pools over the test batch (its output depends on the batch)."""
+        return False
 
     def __init__(self, backbone: CLIPBackbone, classnames: list[str], num_domains: int, hparams: dict):
         super().__init__()
@@ -193,18 +225,28 @@ class Method(nn.Module):
             self.scheduler.step()
 
     def _sync_gradients(self) -> None:
+        """Average the gradients over the ranks as DDP does: buckets of at most 25 MiB of one
+        dtype/device (DDP's bucket_cap_mb), each all-reduced as one tensor flattened with
+        torch's own utilities, every bucket in flight before the first wait. A parameter without
+        a gradient on this rank contributes zeros (its peers may have one)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
         params = self.trainable_parameters()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
         for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        pending = []
+        for bucket in _grad_buckets([p.grad for p in params], 25 << 20):
+            flat = _flatten_dense_tensors(bucket)
+            pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
+        world = dist.get_world_size()
+        for work, flat, bucket in pending:
+            work.wait()
+            flat.div_(world)
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
 
     # ----- API -------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, float]:

@@ -99,6 +99,10 @@ class DALSCLIP(Method):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.to(backbone.device)
 
+    @property
+    def transductive(self) -> bool:
+        return self.hparams["test_context"] == "batch"
+
     # -- optimisation ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         heads = [self.head_weight, self.head_bias]

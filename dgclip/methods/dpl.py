@@ -3,7 +3,9 @@ tokens; during training the tokens are averaged over each source domain's part o
 (D x K prompts); every image is scored with its own domain's prompts.
 
 At test time the tokens are averaged over the test batch ("batch", as the released code) or
-computed per image ("instance", B x K prompts): option `test_prompt`.
+computed per image ("instance", B x K prompts): option `test_prompt`. "batch" is transductive:
+the engine scores it over seeded random batches of 64 (DomainBed's eval loaders, which DPL's
+released code uses) and the record says `transductive: true`.
 Paper: 3-layer MLP 512->512->512->512*16, dropout 0.1, SGD lr 1e-3, momentum 0.1.
 Option `ctx_init` (not in the paper, default off): the MLP output is added to the embedding of an
 init phrase (e.g. "a photo of a" with n_ctx=4), so training starts from the zero-shot prompt.
@@ -43,6 +45,10 @@ class DPL(Method):
         base = init_context(backbone, m, self.hparams["ctx_init"]) if self.hparams["ctx_init"] else \
             torch.zeros(m, w)
         self.register_buffer("ctx_base", base.to(backbone.device))
+
+    @property
+    def transductive(self) -> bool:
+        return self.hparams["test_prompt"] == "batch"
 
     def tokens(self, f: torch.Tensor) -> torch.Tensor:
         return self.ctx_base + self.mlp(f).view(f.shape[0], int(self.hparams["n_ctx"]), -1)  # [B, M, W]

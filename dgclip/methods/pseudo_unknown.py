@@ -6,6 +6,9 @@ sit near the known classes without belonging to any of them), or None when it ma
 
 - `FeatureSpaceUnknowns` (default, no extra weights): mixes the frozen features of two images of
   different classes and perturbs them; see its docstring for the exact recipe.
+- `PixelCompositeUnknowns` ("pixel_composite"): composites of two known images of different
+  classes made in PIXEL space (overlay or half-splice), encoded by the frozen image tower: for
+  digits they look like unseen digits (8 ~ 3 over 0), unlike feature mixtures.
 - `DiffusionUnknowns` (optional extra, needs `diffusers` + `transformers`): Stable Diffusion 1.5
   images conditioned on perturbed class tokens, with the known class names as negative prompt,
   encoded by the frozen backbone.
@@ -25,6 +28,7 @@ class UnknownRequest:
     patches: torch.Tensor  # [B, P, E] frozen projected patch features
     labels: torch.Tensor  # [B] known-class labels
     domains: torch.Tensor  # [B] source-domain indices
+    images: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1] (pixel generators only)
 
 
 @dataclass
@@ -39,25 +43,51 @@ class PseudoUnknownGenerator(Protocol):
 
 
 def count_for(batch_size: int, ratio: float) -> int:
-    """How many pseudo-unknowns a batch gets: round(ratio * B), at least 1 when ratio > 0."""
+    """Pseudo-unknowns for B images of one source domain: max(1, int(ratio * B)) as SeeCLIP's
+    released scripts (0 when ratio is 0 or there are no images)."""
     if ratio <= 0 or batch_size == 0:
         return 0
-    return max(1, int(round(ratio * batch_size)))
+    return max(1, int(ratio * batch_size))
 
 
-def different_class_partner(labels: torch.Tensor, anchors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """For each anchor index, a random batch index whose label differs (the anchor itself if none does)."""
+def per_domain_anchors(domains: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """count_for(B_d, ratio) random anchor indices from EACH source domain d of the batch.
+
+    Batched: a random key per image, ranked within its domain; the first count_for(B_d) of each
+    domain are its anchors. Returned in domain order.
+    """
+    dom = domains.cpu()
+    b = dom.numel()
+    if b == 0 or ratio <= 0:
+        return torch.zeros(0, dtype=torch.long, device=domains.device)
+    key = torch.rand(b, generator=generator)
+    order = torch.argsort(dom.double() * 2.0 + key)  # by domain, random within a domain (key < 1)
+    uniq, counts = torch.unique(dom, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.searchsorted(uniq, dom[order])
+    rank = torch.arange(b) - starts[group]
+    quota = torch.tensor([count_for(int(c), ratio) for c in counts])
+    return order[rank < quota[group]].to(domains.device)
+
+
+def different_class_partner(labels: torch.Tensor, anchors: torch.Tensor, generator: torch.Generator | None,
+                            domains: torch.Tensor | None = None) -> torch.Tensor:
+    """For each anchor index, a random batch index whose label differs (the anchor itself if none
+    does); with `domains`, the partner also comes from the anchor's own source domain."""
     scores = torch.rand(anchors.numel(), labels.numel(), generator=generator).to(labels.device)
-    same = labels[anchors][:, None] == labels[None, :]
-    scores = scores.masked_fill(same, -1.0)
+    bad = labels[anchors][:, None] == labels[None, :]
+    if domains is not None:
+        bad = bad | (domains[anchors][:, None] != domains[None, :])
+    scores = scores.masked_fill(bad, -1.0)
     partner = scores.argmax(1)
-    return torch.where(same.all(1), anchors, partner)
+    return torch.where(bad.all(1), anchors, partner)
 
 
 class FeatureSpaceUnknowns:
     """Pseudo-unknowns made in feature space (INFERRED stand-in for the paper's diffusion module).
 
-    For round(ratio * B) anchors: pick a partner of another class, interpolate
+    For max(1, int(ratio * B_d)) anchors of each source domain d: pick a partner of another
+    class from the same domain, interpolate
     x = lam * x_a + (1 - lam) * x_b with lam ~ U(mix_low, mix_high) (near two known classes, of
     neither), for the pooled and the patch features alike, then add one Gaussian vector
     eps ~ N(0, (noise_std * rms)^2) to the pooled feature and to every patch (rms = the sample's
@@ -76,14 +106,13 @@ class FeatureSpaceUnknowns:
     @torch.no_grad()
     def __call__(self, request: UnknownRequest, *, generator: torch.Generator | None = None) -> PseudoUnknowns | None:
         pooled, patches, labels = request.pooled, request.patches, request.labels
-        b = labels.numel()
-        n = count_for(b, self.ratio)
-        if n == 0:
-            return None
         dev = pooled.device
         # random draws on the CPU generator, then moved: same samples on every device
-        anchors = torch.randperm(b, generator=generator)[:n].to(dev)
-        partners = different_class_partner(labels, anchors, generator)
+        anchors = per_domain_anchors(request.domains, self.ratio, generator)
+        n = anchors.numel()
+        if n == 0:
+            return None
+        partners = different_class_partner(labels, anchors, generator, request.domains)
         lam = self.mix_low + (self.mix_high - self.mix_low) * torch.rand(n, 1, generator=generator).to(dev, pooled.dtype)
         mixed = lam * pooled[anchors] + (1 - lam) * pooled[partners]
         mixed_patches = lam[:, :, None] * patches[anchors] + (1 - lam[:, :, None]) * patches[partners]
@@ -97,13 +126,57 @@ class FeatureSpaceUnknowns:
         )
 
 
+class PixelCompositeUnknowns:
+    """Pseudo-unknown images composed from known ones in pixel space, encoded by the frozen tower.
+
+    For max(1, int(ratio * B_d)) anchors of each source domain d and a partner of another class
+    from the same domain (images in [0, 1]): with probability 1/2 the pixel-wise maximum of the
+    two (an overlay: for white-on-black strokes both shapes at once), otherwise a splice of the
+    anchor's top (or left) half with the partner's other half. The result belongs to neither
+    class but keeps the domain's style; `encode_images` ([N, 3, H, W] in [0, 1] -> (pooled,
+    patches)) runs the frozen tower on it. INFERRED stand-in for the paper's diffusion images on
+    data where unseen classes are recombinations of known parts (digits).
+    """
+
+    def __init__(self, encode_images: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], ratio: float = 0.1):
+        if ratio < 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        self.encode_images, self.ratio = encode_images, ratio
+
+    @staticmethod
+    def compose(a: torch.Tensor, b: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+        """a, b [N, C, H, W]; mode [N] in {0: overlay, 1: top/bottom splice, 2: left/right splice}."""
+        h, w = a.shape[-2:]
+        top = (torch.arange(h, device=a.device) < h // 2).view(1, 1, h, 1).expand_as(a)
+        left = (torch.arange(w, device=a.device) < w // 2).view(1, 1, 1, w).expand_as(a)
+        m = mode.view(-1, 1, 1, 1)
+        return torch.where(m == 0, torch.maximum(a, b),
+                           torch.where(m == 1, torch.where(top, a, b), torch.where(left, a, b)))
+
+    @torch.no_grad()
+    def __call__(self, request: UnknownRequest, *, generator: torch.Generator | None = None) -> PseudoUnknowns | None:
+        if request.images is None:
+            raise ValueError("the pixel_composite generator needs the batch's images (request.images)")
+        anchors = per_domain_anchors(request.domains, self.ratio, generator)
+        n = anchors.numel()
+        if n == 0:
+            return None
+        partners = different_class_partner(request.labels, anchors, generator, request.domains)
+        coin = torch.rand(n, generator=generator) < 0.5
+        side = torch.randint(1, 3, (n,), generator=generator)
+        mode = torch.where(coin, torch.zeros_like(side), side).to(request.images.device)
+        images = self.compose(request.images[anchors], request.images[partners], mode)
+        pooled, patches = self.encode_images(images)
+        return PseudoUnknowns(pooled=pooled, patches=patches, domains=request.domains[anchors])
+
+
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 class DiffusionUnknowns:
     """Pseudo-unknown images from a Stable Diffusion pipeline (`diffusers`), encoded by the backbone.
 
-    Per anchor image (round(ratio * B) per batch): prompt = prompt_template.format(class name); the
+    Per anchor image (max(1, int(ratio * B_d)) per source domain d): prompt = prompt_template.format(class name); the
     text-encoder outputs at the class-name token positions get Gaussian noise of std
     token_noise_std * rms (INFERRED reading of "perturbing extracted semantic tokens ... as control
     conditions": the perturbation lives in the diffusion model's own conditioning space);
@@ -158,10 +231,10 @@ class DiffusionUnknowns:
     @torch.no_grad()
     def __call__(self, request: UnknownRequest, *, generator: torch.Generator | None = None) -> PseudoUnknowns | None:
         labels = request.labels
-        n = count_for(labels.numel(), self.ratio)
+        anchors = per_domain_anchors(request.domains, self.ratio, generator)
+        n = anchors.numel()
         if n == 0:
             return None
-        anchors = torch.randperm(labels.numel(), generator=generator)[:n].to(labels.device)
         names = [self.classnames[i] for i in labels[anchors].tolist()]
         device = self.pipe.device
         embeds, negative = self.pipe.encode_prompt([self.template.format(c) for c in names], device, 1, True,
@@ -177,15 +250,27 @@ class DiffusionUnknowns:
         return PseudoUnknowns(pooled=pooled, patches=patches, domains=request.domains[anchors])
 
 
+GENERATORS = ("feature", "pixel_composite", "diffusion", "none")
+
+
 def build_generator(kind: str, **kwargs) -> PseudoUnknownGenerator | None:
-    """'feature' (default), 'diffusion' (kwargs for DiffusionUnknowns.from_pretrained) or 'none'."""
+    """'feature', 'pixel_composite', 'diffusion' (kwargs for DiffusionUnknowns.from_pretrained) or 'none'."""
     if kind == "none":
         return None
     if kind == "feature":
         return FeatureSpaceUnknowns(**kwargs)
+    if kind == "pixel_composite":
+        return PixelCompositeUnknowns(**kwargs)
     if kind == "diffusion":
         return DiffusionUnknowns.from_pretrained(**kwargs)
-    raise ValueError(f"unknown pseudo-unknown generator {kind!r}; expected 'feature', 'diffusion' or 'none'")
+    raise ValueError(f"unknown pseudo-unknown generator {kind!r}; expected one of {GENERATORS}")
+
+
+def denormalize_images(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """The backbone's normalised input -> pixels in [0, 1] (inverse of the Normalize step)."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)
 
 
 def normalize_images(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:

@@ -5,16 +5,22 @@ tokens v_k; the mean patch feature gives a domain token Phi(mean_i f_i). Known p
 and class): [SOS][Phi(v_dom)][Psi_1(v_1)..Psi_Ks(v_Ks)] "classname." [EOS]; the unknown prompt:
 [SOS][Phi(v_dom)][u_1..u_4] "unknown." [EOS]. Logits are (C+1)-way, last column = unknown.
 
-Loss = L_ali + rep_weight * L_rep + coh_weight * L_coh + reg_weight * L_reg (1.0 / 0.5 / 0.01):
+Loss = L_ali + rep_weight * L_rep + coh_weight * L_coh + reg_weight * L_reg (1.0 / 0.5 / 1e-4):
   L_ali: (C+1)-way CE on the known images and on pseudo-unknowns (target C);
   L_rep = mean_{b,k} max(0, cos(u_b, t_{b,k}) - rep_margin): pushes the unknown prompt AWAY from
           the known ones (the paper's sign; the released code has it reversed: rep_sign=-1);
-  L_coh = MSE(u_b, mean_k t_{b,k}) on L2-normalised text features (the unknown prompt stays near
-          the known centroid);
+  L_coh = MSE(u_b, centroid) on L2-normalised text features (the unknown prompt stays near the
+          known ones): coh_centroid="image" (mean over image b's C known prompts) or "batch" (one
+          centroid over the batch); the released code's exact form was not available here;
   L_reg = sum_k ||Psi_k||_1 over the Psi weights (reg_reduction="sum", as the paper writes it;
-          "mean" divides by the number of weights).
-Pseudo-unknowns come from a generator behind one interface (`pseudo_unknown.py`): "feature"
-(default, no extra weights), "diffusion" (Stable Diffusion 1.5 via diffusers) or "none".
+          "mean" divides by the number of weights). Its EFFECTIVE weight is 1e-4: the paper's
+          lambda = 0.01 (Eq. 7) sits inside gamma = 0.01 (Eq. 11), as in the released code; at
+          1e-2 the L1 term (~10 at init on the tiny CLIP) dwarfs L_ali (~ln 7) and zeroes Psi.
+Pseudo-unknowns: max(1, int(unknown_ratio * B_d)) per source domain d per step (the released
+scripts), from a generator behind one interface (`pseudo_unknown.py`): "feature" (feature-space
+mixtures, no extra weights), "pixel_composite" (composites of two known images of different
+classes in pixel space, encoded by the frozen tower; needs images, so no feature cache),
+"diffusion" (Stable Diffusion 1.5 via diffusers) or "none".
 At test time the model sees only images (or their cached features): no label is an input.
 """
 from __future__ import annotations
@@ -27,10 +33,11 @@ import dgkernels
 
 from . import register_method
 from ..backbone import ImageFeatures
-from .base import Batch, Method, cosine_logits
-from .seeclip_losses import cohesion_loss, l1_regularizer, repulsion_loss
+from .base import Batch, Method, check_choice, cosine_logits
+from .seeclip_losses import COH_CENTROIDS, cohesion_loss, l1_regularizer, repulsion_loss
 from .prompt_modules import SemanticTokenizer, StackedLinear, make_prompt_encoder
-from .pseudo_unknown import SD15_MODEL_ID, DiffusionUnknowns, FeatureSpaceUnknowns, UnknownRequest, normalize_images
+from .pseudo_unknown import (GENERATORS, SD15_MODEL_ID, DiffusionUnknowns, FeatureSpaceUnknowns, PixelCompositeUnknowns,
+                             UnknownRequest, denormalize_images, normalize_images)
 
 
 def _normalisation(backbone) -> tuple[tuple, tuple]:
@@ -57,12 +64,13 @@ class SeeCLIP(Method):
         "unknown_name": "unknown",
         "rep_weight": 1.0,
         "coh_weight": 0.5,
-        "reg_weight": 0.01,
+        "reg_weight": 1e-4,  # effective: lambda 0.01 inside gamma 0.01
         "rep_margin": 0.5,
+        "coh_centroid": "image",  # | "batch"
         "rep_sign": 1.0,  # +1 = paper (repel the unknown prompt); -1 = the released code's reversed sign, max(0, margin - cos)
         "reg_reduction": "sum",
-        "unknown_generator": "feature",  # "feature" | "diffusion" | "none"
-        "unknown_ratio": 0.1,  # pseudo-unknowns per known image in a batch (paper: ~0.1 B)
+        "unknown_generator": "feature",  # "feature" | "pixel_composite" | "diffusion" | "none"
+        "unknown_ratio": 0.1,  # max(1, int(ratio * B_d)) pseudo-unknowns per source domain per step
         "unknown_noise_std": 0.2,
         "unknown_mix_low": 0.3,
         "unknown_mix_high": 0.7,
@@ -90,6 +98,11 @@ class SeeCLIP(Method):
     def __init__(self, backbone, classnames, num_domains, hparams=None, *, unknown_generator=None):
         super().__init__(backbone, classnames, num_domains, hparams or {})
         hp = self.hparams
+        check_choice(hp, "unknown_generator", GENERATORS)
+        check_choice(hp, "coh_centroid", COH_CENTROIDS)
+        check_choice(hp, "reg_reduction", ("sum", "mean"))
+        # pixel-space pseudo-unknowns need the batch's images: no cached features then
+        self.uses_frozen_features = hp["unknown_generator"] != "pixel_composite"
         dim, width, ks = backbone.embed_dim, backbone.text_width, int(hp["n_semantic_tokens"])
         self.tokenizer = SemanticTokenizer(dim, ks)
         self.phi = nn.Linear(dim, width)
@@ -109,12 +122,14 @@ class SeeCLIP(Method):
             return None
         if kind == "feature":
             return FeatureSpaceUnknowns(hp["unknown_ratio"], hp["unknown_noise_std"], hp["unknown_mix_low"], hp["unknown_mix_high"])
+        if kind == "pixel_composite":
+            return PixelCompositeUnknowns(self.encode_generated, hp["unknown_ratio"])
         if kind == "diffusion":
             return DiffusionUnknowns.from_pretrained(
                 self.classnames, self.encode_generated, model_id=hp["diffusion_model_id"], device=self.backbone.device,
                 ratio=hp["unknown_ratio"], guidance_scale=hp["diffusion_guidance"], num_inference_steps=int(hp["diffusion_steps"]),
                 token_noise_std=hp["unknown_noise_std"])
-        raise ValueError(f"unknown_generator must be 'feature', 'diffusion' or 'none', got {kind!r}")
+        raise ValueError(f"unknown_generator must be one of {GENERATORS}, got {kind!r}")
 
     def encode_generated(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated images in [0, 1] -> frozen (pooled, patches), through the backbone's normalisation."""
@@ -138,7 +153,7 @@ class SeeCLIP(Method):
         text = torch.cat([known, unknown[:, None]], dim=1)  # [N, C+1, E]
         ali = dgkernels.cosine_cross_entropy(pooled, text, self.backbone.logit_scale, labels)
         rep = repulsion_loss(unknown, known, hp["rep_margin"], hp["rep_sign"])
-        coh = cohesion_loss(unknown, known)
+        coh = cohesion_loss(unknown, known, hp["coh_centroid"])
         reg = l1_regularizer(self.psi.weight, hp["reg_reduction"])
         total = ali + hp["rep_weight"] * rep + hp["coh_weight"] * coh + hp["reg_weight"] * reg
         return {"loss": total, "ali": ali, "rep": rep, "coh": coh, "reg": reg}
@@ -148,7 +163,11 @@ class SeeCLIP(Method):
         feats = self.batch_features(batch)
         pooled, patches, labels = feats.pooled, feats.patches, batch.labels
         if self.generator is not None:
-            fake = self.generator(UnknownRequest(pooled, patches, labels, batch.domains), generator=generator)
+            images = None
+            if batch.images is not None:
+                mean, std = _normalisation(self.backbone)
+                images = denormalize_images(batch.original().float(), mean, std)
+            fake = self.generator(UnknownRequest(pooled, patches, labels, batch.domains, images), generator=generator)
             if fake is not None:
                 pooled = torch.cat([pooled, fake.pooled.to(pooled.dtype)])
                 patches = torch.cat([patches, fake.patches.to(patches.dtype)])

@@ -14,10 +14,23 @@ def repulsion_loss(unknown: torch.Tensor, known: torch.Tensor, margin: float = 0
     return F.relu(sign * (cos - margin)).mean()
 
 
-def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """MSE between the normalised unknown text feature and the centroid of the normalised known ones."""
-    centroid = F.normalize(known, dim=-1).mean(dim=1)
-    return F.mse_loss(F.normalize(unknown, dim=-1), centroid)
+COH_CENTROIDS = ("image", "batch")
+
+
+def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor, centroid: str = "image") -> torch.Tensor:
+    """MSE between the normalised unknown text feature and a centroid of the normalised known ones.
+
+    centroid="image": per image, the mean over its C known prompts ([N, E]); "batch": one centroid
+    over every image and class of the batch (the unknown prompts are pulled to a single point).
+    """
+    t = F.normalize(known, dim=-1)
+    if centroid == "image":
+        c = t.mean(dim=1)
+    elif centroid == "batch":
+        c = t.mean(dim=(0, 1)).expand(unknown.shape[0], -1)
+    else:
+        raise ValueError(f"coh_centroid must be one of {COH_CENTROIDS}, got {centroid!r}")
+    return F.mse_loss(F.normalize(unknown, dim=-1), c)
 
 
 def l1_regularizer(weight: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 original: random resized crop + horizontal flip; moco: MoCo-v3 style (crop scale 0.08-1, colour
 jitter 0.4/0.4/0.2/0.1 with p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2, flip); augmix:
-torchvision AugMix (3 chains of 1-3 ops, severity 1, Dirichlet(1,1,1) weights, Beta(1,1) mix).
+the original view's crop + flip, then AugMix (3 chains of 1-3 ops, severity 1, Dirichlet(1,1,1)
+weights, Beta(1,1) mix) over TPT's op list (augmix_ops="tpt": shear, translate, rotate,
+posterize, solarize, autocontrast, equalize; no colour/contrast/brightness/sharpness ops), or
+torchvision's full list ("torchvision").
 Every view is augmented at the image's own resolution and then passed through the backbone's
 `base_transform` (resize, crop, to tensor, normalise), so the augmentations see raw pixels, never
 normalised tensors (the released code's mistake), and each view is of its own image.
@@ -55,18 +58,25 @@ def moco_view(blur_p: float = 1.0, crop_scale: tuple[float, float] = (0.08, 1.0)
     ])
 
 
-def augmix_view() -> T.AugMix:
-    return T.AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0)
+AUGMIX_OPS = ("tpt", "torchvision")
+
+
+def augmix_view(ops: str = "tpt", crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> T.Compose:
+    if ops not in AUGMIX_OPS:
+        raise ValueError(f"augmix_ops must be one of {AUGMIX_OPS}, got {ops!r}")
+    # torchvision's all_ops=False is exactly AugMix's original (and TPT's) list
+    mix = T.AugMix(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=ops == "torchvision")
+    return T.Compose([_OwnSizeCrop(crop_scale), *_flip(hflip), mix])
 
 
 class MultiViewTransform:
     """PIL image -> {"original": tensor, "moco": tensor, "augmix": tensor}."""
 
     def __init__(self, base_transform, *, crop_scale: tuple[float, float] = (0.08, 1.0), blur_p: float = 1.0,
-                 hflip: bool = True):
+                 hflip: bool = True, augmix_ops: str = "tpt"):
         self.base = base_transform
         self.views = {"original": original_view(crop_scale, hflip), "moco": moco_view(blur_p, crop_scale, hflip),
-                      "augmix": augmix_view()}
+                      "augmix": augmix_view(augmix_ops, crop_scale, hflip)}
 
     def __call__(self, img: Image.Image) -> dict:
         img = img.convert("RGB")

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dispatch
-from .._validate import check_choice, check_positive_scalar, check_same_device, check_same_dtype, check_tensor
+from .._validate import (check_choice, check_positive_scalar, check_same_device, check_same_dtype, check_tensor,
+                         compiling)
+from . import compile_ops
 from .autograd import fused_lse
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -38,6 +40,11 @@ def _scale(value, *, invert: bool, acc: torch.dtype, device: torch.device):
 
 
 def _lse(op: str, q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):
+    if compiling():  # torch.compile: backend by name, fused kernels behind custom ops (compile_ops)
+        name = _dispatch.select_name(op, q.device, backend)
+        if name == "reference":
+            return _dispatch.impl_of(op, name).lse(q, k, scale, exclude_diag, want_cols)
+        return compile_ops.fused_lse(q, k, scale, exclude_diag, want_cols, op, name)
     name, impl = _dispatch.select(op, q.device, backend)
     if name == "reference":
         return impl.lse(q, k, scale, exclude_diag, want_cols)
@@ -138,7 +145,7 @@ def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction
         lse_neg, _ = _lse("info_nce", q, n, s, backend=backend)
     else:
         # [N, M] negative logits are no larger than the [N, M, D] input: plain batched matmul.
-        _dispatch.select("info_nce", q.device, backend)  # same backend errors in every mode
+        _dispatch.select_name("info_nce", q.device, backend)  # same backend errors in every mode
         neg = torch.bmm(n, q.unsqueeze(2)).squeeze(2).to(acc) * s
         lse_neg = torch.logsumexp(neg, dim=1)
     loss = torch.logaddexp(pos, lse_neg) - pos
@@ -272,21 +279,27 @@ def multiview_info_nce(views, temperature=0.1, labels=None, reduction="mean", *,
         z = F.normalize(z, dim=-1)
     s = _scale(temperature, invert=True, acc=acc, device=z.device)
     lse, _ = _lse("multiview_info_nce", z, z, s, exclude_diag=True, backend=backend)
+    # Groups of equal labels, numbered without reading data on the host (no torch.unique, no
+    # .max(): both would stop torch.compile): at most n groups, an unused group's row stays zero.
+    n_groups = n
     if labels is None:
         group_of = torch.arange(n, device=z.device).repeat(v)
-        n_groups = n
     else:
-        _, inverse = torch.unique(labels, return_inverse=True)
+        sorted_labels, order = torch.sort(labels, stable=True)
+        starts = torch.ones_like(sorted_labels, dtype=torch.long)
+        starts[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+        inverse = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)
         group_of = inverse.repeat(v)
-        n_groups = int(inverse.max()) + 1
     zf = z.to(acc)
     sums = torch.zeros(n_groups, d, dtype=acc, device=z.device).index_add(0, group_of, zf)
-    counts = torch.bincount(group_of, minlength=n_groups)[group_of] - 1  # |P(a)|
+    ones = torch.ones_like(group_of)
+    counts = torch.zeros(n_groups, dtype=torch.long, device=z.device).index_add(0, group_of, ones)[group_of] - 1
     pos_sum = s * torch.linalg.vecdot(zf, sums[group_of] - zf, dim=-1)
     mean_pos = torch.where(counts > 0, pos_sum / counts.clamp(min=1).to(acc), torch.zeros_like(pos_sum))
     loss = torch.where(counts > 0, lse - mean_pos, torch.zeros_like(lse))
     if base_temperature is not None:
-        loss = loss * (_scale(temperature, invert=False, acc=acc, device=z.device) / float(base_temperature))
+        base = base_temperature if isinstance(base_temperature, torch.Tensor) else float(base_temperature)
+        loss = loss * (_scale(temperature, invert=False, acc=acc, device=z.device) / base)
     if reduction == "none":
         return loss.reshape(v, n).transpose(0, 1).to(dtype)
     return _reduce(loss, reduction, dtype)

@@ -1,9 +1,10 @@
 """Public head ops: validation, backend choice, autograd wiring, reduction.
 
-Index checks (`domain`, `target` in range) run on the host before any kernel launch: one min/max
-reduction per index tensor plus a device->host copy, i.e. one synchronisation per call on GPU.
-That is the price of turning an out-of-range index into a ValueError instead of garbage or a
-device-side assert.
+Index checks (`domain`, `target` in range) run on the host before any kernel launch in eager
+mode: one min/max reduction per index tensor plus a device->host copy, i.e. one synchronisation
+per call on GPU. That is the price of turning an out-of-range index into a ValueError instead of
+garbage or a device-side assert. Under torch.compile the checks are traced device-side asserts
+instead (see dgkernels._validate) and the fused kernels run behind custom ops (compile_ops).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 
 from .. import _dispatch
 from .._validate import (check_choice, check_index, check_positive_scalar, check_same_device, check_same_dtype,
-                         check_tensor)
+                         check_tensor, compiling)
 from . import autograd as _ag
+from . import compile_ops as _cops
 from . import reference as _ref
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -43,7 +45,19 @@ def _check_fanout(features, weight, bias):
 def _select(op, device, backend, dtype, triton_limit=""):
     """_dispatch.select, plus the Triton kernels' own limits (no float64; head_agreement holds one
     row's D x K logits in registers): an explicit request is refused with the reason, automatic
-    selection falls through to the next backend (cuda, then reference)."""
+    selection falls through to the next backend (cuda, then reference). Under torch.compile:
+    (name, None), the name chosen once at trace time."""
+    if compiling():
+        return _select_name(op, device.type, backend, dtype, triton_limit), None
+    return _select_eager(op, device, backend, dtype, triton_limit)
+
+
+@torch.compiler.assume_constant_result
+def _select_name(op, device_type, backend, dtype, triton_limit):
+    return _select_eager(op, torch.device(device_type), backend, dtype, triton_limit)[0]
+
+
+def _select_eager(op, device, backend, dtype, triton_limit):
     name, impl = _dispatch.select(op, device, backend)
     if name != "triton":
         return name, impl
@@ -73,6 +87,8 @@ def domain_fanout(features, weight, bias=None, *, backend=None):
     name, impl = _select("domain_fanout", device, backend, features.dtype)
     if name == "reference":
         return _ref.domain_fanout(features, weight, bias)
+    if impl is None:
+        return _cops.domain_fanout(features, weight, bias, name)
     return _ag.DomainFanout.apply(impl, features, weight, bias)
 
 
@@ -101,6 +117,10 @@ def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=Fa
     if name == "reference":
         return _ref.domain_cross_entropy(features, weight, bias, domain, target, all_heads=all_heads,
                                          reduction=reduction, label_smoothing=label_smoothing)
+    if impl is None:
+        return _cops.dce((features, weight, bias, None if all_heads else domain, target, bool(all_heads),
+                          float(label_smoothing)), reduction, _precompute(reduction, features, weight, bias),
+                         name).to(features.dtype)
     loss = _ag.DomainCrossEntropy.apply(impl, features, weight, bias, None if all_heads else domain, target,
                                         bool(all_heads), float(label_smoothing), reduction,
                                         _precompute(reduction, features, weight, bias))
@@ -129,6 +149,9 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     name, impl = _select("head_agreement", device, backend, features.dtype, limit)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
+    if impl is None:
+        return _cops.agree((features, weight, bias, _ag.KINDS[kind]), reduction,
+                           _precompute(reduction, features, weight, bias), name).to(features.dtype)
     loss = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind], reduction,
                                    _precompute(reduction, features, weight, bias))
     return loss.to(features.dtype)
@@ -167,6 +190,8 @@ def mapper_project(features, weight, bias=None, *, domain=None, residual=True, n
     name, impl = _select("mapper_project", device, backend, features.dtype)
     if name == "reference":
         return _ref.mapper_project(features, weight, bias, domain=domain, residual=residual, normalize=normalize)
+    if impl is None:
+        return _cops.mapper_project(features, weight, bias, domain, bool(residual), bool(normalize), name)
     out, _ = _ag.MapperProject.apply(impl, features, weight, bias, domain, bool(residual), bool(normalize))
     return out
 
@@ -208,6 +233,10 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
         scale = logit_scale
     else:
         scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
+    if impl is None:
+        return _cops.cosce((features, class_embeds, scale, target, bool(normalize), float(label_smoothing),
+                            int(ignore_index)), reduction, _precompute(reduction, features, class_embeds, scale),
+                           name).to(features.dtype)
     loss = _ag.CosineCrossEntropy.apply(impl, features, class_embeds, scale, target, bool(normalize),
                                         float(label_smoothing), int(ignore_index), reduction,
                                         _precompute(reduction, features, class_embeds, scale))
