@@ -269,6 +269,8 @@ __global__ void cos_ps_kernel(const In* cp, In* gcp, const T* xp, const T* gp, c
 }
 
 struct CudaRows {
+  // fp16/bf16 GEMMs on tensor cores in the input dtype, fp32 accumulation (heads.h grad_mm)
+  static constexpr bool kHalfGemm = true;
   static void ce(Tensor& z, const Tensor& tgt, const Tensor& g, double ls, Tensor& per, Tensor dot) {
     const int64_t R = z.size(0), K = z.size(1);
     if (R == 0) return;
