@@ -29,7 +29,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -263,6 +265,42 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // ---- the SDPA path -------------------------------------------------------------------------------
 constexpr int64_t kHeadAlign = 8;  // head dims padded to a multiple of 8 for the aligned kernels
 constexpr int64_t kAlignLse = 32;  // the efficient kernels' logsumexp rows are padded to 32
+constexpr int64_t kMaxBatch = 65535;  // the kernels put the batch on gridDim.z: chunks of sequences
+
+// The efficient kernels on a padded batch, in chunks of at most kMaxBatch sequences.
+std::tuple<at::Tensor, at::Tensor> eff_forward(const at::Tensor& qp, const at::Tensor& kk, const at::Tensor& vv,
+                                               double scale) {
+  std::vector<at::Tensor> outs, lses;
+  for (int64_t b0 = 0; b0 < qp.size(0); b0 += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, qp.size(0) - b0);
+    auto res = at::_efficient_attention_forward(qp.narrow(0, b0, nb), kk.narrow(0, b0, nb), vv.narrow(0, b0, nb),
+                                                c10::nullopt, c10::nullopt, c10::nullopt, qp.size(1), kk.size(1), 0.0,
+                                                /*custom_mask_type=*/2, /*compute_log_sumexp=*/true, scale);
+    outs.push_back(std::get<0>(res));
+    lses.push_back(std::get<1>(res));
+  }
+  return {at::cat(outs, 0), at::cat(lses, 0)};
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eff_backward(const at::Tensor& gop, const at::Tensor& qp,
+                                                            const at::Tensor& kk, const at::Tensor& vv,
+                                                            const at::Tensor& op, const at::Tensor& lse_p,
+                                                            double scale) {
+  // dropout 0: the kernels read no random state; these stand in for the forward's (unused) seed/offset
+  auto seed = at::zeros({}, at::dtype(at::kLong)), offset = at::zeros({}, at::dtype(at::kLong));
+  std::vector<at::Tensor> gq, gk, gv;
+  for (int64_t b0 = 0; b0 < qp.size(0); b0 += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, qp.size(0) - b0);
+    auto g = at::_efficient_attention_backward(gop.narrow(0, b0, nb), qp.narrow(0, b0, nb), kk.narrow(0, b0, nb),
+                                               vv.narrow(0, b0, nb), c10::nullopt, op.narrow(0, b0, nb), c10::nullopt,
+                                               c10::nullopt, qp.size(1), kk.size(1), lse_p.narrow(0, b0, nb), 0.0,
+                                               seed, offset, /*custom_mask_type=*/2, /*bias_requires_grad=*/false,
+                                               scale);
+    gq.push_back(std::get<0>(g));
+    gk.push_back(std::get<1>(g));
+    gv.push_back(std::get<2>(g));
+  }
+  return {at::cat(gq, 0), at::cat(gk, 0), at::cat(gv, 0)};
+}
 
 // The padded batch: idx [n, max_len] = the flat row of (sequence i, token t), or T (a zero row
 // appended to every gathered tensor) past the sequence's length.
@@ -306,9 +344,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::T
   auto idx = padded_rows(st, ln, max_len, t);
   auto qp = gather_padded(q, idx, dp).contiguous();
   auto kk = keys_padded(kp, k, gr, idx, dp), vv = keys_padded(vp, v, gr, idx, dp);
-  auto res = at::_efficient_attention_forward(qp, kk, vv, c10::nullopt, c10::nullopt, c10::nullopt, max_len,
-                                              lp + max_len, 0.0, /*custom_mask_type=*/2, /*compute_log_sumexp=*/true,
-                                              scale);
+  auto res = eff_forward(qp, kk, vv, scale);
   const at::Tensor& o = std::get<0>(res);     // [n, max_len, H, dp]
   const at::Tensor& lse_p = std::get<1>(res);  // [n, H, >= max_len] float32
   auto out = scatter_flat(o, idx, t, d);
@@ -340,11 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_back
   auto lse_ext = at::cat({lse.to(at::kFloat), at::full({1, H}, inf, lse.options().dtype(at::kFloat))}, 0);
   auto lse_p = at::full({n, H, (max_len + kAlignLse - 1) / kAlignLse * kAlignLse}, inf, lse_ext.options());
   lse_p.narrow(2, 0, max_len).copy_(lse_ext.index_select(0, idx.reshape({-1})).view({n, max_len, H}).transpose(1, 2));
-  // dropout 0: the kernels read no random state; these stand in for the forward's (unused) seed/offset
-  auto seed = at::zeros({}, at::dtype(at::kLong)), offset = at::zeros({}, at::dtype(at::kLong));
-  auto grads = at::_efficient_attention_backward(gop, qp, kk, vv, c10::nullopt, op, c10::nullopt, c10::nullopt,
-                                                 max_len, lp + max_len, lse_p, 0.0, seed, offset,
-                                                 /*custom_mask_type=*/2, /*bias_requires_grad=*/false, scale);
+  auto grads = eff_backward(gop, qp, kk, vv, op, lse_p, scale);
   const auto gq = std::get<0>(grads).to(at::kFloat).div_(c), gk = std::get<1>(grads).to(at::kFloat).div_(c),
              gv = std::get<2>(grads).to(at::kFloat).div_(c);
   const auto dt = q.scalar_type();
