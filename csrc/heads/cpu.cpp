@@ -310,6 +310,7 @@ inline void cos_ps(const double* c, double* gc, const double* x, const double* g
 }
 
 struct CpuRows {
+  static constexpr bool kHalfGemm = false;  // fp32 inside (upcast operands)
   static void ce(Tensor& z, const Tensor& tgt, const Tensor& g, double ls, Tensor& per, Tensor dot) {
     const int64_t R = z.size(0), K = z.size(1);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "heads_ce_rows", [&] {

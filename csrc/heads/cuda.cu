@@ -1,6 +1,11 @@
 // Head ops (issue 4): CUDA kernels (the GPU fallback where Triton is missing). Orchestration is
 // shared with the CPU (csrc/heads/heads.h: cuBLAS GEMMs on row tiles); here the fused per-row
-// passes, one thread block per row. (c10/cuda headers rather than ATen/cuda/CUDAContext.h: the
+// passes, one thread block per row. GEMMs (issue 11): fp16/bf16 inputs stay in their dtype on the
+// tensor cores with fp32 accumulation and output (CudaRows::kHalfGemm; gradient factors scaled by
+// powers of two before their cast, heads.h grad_mm); domain_fanout's GEMMs were already cuBLAS in
+// the input dtype (its output and gradients are in the input dtype, as torch's). The per-sample
+// cosine CE (c of shape [B, K, E]) is a batched matrix-vector product, bound by reading c once:
+// it stays the fused kernel below, reading c in its dtype with fp32 accumulation. (c10/cuda headers rather than ATen/cuda/CUDAContext.h: the
 // latter pulls in cusparse.h, which the toolkit here does not ship under CUDA_HOME.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -269,6 +274,8 @@ __global__ void cos_ps_kernel(const In* cp, In* gcp, const T* xp, const T* gp, c
 }
 
 struct CudaRows {
+  // fp16/bf16 GEMMs on tensor cores in the input dtype, fp32 accumulation (heads.h grad_mm)
+  static constexpr bool kHalfGemm = true;
   static void ce(Tensor& z, const Tensor& tgt, const Tensor& g, double ls, Tensor& per, Tensor dot) {
     const int64_t R = z.size(0), K = z.size(1);
     if (R == 0) return;

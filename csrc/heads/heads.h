@@ -6,6 +6,12 @@
 // `Rows` policy: CpuRows (csrc/heads/cpu.cpp, at::parallel_for loops) or CudaRows (cuda.cu).
 // Nothing of size [B, D, K] or [B, K] is allocated: logits live in tiles of at most kTileElems
 // elements, recomputed by the backward. Arithmetic is float32 (float64 for float64 inputs).
+//
+// GEMM precision: a Rows policy with kHalfGemm (CUDA) keeps fp16/bf16 operands in the input dtype
+// and runs the GEMMs on tensor cores with fp32 accumulation and fp32 output (aten::mm.dtype); the
+// gradient factors (fp32, of order g / rows, below fp16's normal range in the small-gradient regime,
+// DESIGN 5.4) are scaled by exact powers of two per row before their cast (grad_mm). Elsewhere the
+// operands are upcast and every GEMM runs in the accumulation type (the CPU path: fp32 inside).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -14,6 +20,7 @@
 #include <vector>
 
 #include "common.h"
+#include "contrastive/tiled.h"  // pow2_scale
 
 namespace dgkernels {
 namespace heads {
@@ -34,6 +41,47 @@ inline Tensor to_acc(const Tensor& t) { return t.to(acc_type(t)).contiguous(); }
 inline int64_t tile_rows(int64_t per_row, int64_t rows) {
   const int64_t want = std::max<int64_t>(kMinTileRows, kTileElems / std::max<int64_t>(per_row, 1));
   return std::max<int64_t>(1, std::min<int64_t>(rows, want));
+}
+
+// ---- GEMMs in the operand dtype with accumulation-type output -------------------------------------
+// The half path: on, and x and w (the GEMM operands) share an fp16/bf16 dtype.
+inline bool half_gemm(bool enabled, const Tensor& x, const Tensor& w) {
+  const auto t = x.scalar_type();
+  return enabled && (t == at::kHalf || t == at::kBFloat16) && w.scalar_type() == t;
+}
+// GEMM operand: the input itself on the half path, else upcast to the accumulation type.
+inline Tensor to_op(const Tensor& t, bool half) { return half ? t.contiguous() : to_acc(t); }
+
+// A B in `acc` of operands in their own dtype: cuBLAS with fp32 accumulation and output for half
+// operands on CUDA; upcast operands elsewhere (products of halves are exact in fp32: same numbers).
+inline Tensor mm_acc(const Tensor& A, const Tensor& B, at::ScalarType acc) {
+  if (A.scalar_type() == acc) return at::mm(A, B);
+  if (A.is_cuda()) return at::mm(A, B, acc);
+  return at::mm(A.to(acc), B.to(acc));
+}
+// x w^T (+ b) in `acc`: the logits of a row tile.
+inline Tensor linear_acc(const Tensor& x, const Tensor& w, const Tensor& b, at::ScalarType acc) {
+  if (x.scalar_type() == acc) return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+  auto y = mm_acc(x, w.t(), acc);
+  return b.defined() ? y.add_(b) : y;
+}
+// A B for a gradient factor A (acc type) and an operand B (op dtype). Half B: each row of A is
+// multiplied by c = 2^(15 - ceil(log2 max|row|)) (exact, entries <= 2^15) before the cast, so a row
+// of order 1e-9 keeps fp16's 11 bits instead of flushing to subnormals; (c A) B / c = A B exactly
+// up to the cast's rounding.
+inline Tensor grad_mm(const Tensor& A, const Tensor& B) {
+  const auto acc = A.scalar_type();
+  if (B.scalar_type() == acc) return at::mm(A, B);
+  auto c = contrastive::pow2_scale(A, 1).unsqueeze(1);
+  return mm_acc((A * c).to(B.scalar_type()), B, acc).div_(c);
+}
+inline void grad_mm_out(Tensor& out, const Tensor& A, const Tensor& B) {
+  if (B.scalar_type() == A.scalar_type()) at::mm_out(out, A, B);
+  else out.copy_(grad_mm(A, B));
+}
+inline void grad_addmm_(Tensor& C, const Tensor& A, const Tensor& B) {
+  if (B.scalar_type() == A.scalar_type()) C.addmm_(A, B);
+  else C.add_(grad_mm(A, B));
 }
 
 // Samples grouped by domain: order[i] = original row of sorted row i; offsets on the host (one
@@ -87,13 +135,15 @@ Grads domain_ce(const Tensor& g_in, const Tensor& x, const Tensor& w, const c10:
                 const c10::optional<Tensor>& domain, const Tensor& target, bool all_heads, double ls) {
   const int64_t B = x.size(0), D = w.size(0), K = w.size(1), F = w.size(2);
   const bool grad = g_in.defined();
-  auto xa = to_acc(x), wa = to_acc(w);
+  const bool half = half_gemm(Rows::kHalfGemm, x, w);
+  const auto acc = acc_type(x);
+  auto xa = to_op(x, half), wa = to_op(w, half);  // GEMM operands
   Tensor ba = b_in.has_value() ? to_acc(*b_in) : Tensor();
-  auto opts = xa.options();
+  auto opts = x.options().dtype(acc);
   auto tgt = target.to(at::kLong).contiguous();
   Tensor g = grad ? g_in.to(opts.dtype()).contiguous() : Tensor();
   Tensor per = at::empty({B}, opts);
-  Tensor gx, gw = grad ? at::zeros_like(wa) : Tensor(), gb = grad ? at::zeros({D, K}, opts) : Tensor();
+  Tensor gx, gw = grad ? at::zeros(w.sizes(), opts) : Tensor(), gb = grad ? at::zeros({D, K}, opts) : Tensor();
   if (all_heads || D == 1) {
     auto w2 = wa.view({D * K, F});
     auto tgt_rep = tgt.repeat_interleave(D);
@@ -106,7 +156,7 @@ Grads domain_ce(const Tensor& g_in, const Tensor& x, const Tensor& w, const c10:
     for (int64_t r0 = 0; r0 < B; r0 += R) {
       const int64_t n = std::min(R, B - r0);
       auto xb = xa.narrow(0, r0, n);
-      auto z = b2.defined() ? at::addmm(b2, xb, w2.t()) : at::mm(xb, w2.t());
+      auto z = linear_acc(xb, w2, b2, acc);
       auto zr = z.view({n * D, K});
       auto per_rows = at::empty({n * D}, opts);
       Rows::ce(zr, tgt_rep.narrow(0, r0 * D, n * D), grad ? g_rep.narrow(0, r0 * D, n * D) : Tensor(), ls,
@@ -114,8 +164,8 @@ Grads domain_ce(const Tensor& g_in, const Tensor& x, const Tensor& w, const c10:
       per.narrow(0, r0, n).copy_(per_rows.view({n, D}).mean(1));
       if (grad) {
         auto gxb = gx.narrow(0, r0, n);
-        at::mm_out(gxb, z, w2);
-        gw2.addmm_(z.t(), xb);
+        grad_mm_out(gxb, z, w2);
+        grad_addmm_(gw2, z.t(), xb);
         gb2.add_(z.sum(0));
       }
     }
@@ -133,13 +183,14 @@ Grads domain_ce(const Tensor& g_in, const Tensor& x, const Tensor& w, const c10:
       for (int64_t r0 = G.offsets[d]; r0 < G.offsets[d + 1]; r0 += R) {
         const int64_t n = std::min(R, G.offsets[d + 1] - r0);
         auto xb = xs.narrow(0, r0, n);
-        auto z = ba.defined() ? at::addmm(ba[d], xb, wd.t()) : at::mm(xb, wd.t());
+        auto z = linear_acc(xb, wd, ba.defined() ? ba[d] : Tensor(), acc);
         auto pr = per_s.narrow(0, r0, n);
         Rows::ce(z, ts.narrow(0, r0, n), grad ? gs.narrow(0, r0, n) : Tensor(), ls, pr, Tensor());
         if (grad) {
           auto gxb = gxs.narrow(0, r0, n);
-          at::mm_out(gxb, z, wd);
-          gw[d].addmm_(z.t(), xb);
+          grad_mm_out(gxb, z, wd);
+          auto gwd = gw[d];
+          grad_addmm_(gwd, z.t(), xb);
           gb[d].add_(z.sum(0));
         }
       }
@@ -159,8 +210,10 @@ Grads head_agreement(const Tensor& g_in, const Tensor& x, const Tensor& w, const
   TORCH_CHECK(kind == 0 || kind == 1, "head_agreement: kind must be 0 (kl) or 1 (sym_kl), got ", kind);
   TORCH_CHECK(kind == 0 || D >= 2, "head_agreement: sym_kl needs at least 2 heads, got D = ", D);
   const bool grad = g_in.defined();
-  auto xa = to_acc(x), wa = to_acc(w);
-  auto opts = xa.options();
+  const bool half = half_gemm(Rows::kHalfGemm, x, w);
+  const auto acc = acc_type(x);
+  auto xa = to_op(x, half), wa = to_op(w, half);  // GEMM operands
+  auto opts = x.options().dtype(acc);
   auto w2 = wa.view({D * K, F});
   Tensor b2 = b_in.has_value() ? to_acc(*b_in).view({D * K}) : Tensor();
   Tensor g = grad ? g_in.to(opts.dtype()).contiguous() : Tensor();
@@ -172,14 +225,14 @@ Grads head_agreement(const Tensor& g_in, const Tensor& x, const Tensor& w, const
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t n = std::min(R, B - r0);
     auto xb = xa.narrow(0, r0, n);
-    auto z = b2.defined() ? at::addmm(b2, xb, w2.t()) : at::mm(xb, w2.t());
+    auto z = linear_acc(xb, w2, b2, acc);
     auto z3 = z.view({n, D, K});
     auto pr = per.narrow(0, r0, n);
     Rows::agree(z3, kind, grad ? g.narrow(0, r0, n) : Tensor(), pr);
     if (grad) {
       auto gxb = gx.narrow(0, r0, n);
-      at::mm_out(gxb, z, w2);
-      gw2.addmm_(z.t(), xb);
+      grad_mm_out(gxb, z, w2);
+      grad_addmm_(gw2, z.t(), xb);
       gb2.add_(z.sum(0));
     }
   }
@@ -188,20 +241,20 @@ Grads head_agreement(const Tensor& g_in, const Tensor& x, const Tensor& w, const
 }
 
 // ---- mapper_project ------------------------------------------------------------------------------
-// y = x W^T + b (W shared [E, F] or per domain [D, E, F]); computed into `y` (acc type).
-inline Tensor mapper_linear(const Tensor& xa, const Tensor& wa, const Tensor& ba, const c10::optional<Tensor>& domain) {
-  if (wa.dim() == 2) return ba.defined() ? at::addmm(ba, xa, wa.t()) : at::mm(xa, wa.t());
+// y = x W^T + b (W shared [E, F] or per domain [D, E, F]) in `acc` from operands xa, wa.
+inline Tensor mapper_linear(const Tensor& xa, const Tensor& wa, const Tensor& ba, const c10::optional<Tensor>& domain,
+                            at::ScalarType acc) {
+  if (wa.dim() == 2) return linear_acc(xa, wa, ba, acc);
   const int64_t D = wa.size(0), E = wa.size(1);
   auto G = group_by_domain(*domain, D);
   auto xs = xa.index_select(0, G.order);
-  auto ys = at::empty({xa.size(0), E}, xa.options());
+  auto ys = at::empty({xa.size(0), E}, xa.options().dtype(acc));
   for (int64_t d = 0; d < D; ++d) {
     const int64_t n = G.offsets[d + 1] - G.offsets[d];
     if (n == 0) continue;
     auto yb = ys.narrow(0, G.offsets[d], n);
     auto xb = xs.narrow(0, G.offsets[d], n);
-    if (ba.defined()) at::addmm_out(yb, ba[d], xb, wa[d].t());
-    else at::mm_out(yb, xb, wa[d].t());
+    yb.copy_(linear_acc(xb, wa[d], ba.defined() ? ba[d] : Tensor(), acc));
   }
   return at::empty_like(ys).index_copy_(0, G.order, ys);
 }
@@ -209,10 +262,12 @@ inline Tensor mapper_linear(const Tensor& xa, const Tensor& wa, const Tensor& ba
 template <class Rows>
 std::tuple<Tensor, Tensor> mapper_forward(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b,
                                           const c10::optional<Tensor>& domain, bool residual, bool normalize) {
-  auto xa = to_acc(x), wa = to_acc(w);
-  auto y = mapper_linear(xa, wa, b.has_value() ? to_acc(*b) : Tensor(), domain).contiguous();
-  auto norm = at::empty({normalize ? x.size(0) : 0}, xa.options());
-  Rows::mapper_rows(xa, y, residual, normalize, norm);  // y becomes the output
+  const bool half = half_gemm(Rows::kHalfGemm, x, w);
+  const auto acc = acc_type(x);
+  auto xa = to_op(x, half), wa = to_op(w, half);
+  auto y = mapper_linear(xa, wa, b.has_value() ? to_acc(*b) : Tensor(), domain, acc).contiguous();
+  auto norm = at::empty({normalize ? x.size(0) : 0}, y.options());
+  Rows::mapper_rows(half ? to_acc(x) : xa, y, residual, normalize, norm);  // y becomes the output
   return {y.to(x.scalar_type()), norm};
 }
 
@@ -220,30 +275,32 @@ template <class Rows>
 std::tuple<Tensor, Tensor, Tensor> mapper_backward(const Tensor& g, const Tensor& x, const Tensor& w,
                                                    const c10::optional<Tensor>& domain, const Tensor& out,
                                                    const Tensor& norm, bool residual, bool normalize) {
-  auto xa = to_acc(x), wa = to_acc(w);
+  const bool half = half_gemm(Rows::kHalfGemm, x, w);
+  auto xa = to_op(x, half), wa = to_op(w, half);
   auto ga = to_acc(g);
+  auto opts = ga.options();
   auto gr = normalize ? Rows::normalize_grad(ga, to_acc(out), norm) : ga;  // dL/d(pre-normalisation)
   auto gy = residual ? gr.neg() : gr;                                        // dL/d(x W^T + b)
   Tensor gx, gw, gb;
   if (wa.dim() == 2) {
-    gx = at::mm(gy, wa);
-    gw = at::mm(gy.t(), xa);
+    gx = grad_mm(gy, wa);
+    gw = grad_mm(gy.t(), xa);
     gb = gy.sum(0);
   } else {
     const int64_t D = wa.size(0), F = wa.size(2);
     auto G = group_by_domain(*domain, D);
     auto xs = xa.index_select(0, G.order);
     auto gys = gy.index_select(0, G.order);
-    auto gxs = at::empty({xa.size(0), F}, xa.options());
-    gw = at::zeros_like(wa);
-    gb = at::zeros({D, wa.size(1)}, xa.options());
+    auto gxs = at::empty({xa.size(0), F}, opts);
+    gw = at::zeros(wa.sizes(), opts);
+    gb = at::zeros({D, wa.size(1)}, opts);
     for (int64_t d = 0; d < D; ++d) {
       const int64_t n = G.offsets[d + 1] - G.offsets[d];
       if (n == 0) continue;
       auto gyb = gys.narrow(0, G.offsets[d], n);
       auto gxb = gxs.narrow(0, G.offsets[d], n);
-      at::mm_out(gxb, gyb, wa[d]);
-      gw[d].copy_(at::mm(gyb.t(), xs.narrow(0, G.offsets[d], n)));
+      grad_mm_out(gxb, gyb, wa[d]);
+      gw[d].copy_(grad_mm(gyb.t(), xs.narrow(0, G.offsets[d], n)));
       gb[d].copy_(gyb.sum(0));
     }
     gx = at::empty_like(gxs).index_copy_(0, G.order, gxs);
@@ -276,6 +333,13 @@ Grads cosine_ce(const Tensor& g_in, const Tensor& x, const Tensor& c, const Tens
     std::tie(xn, xden) = normalize_rows(xa);
     std::tie(cn, cden) = normalize_rows(ca);
   }
+  // Half path: the GEMMs take the raw rows (exact in the input dtype) and fp32 reciprocal norms
+  // scale the products, cos = (x . c) / (|x| |c|): rounding x / |x| to half instead would cost
+  // dscale = sum dz cos / s its accuracy (the sum cancels). dxn = s dz cn = s (dz / |c|^T) c and
+  // dcn = s dz^T xn = s (dz / |x|)^T x likewise.
+  const bool half = half_gemm(Rows::kHalfGemm, x, c), raw = half && normalize;
+  const Tensor xo = half ? x.contiguous() : xn, co = half ? c.contiguous() : cn;
+  const Tensor rx = raw ? xden.reciprocal() : Tensor(), rc = raw ? cden.reciprocal().t() : Tensor();  // [B,1], [1,K]
   auto per = at::empty({B}, opts);
   auto dot = grad ? at::empty({B}, opts) : Tensor();
   Tensor dxn = grad ? at::empty({B, E}, opts) : Tensor();
@@ -283,15 +347,22 @@ Grads cosine_ce(const Tensor& g_in, const Tensor& x, const Tensor& c, const Tens
   const int64_t R = tile_rows(K, B);
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t n = std::min(R, B - r0);
-    auto xb = xn.narrow(0, r0, n);
-    auto z = at::mm(xb, cn.t()).mul_(s);
+    auto xb = xo.narrow(0, r0, n);
+    auto z = mm_acc(xb, co.t(), acc);
+    if (raw) z.mul_(rx.narrow(0, r0, n)).mul_(rc);
+    z.mul_(s);
     auto pr = per.narrow(0, r0, n);
     Rows::ce(z, tgt.narrow(0, r0, n), grad ? g.narrow(0, r0, n) : Tensor(), ls, pr,
              grad ? dot.narrow(0, r0, n) : Tensor());
     if (grad) {
       auto db = dxn.narrow(0, r0, n);
-      at::mm_out(db, z, cn);
-      dcn.addmm_(z.t(), xb);
+      if (raw) {
+        grad_mm_out(db, z * rc, co);
+        grad_addmm_(dcn, (z * rx.narrow(0, r0, n)).t(), xb);
+      } else {
+        grad_mm_out(db, z, co);
+        grad_addmm_(dcn, z.t(), xb);
+      }
     }
   }
   if (!grad) return {Tensor(), Tensor(), Tensor(), per};

@@ -1,9 +1,25 @@
 // Prompt-encoding kernels (CUDA). Schemas: csrc/prompt/cpu.cpp. Same semantics as the CPU kernels.
 //
-// Attention: one thread block per (suffix sequence, head) walks the sequence's queries; scores of
-// one query over the group's Lp prefix keys and its own causal keys live in shared memory. The
-// backward accumulates the sequence's own dk/dv in float32 scratch owned by the block, and the
-// prefix dkp/dvp (shared by the K sequences of a group) with float32 atomics.
+// Attention (fp16, bf16, fp32): torch's memory-efficient SDPA kernels (the CUTLASS flash-style
+// kernels that at::scaled_dot_product_attention dispatches to), called directly as
+// aten::_efficient_attention_forward/_backward, because the semantics fit: each suffix sequence of
+// length L attends to its group's Lp prefix keys (all visible) and to its own first t + 1 keys,
+// i.e. key j is visible to query t iff j <= t + Lp. In a padded batch with Lq = max_len queries and
+// Lk = Lp + max_len keys ([prefix | suffix] per sequence) that is exactly causal-from-bottom-right
+// (custom_mask_type 2: key j masked iff j > t + Lk - Lq), so no mask tensor is needed. Padded query
+// rows (t >= L) are zero, see at least the prefix, and are dropped; padded keys are only visible to
+// padded queries. The public at::scaled_dot_product_attention is not used because our backward is
+// a separate op that receives the forward's lse (the private ops return and take it; the public one
+// hides it), and because its is_causal is top-left aligned. Costs: the group's prefix K/V are copied
+// per sequence (n Lp H d elements, small next to the GEMMs) and padding rows up to max_len; head dims
+// are zero-padded to a multiple of 8 (the kernels' alignment; zeros change neither q.k nor p v).
+// The backward's padded query rows get lse = +inf, so their probabilities are exactly 0.
+// Small gradients (DESIGN 5.4): the kernels round dS = P (dP - delta) to the input dtype for their
+// GEMMs, and a loss scaled by 1e-3 puts it among fp16's subnormals. Every gradient is linear in dO,
+// so dO is multiplied by the power of two c = 2^-ceil(log2 max|dO|) (exact; max |c dO| in (1/2, 1],
+// no overflow: |dS| <= 2 |dO_t| |v|) and the fp32 results are divided by c.
+// float64 (no SDPA kernel) keeps the scalar kernels below: one thread block per (sequence, head)
+// walks the queries, scores in shared memory, prefix dkp/dvp via float32 atomics (<= 128 tokens).
 // EOT head: the gather + LayerNorm runs as one kernel; the projection GEMMs go to cuBLAS (at::mm).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,6 +28,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -234,7 +254,140 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must share the shape [T, H, d]");
   TORCH_CHECK(vp.sizes() == kp.sizes(), "kp and vp must share the shape [G, Lp, H, d]");
   TORCH_CHECK(kp.size(2) == q.size(1) && kp.size(3) == q.size(2), "prefix heads/dim do not match q");
-  TORCH_CHECK(max_len <= 128 && kp.size(1) <= 128, "the CUDA prompt attention takes suffixes and prefixes of at most 128 tokens");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  kp.scalar_type() == q.scalar_type() && vp.scalar_type() == q.scalar_type(),
+              "q, k, v, kp, vp must share a dtype");
+  TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
+  TORCH_CHECK(q.scalar_type() != at::kDouble || (max_len <= 128 && kp.size(1) <= 128),
+              "the float64 CUDA prompt attention takes suffixes and prefixes of at most 128 tokens");
+}
+
+// ---- the SDPA path -------------------------------------------------------------------------------
+constexpr int64_t kHeadAlign = 8;  // head dims padded to a multiple of 8 for the aligned kernels
+constexpr int64_t kAlignLse = 32;  // the efficient kernels' logsumexp rows are padded to 32
+constexpr int64_t kMaxBatch = 65535;  // the kernels put the batch on gridDim.z: chunks of sequences
+
+// The efficient kernels on a padded batch, in chunks of at most kMaxBatch sequences.
+std::tuple<at::Tensor, at::Tensor> eff_forward(const at::Tensor& qp, const at::Tensor& kk, const at::Tensor& vv,
+                                               double scale) {
+  std::vector<at::Tensor> outs, lses;
+  for (int64_t b0 = 0; b0 < qp.size(0); b0 += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, qp.size(0) - b0);
+    auto res = at::_efficient_attention_forward(qp.narrow(0, b0, nb), kk.narrow(0, b0, nb), vv.narrow(0, b0, nb),
+                                                c10::nullopt, c10::nullopt, c10::nullopt, qp.size(1), kk.size(1), 0.0,
+                                                /*custom_mask_type=*/2, /*compute_log_sumexp=*/true, scale);
+    outs.push_back(std::get<0>(res));
+    lses.push_back(std::get<1>(res));
+  }
+  return {at::cat(outs, 0), at::cat(lses, 0)};
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eff_backward(const at::Tensor& gop, const at::Tensor& qp,
+                                                            const at::Tensor& kk, const at::Tensor& vv,
+                                                            const at::Tensor& op, const at::Tensor& lse_p,
+                                                            double scale) {
+  // dropout 0: the kernels read no random state; these stand in for the forward's (unused) seed/offset
+  auto seed = at::zeros({}, at::dtype(at::kLong)), offset = at::zeros({}, at::dtype(at::kLong));
+  std::vector<at::Tensor> gq, gk, gv;
+  for (int64_t b0 = 0; b0 < qp.size(0); b0 += kMaxBatch) {
+    const int64_t nb = std::min(kMaxBatch, qp.size(0) - b0);
+    auto g = at::_efficient_attention_backward(gop.narrow(0, b0, nb), qp.narrow(0, b0, nb), kk.narrow(0, b0, nb),
+                                               vv.narrow(0, b0, nb), c10::nullopt, op.narrow(0, b0, nb), c10::nullopt,
+                                               c10::nullopt, qp.size(1), kk.size(1), lse_p.narrow(0, b0, nb), 0.0,
+                                               seed, offset, /*custom_mask_type=*/2, /*bias_requires_grad=*/false,
+                                               scale);
+    gq.push_back(std::get<0>(g));
+    gk.push_back(std::get<1>(g));
+    gv.push_back(std::get<2>(g));
+  }
+  return {at::cat(gq, 0), at::cat(gk, 0), at::cat(gv, 0)};
+}
+
+// The padded batch: idx [n, max_len] = the flat row of (sequence i, token t), or T (a zero row
+// appended to every gathered tensor) past the sequence's length.
+at::Tensor padded_rows(const at::Tensor& start, const at::Tensor& len, int64_t max_len, int64_t t) {
+  auto ar = at::arange(max_len, start.options()).unsqueeze(0);
+  auto idx = start.unsqueeze(1) + ar;
+  return at::where(ar < len.unsqueeze(1), idx, at::full({}, t, idx.options()));
+}
+at::Tensor pad_head(const at::Tensor& x, int64_t dp) {
+  const int64_t d = x.size(-1);
+  return dp == d ? x : at::constant_pad_nd(x, {0, dp - d});
+}
+// [T, H, d] -> [n, max_len, H, dp] (zeros past each length).
+at::Tensor gather_padded(const at::Tensor& x, const at::Tensor& idx, int64_t dp) {
+  const int64_t n = idx.size(0), L = idx.size(1), H = x.size(1);
+  auto ext = at::cat({pad_head(x, dp), at::zeros({1, H, dp}, x.options())}, 0);
+  return ext.index_select(0, idx.reshape({-1})).view({n, L, H, dp});
+}
+// [n, Lp, H, d] prefix of each sequence's group, then its padded suffix: [n, Lp + max_len, H, dp].
+at::Tensor keys_padded(const at::Tensor& prefix, const at::Tensor& suffix, const at::Tensor& group,
+                       const at::Tensor& idx, int64_t dp) {
+  auto pre = pad_head(prefix, dp).index_select(0, group);
+  return at::cat({pre, gather_padded(suffix, idx, dp)}, 1).contiguous();
+}
+// Rows of a padded [n, L, H, dp] tensor back into the flat [T, H, d] layout (padding rows land
+// on the extra row T, dropped).
+at::Tensor scatter_flat(const at::Tensor& xp, const at::Tensor& idx, int64_t t, int64_t d) {
+  const int64_t H = xp.size(2);
+  auto rows = xp.narrow(-1, 0, d).reshape({-1, H, d});
+  auto ext = at::empty({t + 1, H, d}, xp.options());
+  ext.index_copy_(0, idx.reshape({-1}), rows);
+  return ext.narrow(0, 0, t);
+}
+
+std::tuple<at::Tensor, at::Tensor> sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& kp, const at::Tensor& vp, const at::Tensor& st,
+                                                const at::Tensor& ln, const at::Tensor& gr, int64_t max_len,
+                                                double scale) {
+  const int64_t t = q.size(0), H = q.size(1), d = q.size(2), lp = kp.size(1);
+  const int64_t dp = (d + kHeadAlign - 1) / kHeadAlign * kHeadAlign;
+  auto idx = padded_rows(st, ln, max_len, t);
+  auto qp = gather_padded(q, idx, dp).contiguous();
+  auto kk = keys_padded(kp, k, gr, idx, dp), vv = keys_padded(vp, v, gr, idx, dp);
+  auto res = eff_forward(qp, kk, vv, scale);
+  const at::Tensor& o = std::get<0>(res);     // [n, max_len, H, dp]
+  const at::Tensor& lse_p = std::get<1>(res);  // [n, H, >= max_len] float32
+  auto out = scatter_flat(o, idx, t, d);
+  auto lse_rows = lse_p.narrow(2, 0, max_len).transpose(1, 2).unsqueeze(-1);  // [n, max_len, H, 1]
+  auto lse = scatter_flat(lse_rows.to(at::kFloat), idx, t, 1).squeeze(-1);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
+    const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kp,
+    const at::Tensor& vp, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& st, const at::Tensor& ln,
+    const at::Tensor& gr, int64_t max_len, double scale) {
+  const int64_t t = q.size(0), H = q.size(1), d = q.size(2), n = ln.numel(), groups = kp.size(0), lp = kp.size(1);
+  const int64_t dp = (d + kHeadAlign - 1) / kHeadAlign * kHeadAlign;
+  auto idx = padded_rows(st, ln, max_len, t);
+  auto qp = gather_padded(q, idx, dp).contiguous();
+  auto kk = keys_padded(kp, k, gr, idx, dp), vv = keys_padded(vp, v, gr, idx, dp);
+  auto gop = gather_padded(go, idx, dp).contiguous();
+  at::Tensor c = at::ones({}, q.options().dtype(at::kFloat));  // the dO scale (module comment)
+  if (q.scalar_type() != at::kFloat) {
+    auto m = go.abs().amax().to(at::kFloat);
+    auto e = at::ceil(at::log2(m)).clamp_(-120, 120);
+    c = at::where(m > 0, at::exp2(-e), c);
+    gop = gop.mul(c);  // stays in the input dtype (a 0-dim operand does not promote)
+  }
+  auto op = gather_padded(out, idx, dp).contiguous();
+  // lse back into the kernels' [n, H, ceil32(max_len)] layout; +inf on padding rows: p = exp(s - inf) = 0
+  const float inf = std::numeric_limits<float>::infinity();
+  auto lse_ext = at::cat({lse.to(at::kFloat), at::full({1, H}, inf, lse.options().dtype(at::kFloat))}, 0);
+  auto lse_p = at::full({n, H, (max_len + kAlignLse - 1) / kAlignLse * kAlignLse}, inf, lse_ext.options());
+  lse_p.narrow(2, 0, max_len).copy_(lse_ext.index_select(0, idx.reshape({-1})).view({n, max_len, H}).transpose(1, 2));
+  auto grads = eff_backward(gop, qp, kk, vv, op, lse_p, scale);
+  const auto gq = std::get<0>(grads).to(at::kFloat).div_(c), gk = std::get<1>(grads).to(at::kFloat).div_(c),
+             gv = std::get<2>(grads).to(at::kFloat).div_(c);
+  const auto dt = q.scalar_type();
+  auto dq = scatter_flat(gq, idx, t, d).to(dt);
+  auto dk = scatter_flat(gk.narrow(1, lp, max_len), idx, t, d).to(dt);
+  auto dv = scatter_flat(gv.narrow(1, lp, max_len), idx, t, d).to(dt);
+  // the prefix is shared by the sequences of a group: sum their shares in float32
+  auto f32 = q.options().dtype(at::kFloat);
+  auto dkp = at::zeros({groups, lp, H, d}, f32).index_add_(0, gr, gk.narrow(1, 0, lp).narrow(-1, 0, d).to(at::kFloat));
+  auto dvp = at::zeros({groups, lp, H, d}, f32).index_add_(0, gr, gv.narrow(1, 0, lp).narrow(-1, 0, d).to(at::kFloat));
+  return {dq, dk, dv, dkp.to(dt), dvp.to(dt)};
 }
 
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -256,6 +409,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q_in,
   auto st = seq_start.to(at::kLong).contiguous(), ln = seq_len.to(at::kLong).contiguous(),
        gr = seq_group.to(at::kLong).contiguous();
   const int64_t t = q.size(0), heads = q.size(1), dim = q.size(2), lp = kp.size(1), n = ln.numel();
+  if (n > 0 && t > 0 && max_len > 0 && q.scalar_type() != at::kDouble)
+    return sdpa_forward(q, k, v, kp, vp, st, ln, gr, max_len, scale);
   auto out = at::empty({t, heads, dim}, q.options());
   auto lse = at::empty({t, heads}, q.options().dtype(at::kFloat));
   if (n == 0 || t == 0) return {out, lse};
@@ -288,6 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
        gr = seq_group.to(at::kLong).contiguous();
   const int64_t t = q.size(0), heads = q.size(1), dim = q.size(2), groups = kp.size(0), lp = kp.size(1),
                 n = ln.numel();
+  if (n > 0 && t > 0 && max_len > 0 && q.scalar_type() != at::kDouble)
+    return sdpa_backward(go, q, k, v, kp, vp, o, ls, st, ln, gr, max_len, scale);
   auto f32 = q.options().dtype(at::kFloat);
   auto dq = at::empty({t, heads, dim}, q.options());
   auto dk32 = at::zeros({t, heads, dim}, f32);
