@@ -34,7 +34,7 @@ import dgkernels
 
 from . import register_method
 from ..backbone import ImageFeatures
-from .base import Batch, Method, cosine_logits
+from .base import Batch, Method, check_choice, cosine_logits
 from .prompt_modules import AttentionPromptGenerator, make_prompt_encoder
 
 
@@ -49,6 +49,7 @@ class DALSCLIP(Method):
         "weight_decay": 5e-4,
         "batch_size": 32,
         "warmup_steps": 0,
+        "train_augment": "none",  # | "crop" | "crop_flip" (then no feature cache)
         "n_ctx": 16,
         "generator_hidden": 0,  # 0 = the embedding width (DPL's 512 for ViT-B/16)
         "generator_dropout": 0.1,
@@ -64,17 +65,18 @@ class DALSCLIP(Method):
         "prompt_chunk_size": 0,
     }
 
+    lr_log10_range = (-3.5, -2.0)
+    weight_decay_log10_range = (-6.0, -3.0)
+    batch_sizes = (16, 32, 64)
+
     @classmethod
     def search_space(cls, rng) -> dict:
-        hp = cls.all_defaults()
+        hp = super().search_space(rng)
         hp.update({
-            "lr": float(10 ** rng.uniform(-3.5, -2.0)),
-            "weight_decay": float(10 ** rng.uniform(-6, -3)),
-            "batch_size": int(rng.choice([16, 32, 64])),
-            "head_fraction": float(rng.choice([0.1, 0.2, 0.3])),
-            "agreement_weight": float(10 ** rng.uniform(-1, 1)),
-            "stay_weight": float(10 ** rng.uniform(-2, 0)),
-            "generator_dropout": float(rng.choice([0.0, 0.1, 0.3])),
+            "head_fraction": float(rng("head_fraction").choice([0.1, 0.2, 0.3])),
+            "agreement_weight": float(10 ** rng("agreement_weight").uniform(-1, 1)),
+            "stay_weight": float(10 ** rng("stay_weight").uniform(-2, 0)),
+            "generator_dropout": float(rng("generator_dropout").choice([0.0, 0.1, 0.3])),
         })
         return hp
 
@@ -83,8 +85,7 @@ class DALSCLIP(Method):
         hp = self.hparams
         for key, allowed in (("schedule", ("two_stage", "joint")), ("train_context", ("domain", "instance")),
                              ("test_context", ("instance", "batch")), ("generator_input", ("raw", "mapped"))):
-            if hp[key] not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {hp[key]!r}")
+            check_choice(hp, key, allowed)
         dim, width, k = backbone.embed_dim, backbone.text_width, self.num_classes
         self.head_weight = nn.Parameter(torch.zeros(self.num_domains, k, dim))
         self.head_bias = nn.Parameter(torch.zeros(self.num_domains, k))
