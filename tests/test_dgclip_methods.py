@@ -150,3 +150,13 @@ def test_train_augment_option(backbone):
     assert any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
     with pytest.raises(ValueError, match="train_augment must be one of"):
         get_method("coop")(backbone, NAMES, 3, {"train_augment": "jitter"}).make_train_transform(base)
+
+
+def test_embedded_defaults_apply_only_on_the_embedded_dataset():
+    dpl = get_method("dpl")
+    assert dpl.hparams_for(0) == dpl.all_defaults() and dpl.all_defaults()["lr"] == 1e-3
+    emb = dpl.hparams_for(0, embedded=True)
+    assert emb == {**dpl.all_defaults(), **dpl.embedded_hparams} and emb["ctx_init"] == "a photo of a"
+    # a random-search trial draws its searched names and keeps the embedded values of the rest
+    trial = dpl.hparams_for(3, embedded=True)
+    assert trial["ctx_init"] == "a photo of a" and trial["lr"] == dpl.hparams_for(3)["lr"]

@@ -198,7 +198,8 @@ class DALSCLIP(Method):
         if self.hparams["train_context"] == "domain":
             text = self.prompt_text(pooled, f_map, domains, self.num_domains, pool=True)[domains]  # D x K prompts
         else:
-            text = self.prompt_text(pooled, f_map, domains, None, pool=False)  # B x K prompts
+            own = torch.arange(pooled.shape[0], device=pooled.device)  # each image alone, as at test time
+            text = self.prompt_text(pooled, f_map, own, None, pool=False)  # B x K prompts
         ce = F.cross_entropy(self.aggregated_logits(f_map, text), labels)
         out = {"loss": ce, "ce": ce}
         if self.hparams["removal"] == "learned":
