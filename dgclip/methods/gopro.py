@@ -76,6 +76,11 @@ class GOPro(Method):
     weight_decay_log10_range = (-5.0, -3.0)
     batch_sizes = (4, 8, 16, 32)
 
+    # embedded default (32 px digits, 200 steps): mirroring changes a digit, a random crop of a
+    # 32 px digit cuts strokes (scale 0.6 lost ~3 points), lr 1e-3 for the short schedule; the
+    # paper's batch of 4 (now per source domain). Source-val 61.2 vs zero-shot's 61.1 (seed 0).
+    embedded_hparams = {"hflip": False, "crop_scale_min": 1.0, "lr": 0.001, "batch_size": 4}
+
     @classmethod
     def search_space(cls, rng) -> dict:
         hp = super().search_space(rng)
