@@ -25,6 +25,10 @@ class CoCoOp(Method):
                        "weight_decay": 5e-4, "warmup_steps": 0, "train_augment": "none", "n_ctx": 4, "ctx_init": "a photo of a",
                        "meta_reduction": 16}
 
+    # embedded default (200 steps, tiny CLIP): source-val 62.0 at lr 0.05 vs 57.6 at the paper's
+    # 2e-3 (seed 0)
+    embedded_hparams = {"lr": 0.05}
+
     def __init__(self, backbone, classnames, num_domains, hparams):
         super().__init__(backbone, classnames, num_domains, hparams)
         n_ctx = int(self.hparams["n_ctx"])
