@@ -19,17 +19,16 @@ from torch import nn
 
 import dgkernels
 
-__all__ = ["ImageFeatures", "CLIPBackbone", "load_backbone", "default_cache_dir", "BackboneError"]
+from . import tiny_clip
+from .paths import default_cache_dir
+
+__all__ = ["ImageFeatures", "CLIPBackbone", "load_backbone", "load_tiny_backbone", "default_cache_dir",
+           "BackboneError"]
 
 
 class BackboneError(RuntimeError):
     """A backbone could not be built (unknown name, missing weights offline, ...)."""
 
-
-def default_cache_dir() -> Path:
-    """Where weights and caches live: $DGCLIP_CACHE, else ~/.cache/dgclip."""
-    env = os.environ.get("DGCLIP_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "dgclip"
 
 
 @dataclass
@@ -282,14 +281,12 @@ def load_backbone(name: str, pretrained: str = "openai", *, cache_dir: Optional[
     """
     import open_clip
 
-    from . import tiny_clip
-
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     autocast = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
     if precision not in autocast:
         raise ValueError(f"precision must be one of {sorted(autocast)}, got {precision!r}")
     if name in tiny_clip.EMBEDDED_MODELS:
-        return tiny_clip.load_tiny_backbone(name, pretrained, cache_dir=cache_dir, device=device,
+        return load_tiny_backbone(name, pretrained, cache_dir=cache_dir, device=device,
                                             autocast_dtype=autocast[precision])
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown model {name!r}: choose an open_clip model "
@@ -307,3 +304,30 @@ def load_backbone(name: str, pretrained: str = "openai", *, cache_dir: Optional[
     return CLIPBackbone(model, tokenizer, name=name, pretrained="none" if random_init else str(pretrained),
                         preprocess_train=pre_train, preprocess_val=pre_val,
                         autocast_dtype=autocast[precision])
+
+
+def load_tiny_backbone(name: str, pretrained: Optional[str], *, cache_dir: Optional[Path] = None,
+                       device="cpu", autocast_dtype=None):
+    """The embedded tiny CLIP (random seed-0 weights for "none", else `dgclip pretrain`'s)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights ("none") are reproducible across runs and ranks
+        model, tokenizer = tiny_clip.build_tiny_model(name, cache_dir, device="cpu")
+    weights_id = "random-seed0"
+    tag = "none" if pretrained is not None and str(pretrained).lower() == "none" else "dgclip-pretrain"
+    if tag != "none":
+        path = Path(pretrained) if pretrained not in (None, "", "openai", "dgclip-pretrain", "default") \
+            else tiny_clip.weights_path(name, cache_dir)
+        if not path.exists():
+            raise BackboneError(
+                f"no weights for the embedded model {name!r} at {path}: run `dgclip pretrain` first "
+                f"(writes them there), or pass --pretrained none for random weights.")
+        st = path.stat()
+        weights_id = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    model.to(device)
+    tf = tiny_clip.tiny_transform(tiny_clip.TINY_DIGITS_CONFIG["vision_cfg"]["image_size"])
+    bb = CLIPBackbone(model, tokenizer, name=name, pretrained=tag, preprocess_train=tf,
+                      preprocess_val=tf, autocast_dtype=autocast_dtype)
+    bb.weights_id = weights_id
+    return bb

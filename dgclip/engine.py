@@ -226,7 +226,7 @@ def run_training(cfg: TrainConfig) -> dict:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
                              precision=cfg.precision)
-    hparams = {**method_cls.hparams_for(cfg.hparams_seed), **cfg.hparams}
+    hparams = {**method_cls.hparams_for(cfg.hparams_seed, embedded=spec.embedded), **cfg.hparams}
     classnames = [spec.classname(c) for c in protocol.classnames]
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     method = method_cls(backbone, classnames, len(protocol.source_domains), hparams)

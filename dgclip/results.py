@@ -23,7 +23,17 @@ __all__ = ["load_results", "summarise", "format_table", "write_csv", "plot", "ME
 SWEEP_SELECTIONS = {"training-domain": "training-domain validation (best hparam seed)",
                     "oracle": "oracle: test-domain validation, last step (best hparam seed)"}
 
-METRIC_LABELS = {"test_acc": "accuracy"}
+METRIC_LABELS = {
+    "test_acc": "accuracy (closed-set accuracy on the known classes for open-set data)",
+    "h_score": "H-score, common rule: unknown when the known-class confidence is below the threshold "
+               "accepting 95% of SOURCE-validation knowns (same rule for every method)",
+    "h_score_native": "H-score, each method's own rule (argmax over C+1; '-' = closed-set method, no native unknown)",
+    "h_score_swept_oracle": "H-score, best of 10 thresholds evenly spaced on the target (MEDIC): ORACLE",
+    "auroc": "AUROC known vs unknown (known-class confidence, no threshold)",
+    "oscr": "OSCR (no threshold)",
+    "known_acc": "(C+1)-way accuracy on target knowns under the common rule",
+    "unknown_recall": "unknown recall under the common rule",
+}
 
 
 def load_results(path) -> list[dict]:
@@ -92,7 +102,8 @@ def summarise(records: list[dict], metric: str = "test_acc") -> list[dict]:
         cells = {d: _mse([by[s][d] for s in by if d in by[s]]) for d in domains}
         full = [np.mean([by[s][d] for d in domains]) for s in by if all(d in by[s] for d in domains)]
         rows.append({"dataset": dataset, "method": method, "selection": selection, "metric": metric,
-                     "domains": domains, "cells": cells, "avg": _mse(full)})
+                     "domains": domains, "cells": cells, "avg": _mse(full),
+                     "transductive": any(r.get("transductive") for r in recs)})
     return rows
 
 
@@ -109,14 +120,18 @@ def format_table(rows: list[dict]) -> str:
         sub = [r for r in rows if (r["dataset"], r["selection"], r["metric"]) == (dataset, selection, metric)]
         domains = sorted({d for r in sub for d in r["domains"]})
         head = ["Method"] + domains + ["Avg"]
-        body = [[r["method"]] + [_fmt(r["cells"].get(d, (0, 0, 0))) for d in domains] + [_fmt(r["avg"])]
-                for r in sub]
+        body = [[r["method"] + (" *" if r.get("transductive") else "")]
+                + [_fmt(r["cells"].get(d, (0, 0, 0))) for d in domains] + [_fmt(r["avg"])] for r in sub]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         nseeds = max(r["avg"][2] for r in sub)
         out.append(f"{dataset} | {metric} (%) | selection: {selection} | mean +- s.e. over seeds "
                    f"(up to {nseeds})")
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
         out += [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+        if metric in METRIC_LABELS:
+            out.append(f"{metric}: {METRIC_LABELS[metric]}")
+        if any(r.get("transductive") for r in sub):
+            out.append("* transductive: pools over seeded random test batches (its paper's eval batch size)")
         out.append("")
     return "\n".join(out)
 

@@ -3,7 +3,8 @@
 The config is registered with open_clip through `open_clip.add_model_config` (a JSON file written
 into the cache directory), so open_clip builds it like any other model; nothing in open_clip is
 edited. Weights come from `dgclip pretrain` (see dgclip/pretrain.py) and are cached under
-``<cache>/tiny-digits/weights.pt``.
+``<cache>/tiny-digits/weights.pt``. This module does not know the backbone wrapper:
+`dgclip.backbone` imports it (one direction only) and wraps the model in a `CLIPBackbone`.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
+from .paths import default_cache_dir
 
-__all__ = ["EMBEDDED_MODELS", "TINY_DIGITS_CONFIG", "register_configs", "weights_path",
-           "load_tiny_backbone", "build_tiny_model"]
+__all__ = ["EMBEDDED_MODELS", "TINY_DIGITS_CONFIG", "register_configs", "weights_path", "build_tiny_model",
+           "tiny_transform"]
 
 # 32x32 images, 8x8 patches (16 tokens + class token), 3 vision / 2 text layers of width 64,
 # 64-d embeddings, 24-token context (fits CoOp's 16 context tokens + a class name).
@@ -31,8 +32,6 @@ TINY_STD = (0.3, 0.3, 0.3)
 
 
 def _cache(cache_dir: Optional[Path]) -> Path:
-    from .backbone import default_cache_dir
-
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
@@ -83,31 +82,3 @@ def tiny_transform(image_size: int = 32, train: bool = False):
     ops = [T.Grayscale(num_output_channels=3), T.Resize((image_size, image_size))]
     ops += [T.ToTensor(), T.Normalize(TINY_MEAN, TINY_STD)]
     return T.Compose(ops)
-
-
-def load_tiny_backbone(name: str, pretrained: Optional[str], *, cache_dir: Optional[Path] = None,
-                       device="cpu", autocast_dtype=None):
-    from .backbone import BackboneError, CLIPBackbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random weights ("none") are reproducible across runs and ranks
-        model, tokenizer = build_tiny_model(name, cache_dir, device="cpu")
-    weights_id = "random-seed0"
-    tag = "none" if pretrained is not None and str(pretrained).lower() == "none" else "dgclip-pretrain"
-    if tag != "none":
-        path = Path(pretrained) if pretrained not in (None, "", "openai", "dgclip-pretrain", "default") \
-            else weights_path(name, cache_dir)
-        if not path.exists():
-            raise BackboneError(
-                f"no weights for the embedded model {name!r} at {path}: run `dgclip pretrain` first "
-                f"(writes them there), or pass --pretrained none for random weights.")
-        st = path.stat()
-        weights_id = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-    model.to(device)
-    tf = tiny_transform(TINY_DIGITS_CONFIG["vision_cfg"]["image_size"])
-    bb = CLIPBackbone(model, tokenizer, name=name, pretrained=tag, preprocess_train=tf,
-                      preprocess_val=tf, autocast_dtype=autocast_dtype)
-    bb.weights_id = weights_id
-    return bb

@@ -71,3 +71,25 @@ def test_unreachable_hub_loads_from_the_cache_only(tmp_path, monkeypatch):
     assert time.time() - t0 < 10 and constants.HF_HUB_OFFLINE == before
     with bb._offline_unless_reachable(str(tmp_path)):  # a local path: no check, nothing changed
         assert constants.HF_HUB_OFFLINE == before
+
+
+def test_backbone_and_tiny_clip_import_in_one_direction():
+    """Issue 12.8: tiny_clip.py never imports backbone.py (no import cycle, not even inside a
+    function); backbone.py imports tiny_clip at module level."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "dgclip"
+
+    def imports(path):
+        out = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                out += [(node.module or "") + ":" + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                out += [a.name for a in node.names]
+        return out
+
+    assert not [i for i in imports(root / "tiny_clip.py") if "backbone" in i]
+    top = ast.parse((root / "backbone.py").read_text()).body
+    assert any(isinstance(n, ast.ImportFrom) and any(a.name == "tiny_clip" for a in n.names) for n in top)

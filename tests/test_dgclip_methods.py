@@ -93,3 +93,70 @@ def test_prompt_encoder_matches_encode_text(backbone):
     torch.testing.assert_close(many[1], enc(ctx[1])[0], atol=1e-5, rtol=1e-4)
     cs = enc(ctx[:, None].expand(3, 4, 4, 64)[0], class_specific=True)
     torch.testing.assert_close(cs[0], enc(ctx[0])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_hparam_draws_are_seeded_per_name():
+    """Issue 12.8 (DomainBed): each hyper-parameter is drawn from a generator seeded by its own
+    name, so a subclass that draws an extra option first leaves every other draw unchanged."""
+    coop = get_method("coop")
+
+    class WithExtra(coop):
+        default_hparams = {"extra": 0.0}
+
+        @classmethod
+        def search_space(cls, rng):
+            extra = float(rng("extra").uniform())  # drawn BEFORE the base draws
+            hp = super().search_space(rng)
+            hp["extra"] = extra
+            return hp
+
+    for seed in (1, 2, 7):
+        a, b = coop.hparams_for(seed), WithExtra.hparams_for(seed)
+        assert {k: b[k] for k in a} == a
+    assert len({coop.hparams_for(s)["lr"] for s in range(1, 6)}) == 5
+    assert get_method("dpl").hparams_for(4)["weight_decay"] == 0.0  # a paper's 0 is not searched
+    for name in ("dalsclip", "gopro", "seeclip"):  # lr / batch_size / weight_decay drawn once, in the base
+        hp = get_method(name).hparams_for(5)
+        lo, hi = get_method(name).lr_log10_range
+        assert lo <= np.log10(hp["lr"]) <= hi and hp["batch_size"] in get_method(name).batch_sizes
+
+
+def test_dpl_init_and_weight_decay_as_released(backbone):
+    m = get_method("dpl")(backbone, NAMES, 3, {})
+    assert m.hparams["weight_decay"] == 0.0
+    linears = [l for l in m.mlp if isinstance(l, torch.nn.Linear)]
+    assert all(torch.equal(l.bias, torch.full_like(l.bias, 0.01)) for l in linears)
+    w = linears[0].weight
+    bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5  # Xavier-uniform, not nn.Linear's 1/sqrt(fan_in)
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+def test_cocoop_meta_net_sees_normalised_features(backbone):
+    m = get_method("cocoop")(backbone, NAMES, 3, {})
+    f = torch.randn(5, backbone.embed_dim)
+    torch.testing.assert_close(m.text_features(f), m.text_features(7.0 * f))
+
+
+def test_train_augment_option(backbone):
+    from torchvision import transforms as T
+
+    base = backbone.preprocess_val
+    for name in ("coop", "cocoop", "dpl", "dalsclip"):
+        assert get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base) is base  # cacheable
+        tf = get_method(name)(backbone, NAMES, 3, {"train_augment": "crop"}).make_train_transform(base)
+        assert isinstance(tf, T.Compose) and tf.transforms[-1] is base
+        assert not any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
+    tf = get_method("coop")(backbone, NAMES, 3, {"train_augment": "crop_flip"}).make_train_transform(base)
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
+    with pytest.raises(ValueError, match="train_augment must be one of"):
+        get_method("coop")(backbone, NAMES, 3, {"train_augment": "jitter"}).make_train_transform(base)
+
+
+def test_embedded_defaults_apply_only_on_the_embedded_dataset():
+    dpl = get_method("dpl")
+    assert dpl.hparams_for(0) == dpl.all_defaults() and dpl.all_defaults()["lr"] == 1e-3
+    emb = dpl.hparams_for(0, embedded=True)
+    assert emb == {**dpl.all_defaults(), **dpl.embedded_hparams} and emb["ctx_init"] == "a photo of a"
+    # a random-search trial draws its searched names and keeps the embedded values of the rest
+    trial = dpl.hparams_for(3, embedded=True)
+    assert trial["ctx_init"] == "a photo of a" and trial["lr"] == dpl.hparams_for(3)["lr"]

@@ -98,3 +98,15 @@ def test_common_rule_threshold_accepts_95_percent_of_source_validation():
         M.calibrate_threshold(val, 5, accept_rate=0.0)
     with pytest.raises(ValueError, match="expected"):
         M.open_set_metrics(val, np.zeros(400, dtype=int), 3, threshold=0.5)
+
+
+def test_results_table_marks_transductive_and_names_the_rule():
+    from dgclip.results import format_table, summarise
+
+    recs = [{"dataset": "d", "method": m, "selection": "training-domain validation", "seed": s, "test_domain": t,
+             "h_score": 0.5, "h_score_native": float("nan") if m != "seeclip" else 0.4, "transductive": m == "dpl"}
+            for m in ("dpl", "seeclip") for s in (0, 1) for t in ("a", "b")]
+    table = format_table(summarise(recs, "h_score"))
+    assert "dpl *" in table and "transductive" in table and "SOURCE-validation" in table
+    native = format_table(summarise(recs, "h_score_native"))
+    assert "| dpl *" in native and " - " in native and "40.0 +- 0.0" in native

@@ -5,7 +5,8 @@ import torch
 
 from dgclip.data.catalog import DIGIT_WORDS
 from dgclip.pretrain import ORIENTATIONS, CaptionTable, pretrain_tiny_clip
-from dgclip.tiny_clip import build_tiny_model, load_tiny_backbone, weights_path
+from dgclip.backbone import load_tiny_backbone
+from dgclip.tiny_clip import build_tiny_model, weights_path
 
 
 def _decode(tokenizer, ids):

@@ -261,7 +261,8 @@ def test_seeclip_predictions_ignore_labels(backbone):
 # ---------------------------------------------------------------------------------------------
 # DALSCLIP
 def test_dalsclip_schedule_and_losses(backbone):
-    m = _make("dalsclip", backbone, head_fraction=0.2)  # 100 steps: 20 head steps
+    # the first reading of the abstract, still available through options
+    m = _make("dalsclip", backbone, head_fraction=0.2, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", train_context="domain", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 100 steps: 20 head steps
     batch = _batch()
     pooled = backbone.image_features(batch.images).pooled
     assert m.stage() == "heads"
@@ -294,7 +295,7 @@ def test_dalsclip_schedule_and_losses(backbone):
 def test_dalsclip_trains_in_both_stages_on_cached_features(backbone):
     from dgclip.methods.base import Batch
 
-    m = _make("dalsclip", backbone, head_fraction=0.05)  # 5 head steps of 100
+    m = _make("dalsclip", backbone, head_fraction=0.05, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", train_context="domain", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 5 head steps of 100
     batch = _batch()
     cached = Batch(images=None, labels=batch.labels, domains=batch.domains, features=backbone.image_features(batch.images))
     heads = _train(m, cached, 5)
@@ -307,6 +308,36 @@ def test_dalsclip_trains_in_both_stages_on_cached_features(backbone):
     logits = m.predict(batch.images)
     assert logits.shape == (B, len(CLASSES))
     torch.testing.assert_close(m.predict(batch.images[:2]), logits[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_dalsclip_defaults_start_from_zero_shot_and_remove_head_directions(backbone):
+    """Default DALSCLIP: residual prompts on "a photo of a" (zero-shot at start, per image), the
+    directions separating the domain heads projected out, heads aggregated with the prompt logits."""
+    from dgclip.methods import get_method
+
+    m = _make("dalsclip", backbone)
+    batch = _batch()
+    zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
+    pooled = backbone.image_features(batch.images).pooled
+    m.eval()
+    # heads at zero: no removal, uniform head term -> the zero-shot ranking, zero-shot log-probs + const
+    want = F.log_softmax(zs.predict(batch.images), -1) + F.log_softmax(torch.zeros(B, len(CLASSES)), -1)
+    torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        m.head_weight.normal_()
+    u = m.removal_basis()
+    assert u.shape == (pooled.shape[-1], 2)
+    dev = (m.head_weight - m.head_weight.mean(0)).reshape(-1, pooled.shape[-1])
+    f_map = m.mapped(pooled)
+    torch.testing.assert_close(f_map @ u, torch.zeros(B, 2), atol=1e-5, rtol=0)
+    # the removed directions are the top singular vectors of the heads' deviations
+    s_all = torch.linalg.svdvals(dev)
+    torch.testing.assert_close((dev @ u).norm(dim=0), s_all[:2], atol=1e-4, rtol=1e-4)
+    m.train()
+    out = m.losses(pooled, batch.labels, batch.domains)
+    assert set(out) == {"loss", "ce", "heads"}
+    _check_grads_and_frozen(m, backbone, batch)
+    assert not m.transductive and _make("dalsclip", backbone, test_context="batch").transductive
 
 
 def test_registry_and_search_spaces():

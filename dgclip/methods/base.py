@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backbone import CLIPBackbone, ImageFeatures
+from ..data.splits import seed_hash
 
-__all__ = ["Batch", "Method", "cosine_logits", "check_choice"]
+__all__ = ["Batch", "Method", "cosine_logits", "check_choice", "HparamRNG"]
 
 Images = Union[torch.Tensor, dict]
 
@@ -60,6 +61,21 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+TRAIN_AUGMENTS = ("none", "crop", "crop_flip")
+
+
+class HparamRNG:
+    """DomainBed's per-name seeding: rng(name) is a fresh generator seeded by (seed, name)."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self.names: set[str] = set()  # every name drawn (the searched hyper-parameters)
+
+    def __call__(self, name: str) -> np.random.Generator:
+        self.names.add(name)
+        return np.random.default_rng(seed_hash(self.seed, name))
 
 
 def check_choice(hparams: dict, key: str, allowed: tuple) -> str:
@@ -107,6 +123,10 @@ class Method(nn.Module):
                            original view, so the engine may cache them on disk
       needs_patches / needs_layer_stats: which optional ImageFeatures fields the method reads
       eval_batch_size      the paper's evaluation batch size; only used when `transductive`
+      embedded_hparams     overrides of default_hparams on the embedded default (tiny 64-d CLIP,
+                           200-step schedule), as DomainBed's SMALL_IMAGES defaults: the papers'
+                           settings are for ViT-B/16 and thousands of steps; picked by
+                           training-domain validation on seed 0 (README)
     """
 
     name: str = "base"
@@ -117,6 +137,7 @@ class Method(nn.Module):
     needs_patches: bool = False
     needs_layer_stats: bool = False
     eval_batch_size: int = 64  # DomainBed's evaluation loaders
+    embedded_hparams: dict = {}
 
     @property
     def transductive(self) -> bool:
@@ -145,27 +166,62 @@ class Method(nn.Module):
             merged.update(getattr(klass, "default_hparams", {}) or {})
         return merged
 
+    # search ranges shared by every trainable method (subclasses narrow them by class attribute)
+    lr_log10_range: Optional[tuple] = None  # None: log10(default lr) - 1 .. + 0.5
+    weight_decay_log10_range: tuple = (-6.0, -3.0)
+    batch_sizes: tuple = (16, 32, 64)
+
     @classmethod
-    def search_space(cls, rng: np.random.Generator) -> dict:
-        """A random draw of hyper-parameters (DomainBed style). Subclasses extend it."""
+    def search_space(cls, rng: "HparamRNG") -> dict:
+        """A random draw of hyper-parameters (DomainBed style): lr, batch_size and weight_decay
+        here, once for every method; subclasses add their own names. `rng(name)` is a generator
+        seeded by (hparams_seed, name) only, so adding an option never changes another draw."""
         hp = cls.all_defaults()
-        hp["lr"] = float(10 ** rng.uniform(math.log10(hp["lr"]) - 1, math.log10(hp["lr"]) + 0.5))
-        hp["batch_size"] = int(rng.choice([16, 32, 64]))
-        if "weight_decay" in hp and hp["weight_decay"] > 0:
-            hp["weight_decay"] = float(10 ** rng.uniform(-6, -3))
+        if "lr" in hp:
+            lo, hi = cls.lr_log10_range or (math.log10(hp["lr"]) - 1, math.log10(hp["lr"]) + 0.5)
+            hp["lr"] = float(10 ** rng("lr").uniform(lo, hi))
+        if "batch_size" in hp:
+            hp["batch_size"] = int(rng("batch_size").choice(cls.batch_sizes))
+        if hp.get("weight_decay", 0) > 0:  # a paper's 0 stays 0
+            hp["weight_decay"] = float(10 ** rng("weight_decay").uniform(*cls.weight_decay_log10_range))
         return hp
 
     @classmethod
-    def hparams_for(cls, hparams_seed: int = 0) -> dict:
-        """Trial hyper-parameters: seed 0 = defaults, others = a seeded random-search draw."""
+    def defaults_for(cls, embedded: bool = False) -> dict:
+        """The defaults, with `embedded_hparams` on top for the embedded default dataset."""
+        hp = cls.all_defaults()
+        if embedded:
+            hp.update(cls.embedded_hparams)
+        return hp
+
+    @classmethod
+    def hparams_for(cls, hparams_seed: int = 0, embedded: bool = False) -> dict:
+        """Trial hyper-parameters: seed 0 = defaults, others = a seeded random-search draw (the
+        searched names drawn, every other name at its default)."""
         if hparams_seed == 0:
-            return cls.all_defaults()
-        return cls.search_space(np.random.default_rng(hparams_seed))
+            return cls.defaults_for(embedded)
+        rng = HparamRNG(hparams_seed)
+        draw = cls.search_space(rng)
+        return {**cls.defaults_for(embedded), **{k: draw[k] for k in rng.names if k in draw}}
 
     # ----- data hooks --------------------------------------------------------------------------
     def make_train_transform(self, base_transform):
-        """Return the training transform (may return a dict of views); default: unchanged."""
-        return base_transform
+        """Return the training transform (may return a dict of views).
+
+        Methods with a `train_augment` option: "none" (the eval transform, so the engine may cache
+        frozen features), "crop" (random resized crop, scale 0.08-1, at the image's own size),
+        "crop_flip" (+ horizontal flip: CoOp's / DPL's recipe for natural images), each followed by
+        the base transform.
+        """
+        kind = check_choice(self.hparams, "train_augment", TRAIN_AUGMENTS) if "train_augment" in self.hparams \
+            else "none"
+        if kind == "none":
+            return base_transform
+        from torchvision import transforms as T
+
+        from .views import original_view
+
+        return T.Compose([original_view((0.08, 1.0), hflip=kind == "crop_flip"), base_transform])
 
     def features(self, x) -> ImageFeatures:
         """ImageFeatures for raw images (one frozen forward) or pass-through for cached ones."""

@@ -1,12 +1,13 @@
 """CoCoOp (Zhou et al., CVPR 2022): context shifted per image by a meta-net.
 
 M = 4 context vectors initialised from "a photo of a"; meta-net Linear(E, E/16) -> ReLU ->
-Linear(E/16, W) maps each image feature to a shift added to every context vector, giving
+Linear(E/16, W) maps each L2-normalised image feature to a shift added to every context vector, giving
 B x K prompts per step, all encoded in one batched call.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dgkernels
@@ -21,8 +22,12 @@ class CoCoOp(Method):
     open_set = False
     uses_frozen_features = True
     default_hparams = {"lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9,
-                       "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 4, "ctx_init": "a photo of a",
+                       "weight_decay": 5e-4, "warmup_steps": 0, "train_augment": "none", "n_ctx": 4, "ctx_init": "a photo of a",
                        "meta_reduction": 16}
+
+    # embedded default (200 steps, tiny CLIP): source-val 62.0 at lr 0.05 vs 61.9 at the paper's
+    # 2e-3 (seed 0)
+    embedded_hparams = {"lr": 0.05}
 
     def __init__(self, backbone, classnames, num_domains, hparams):
         super().__init__(backbone, classnames, num_domains, hparams)
@@ -39,7 +44,8 @@ class CoCoOp(Method):
 
     def text_features(self, f: torch.Tensor) -> torch.Tensor:
         """[B, K, E]: one prompt set per image, context shifted by the meta-net."""
-        ctx = self.ctx.unsqueeze(0) + self.meta_net(f).unsqueeze(1)  # [B, M, W]
+        # CoCoOp feeds the meta-net the L2-normalised image feature
+        ctx = self.ctx.unsqueeze(0) + self.meta_net(F.normalize(f.float(), dim=-1).to(f.dtype)).unsqueeze(1)  # [B, M, W]
         return self.prompt_encoder(ctx)
 
     def update(self, batch: Batch) -> dict:

@@ -21,7 +21,7 @@ class CoOp(Method):
     open_set = False
     uses_frozen_features = True
     default_hparams = {"lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9,
-                       "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 16, "class_specific": False,
+                       "weight_decay": 5e-4, "warmup_steps": 0, "train_augment": "none", "n_ctx": 16, "class_specific": False,
                        "ctx_init": ""}
 
     def __init__(self, backbone, classnames, num_domains, hparams):
@@ -34,10 +34,10 @@ class CoOp(Method):
         self.ctx = nn.Parameter(ctx.to(backbone.device))
 
     @classmethod
-    def search_space(cls, rng: np.random.Generator) -> dict:
+    def search_space(cls, rng) -> dict:
         hp = super().search_space(rng)
-        hp["n_ctx"] = int(rng.choice([4, 8, 16]))
-        hp["class_specific"] = bool(rng.integers(2))
+        hp["n_ctx"] = int(rng("n_ctx").choice([4, 8, 16]))
+        hp["class_specific"] = bool(rng("class_specific").integers(2))
         return hp
 
     def text_features(self) -> torch.Tensor:

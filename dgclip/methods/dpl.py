@@ -6,7 +6,8 @@ At test time the tokens are averaged over the test batch ("batch", as the releas
 computed per image ("instance", B x K prompts): option `test_prompt`. "batch" is transductive:
 the engine scores it over seeded random batches of 64 (DomainBed's eval loaders, which DPL's
 released code uses) and the record says `transductive: true`.
-Paper: 3-layer MLP 512->512->512->512*16, dropout 0.1, SGD lr 1e-3, momentum 0.1.
+Paper: 3-layer MLP 512->512->512->512*16, dropout 0.1, SGD lr 1e-3, momentum 0.1, weight decay 0,
+Xavier-uniform init with biases 0.01 (the released code).
 Option `ctx_init` (not in the paper, default off): the MLP output is added to the embedding of an
 init phrase (e.g. "a photo of a" with n_ctx=4), so training starts from the zero-shot prompt.
 """
@@ -20,7 +21,7 @@ import dgkernels
 
 from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
-from .base import Batch, Method, cosine_logits
+from .base import Batch, Method, check_choice, cosine_logits
 
 
 @register_method("dpl")
@@ -28,19 +29,26 @@ class DPL(Method):
     open_set = False
     uses_frozen_features = True
     default_hparams = {"lr": 1e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.1,
-                       "weight_decay": 5e-4, "warmup_steps": 0, "n_ctx": 16, "hidden": 0,
+                       "weight_decay": 0.0, "warmup_steps": 0, "train_augment": "none", "n_ctx": 16, "hidden": 0,
                        "dropout": 0.1, "test_prompt": "batch", "ctx_init": ""}
+
+    # embedded default (200 steps, tiny CLIP): the paper's lr 1e-3 / momentum 0.1 barely moves 16
+    # tokens from scratch; 4 tokens added to "a photo of a" at lr 0.05 (source-val 68.1 vs 58.1, seed 0)
+    embedded_hparams = {"lr": 0.05, "momentum": 0.9, "n_ctx": 4, "ctx_init": "a photo of a"}
 
     def __init__(self, backbone, classnames, num_domains, hparams):
         super().__init__(backbone, classnames, num_domains, hparams)
-        if self.hparams["test_prompt"] not in ("batch", "instance"):
-            raise ValueError("test_prompt must be 'batch' or 'instance'")
+        check_choice(self.hparams, "test_prompt", ("batch", "instance"))
         m = int(self.hparams["n_ctx"])
         e, w = backbone.embed_dim, backbone.text_width
         h = int(self.hparams["hidden"]) or e
         p = float(self.hparams["dropout"])
         self.mlp = nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, h), nn.ReLU(),
                                  nn.Dropout(p), nn.Linear(h, w * m)).to(backbone.device)
+        for layer in self.mlp:  # the released code: Xavier-uniform weights, biases 0.01
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.constant_(layer.bias, 0.01)
         self.prompt_encoder = ClassPromptEncoder(backbone, self.classnames, m)
         base = init_context(backbone, m, self.hparams["ctx_init"]) if self.hparams["ctx_init"] else \
             torch.zeros(m, w)

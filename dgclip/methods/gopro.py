@@ -72,16 +72,22 @@ class GOPro(Method):
         "hflip": True,  # off for data whose meaning mirroring changes (digits)
     }
 
+    lr_log10_range = (-3.5, -2.0)
+    weight_decay_log10_range = (-5.0, -3.0)
+    batch_sizes = (4, 8, 16, 32)
+
+    # embedded default (32 px digits, 200 steps): mirroring changes a digit, a random crop of a
+    # 32 px digit cuts strokes (scale 0.6 lost ~3 points), lr 1e-3 for the short schedule; the
+    # paper's batch of 4 (now per source domain). Source-val 61.2 vs zero-shot's 61.1 (seed 0).
+    embedded_hparams = {"hflip": False, "crop_scale_min": 1.0, "lr": 0.001, "batch_size": 4}
+
     @classmethod
     def search_space(cls, rng) -> dict:
-        hp = cls.all_defaults()
+        hp = super().search_space(rng)
         hp.update({
-            "lr": float(10 ** rng.uniform(-3.5, -2.0)),
-            "weight_decay": float(10 ** rng.uniform(-5, -3)),
-            "consistency_weight": float(10 ** rng.uniform(-1, 1)),
-            "contrastive_weight": float(10 ** rng.uniform(-2, 0)),
-            "temperature": float(rng.choice([0.05, 0.1, 0.2])),
-            "batch_size": int(rng.choice([4, 8, 16, 32])),
+            "consistency_weight": float(10 ** rng("consistency_weight").uniform(-1, 1)),
+            "contrastive_weight": float(10 ** rng("contrastive_weight").uniform(-2, 0)),
+            "temperature": float(rng("temperature").choice([0.05, 0.1, 0.2])),
         })
         return hp
 

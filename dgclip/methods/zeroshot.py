@@ -28,7 +28,7 @@ class ZeroShot(Method):
 
     @classmethod
     def search_space(cls, rng):
-        return {"template": cls.default_hparams["template"], "ensemble": bool(rng.integers(2))}
+        return {"template": cls.default_hparams["template"], "ensemble": bool(rng("ensemble").integers(2))}
 
     def configure_optimizers(self, total_steps):
         self.optimizer = self.scheduler = None
