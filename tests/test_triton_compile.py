@@ -103,9 +103,7 @@ KNOWN_SM80_OVER_SHARED = frozenset({
 })
 # Modules that launch kernels through triton.autotune without declaring autotune_launches() (see
 # dgkernels/_triton_compile.py): their autotune configs cannot be checked against COMPILE_SPECS.
-AUTOTUNED_WITHOUT_HOOK = frozenset({
-    "dgkernels.contrastive.triton",
-})
+AUTOTUNED_WITHOUT_HOOK = frozenset()
 
 
 def _spec_names():
