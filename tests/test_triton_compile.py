@@ -4,15 +4,19 @@ ptxas reports for sm_90 (spills, wgmma) matches the known defect lists below (no
 
 The compile runs once per session in a subprocess without TRITON_INTERPRET (the interpreter, which
 the test suite uses on machines without a GPU, accepts code that real compilation rejects), in up to
-two processes (DGKERNELS_COMPILE_WORKERS overrides). The same data is the committed table
+two processes (DGKERNELS_COMPILE_WORKERS overrides), started right after collection (see
+start_compile) and cached: Triton's cache and the ptxas results beside it (TRITON_CACHE_DIR). The same data is the committed table
 benchmarks/results/triton_sm90_resources.md (`python -m dgkernels._triton_compile --report`).
 """
+import atexit
 import importlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
@@ -113,14 +117,42 @@ def _spec_names():
 SPEC_NAMES = _spec_names()
 
 
+_RUN: dict = {}
+
+
+def start_compile() -> subprocess.Popen:
+    """Start the compile subprocess once. tests/conftest.py calls this right after collection when
+    these tests are selected, so the minutes of compiling run beside the rest of the suite (which
+    leaves a core of a CI machine idle) instead of after it; the fixture then only waits."""
+    if "proc" not in _RUN:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: no pipe to fill up
+        _RUN.update(out=out, err=err, proc=subprocess.Popen([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env,
+                                                            stdout=out, stderr=err, text=True,
+                                                            start_new_session=True))
+        atexit.register(_stop_compile)
+    return _RUN["proc"]
+
+
+def _stop_compile() -> None:
+    # a session that ends before the fixture ran (-x, a deselection) leaves no compile behind
+    proc = _RUN.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
 @pytest.fixture(scope="session")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=3600)
-    assert proc.returncode == 0, f"compile run failed:\n{proc.stderr[-4000:]}"
-    results = json.loads(proc.stdout)
+    proc = start_compile()
+    try:
+        proc.wait(timeout=3600)
+    finally:
+        _stop_compile()
+    _RUN["out"].seek(0)
+    _RUN["err"].seek(0)
+    assert proc.returncode == 0, f"compile run failed:\n{_RUN['err'].read()[-4000:]}"
+    results = json.loads(_RUN["out"].read())
     by_name = {}
     for r in results:
         by_name.setdefault(r["name"], {})[r["cc"]] = r
