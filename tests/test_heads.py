@@ -507,6 +507,9 @@ def test_triton_fp32_products_follow_torch_matmul_precision():
         for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
             torch.set_float32_matmul_precision(setting)
             assert _common.fp32_precision() == want
+            # half-precision launches keep the one PREC their COMPILE_SPECS compile
+            assert _common.launch_prec(torch.float32) == want
+            assert _common.launch_prec(torch.bfloat16) == _common.launch_prec(torch.float16) == "ieee"
             assert prompt_triton._prec(torch.float32) == want
     finally:
         torch.set_float32_matmul_precision(old)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..._triton_compile import CompileSpec
 from ..._triton_signature import param_names, signature
-from ._common import check_fp64, fp32_precision, interpreting, op_dtype, tile_rows
+from ._common import check_fp64, interpreting, launch_prec, op_dtype, tile_rows
 from .cosine_per_sample import cos_per_sample
 from .cross_entropy_rows import ce_rows
 from .matmul import mm
@@ -222,7 +222,7 @@ def _positive_max(t):
 
 
 def _flags(dt):
-    return dict(FP32=dt == torch.float32, PREC=fp32_precision(), UPCAST=dt == torch.bfloat16 and interpreting())
+    return dict(FP32=dt == torch.float32, PREC=launch_prec(dt), UPCAST=dt == torch.bfloat16 and interpreting())
 
 
 def _cce(xo, co, rx, rc, tgt, s, g, ls, per, dxn, dot):
