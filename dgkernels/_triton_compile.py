@@ -11,7 +11,8 @@ passes), shared memory (the compiled metadata) and the kind of matrix instructio
 
 Command line (TRITON_INTERPRET must be unset):
   python -m dgkernels._triton_compile                      JSON compile results, sm_80 and sm_90
-  python -m dgkernels._triton_compile --report [--markdown FILE] [--json FILE] [--workers N]
+  python -m dgkernels._triton_compile --report [--markdown FILE] [--json FILE] [--workers N] [--only REGEX]
+(--only: the specs whose name matches REGEX, e.g. while tuning one kernel's configurations.)
 Running the file as `python -m` makes it `__main__`, a second copy of this module whose registry
 (TRITON_MODULES) the package never fills: the entry point therefore calls the package's copy.
 
@@ -211,12 +212,15 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def compile_all(capabilities=CAPABILITIES, resources: bool = False, workers: int | None = None) -> list[dict]:
-    """Compile every spec for every capability; `resources` adds the sm_90 report fields."""
+def compile_all(capabilities=CAPABILITIES, resources: bool = False, workers: int | None = None,
+                only: str | None = None) -> list[dict]:
+    """Compile every spec (or those whose name matches the regex `only`) for every capability;
+    `resources` adds the sm_90 report fields."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     specs = all_specs()
-    jobs = [(i, cc, resources and cc == RESOURCE_CC) for i in range(len(specs)) for cc in capabilities]
+    picked = [i for i, s in enumerate(specs) if only is None or re.search(only, s.name)]
+    jobs = [(i, cc, resources and cc == RESOURCE_CC) for i in picked for cc in capabilities]
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(jobs) <= 1:
         return [compile_spec(specs[i], cc, res) for i, cc, res in jobs]
@@ -357,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the raw results here")
     ap.add_argument("--workers", type=int, default=None, help="compile processes (default min(2, cores))")
     ap.add_argument("--cc", type=int, action="append", help="capabilities (default 80 and 90)")
+    ap.add_argument("--only", metavar="REGEX", help="only the specs whose name matches (a partial report)")
     args = ap.parse_args(argv)
     # as tests/conftest.py sets it: the same compile options (and Triton cache entries) as the tests
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -364,7 +369,7 @@ def main(argv=None) -> int:
     caps = tuple(args.cc) if args.cc else CAPABILITIES
     if report and RESOURCE_CC not in caps:
         caps = caps + (RESOURCE_CC,)
-    results = compile_all(caps, resources=report, workers=args.workers)
+    results = compile_all(caps, resources=report, workers=args.workers, only=args.only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

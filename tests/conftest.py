@@ -25,6 +25,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker with --dist loadgroup")
 
 
+def pytest_collection_finish(session):
+    # The sm_80/sm_90 compile behind tests/test_triton_compile.py costs minutes of CPU in its own
+    # processes: start it now, beside the rest of the suite, if any selected test needs it. Not in
+    # pytest-xdist workers (each collects everything; the one running the tests starts it on demand).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for mod in {getattr(item, "module", None) for item in session.items if "compiled" in getattr(item, "fixturenames", ())}:
+        if hasattr(mod, "start_compile"):
+            mod.start_compile()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

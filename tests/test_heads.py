@@ -385,8 +385,9 @@ def test_all_ignored_mean_is_nan_like_torch():
         assert torch.isnan(dgkernels.cosine_cross_entropy(x, c, 2.0, t, backend=backend))
 
 
-def test_triton_refuses_float64_and_auto_falls_back(monkeypatch):
-    x, w, b = (t.double() for t in _heads(4, 3, 5, 6))
+def test_triton_refuses_float64_and_auto_falls_back(monkeypatch, triton_device):
+    # on the triton device: on a CUDA machine CPU tensors would be refused for their device first
+    x, w, b = (t.double().to(triton_device) for t in _heads(4, 3, 5, 6))
     if _available("triton"):
         with pytest.raises(dgkernels.BackendUnavailableError, match="float64"):
             dgkernels.domain_fanout(x, w, b, backend="triton")
@@ -506,6 +507,9 @@ def test_triton_fp32_products_follow_torch_matmul_precision():
         for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
             torch.set_float32_matmul_precision(setting)
             assert _common.fp32_precision() == want
+            # half-precision launches keep the one PREC their COMPILE_SPECS compile
+            assert _common.launch_prec(torch.float32) == want
+            assert _common.launch_prec(torch.bfloat16) == _common.launch_prec(torch.float16) == "ieee"
             assert prompt_triton._prec(torch.float32) == want
     finally:
         torch.set_float32_matmul_precision(old)

@@ -271,11 +271,16 @@ def _aligned_attrs(sig: dict) -> dict:
             if ty.startswith("*") or name in _ALIGNED}
 
 
+# (input dtype, PREC) of every launch: _prec gives "tf32" for half inputs (tl.dot ignores it there)
+# and "ieee" or "tf32" for fp32 by torch.get_float32_matmul_precision(); DOT_F32 is False on a GPU.
+_LAUNCH_VARIANTS = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee"),
+                    (torch.float32, "tf32")]
+
+
 def _specs() -> list[CompileSpec]:
     specs = []
-    variants = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32")]
     for kernel in ("fwd", "bwd"):
-        for dtype, prec in variants:
+        for dtype, prec in _LAUNCH_VARIANTS:
             t = _TL[dtype]
             for cfg in _configs(kernel, dtype):
                 cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
@@ -305,6 +310,31 @@ def _tuned(kernel: str, dclass: str):
     key = ["N", "M", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(
         _KERNELS[kernel])
+
+
+def autotune_launches():
+    """(autotuner, signature, launcher-fixed constexprs) for every way _launch calls an autotuner on
+    a GPU: tests/test_triton_compile.py expands these over the autotuner's own configs and checks
+    they equal COMPILE_SPECS, so every config it may pick is compiled and in the resource report."""
+    launched = {(dtype, prec) for dtype in _TL for prec in _prec_choices(dtype)}
+    if launched != set(_LAUNCH_VARIANTS):
+        raise AssertionError(f"_LAUNCH_VARIANTS {_LAUNCH_VARIANTS} differ from what _prec launches: {launched}")
+    for kernel in ("fwd", "bwd"):
+        for dtype, prec in _LAUNCH_VARIANTS:
+            yield _tuned(kernel, _dclass(dtype)), _signature(kernel, _TL[dtype]), dict(PREC=prec, DOT_F32=False)
+
+
+def _prec_choices(dtype) -> set:
+    """Every PREC _prec can return for dtype (over all float32 matmul precisions)."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        out = set()
+        for p in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(p)
+            out.add(_prec(dtype))
+        return out
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def _launch(kernel: str, n: int, args: tuple, dtype):

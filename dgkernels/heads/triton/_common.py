@@ -24,6 +24,13 @@ def fp32_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def launch_prec(dtype) -> str:
+    """The PREC constexpr a launch passes: fp32_precision() for float32 operands; "ieee" for half
+    ones, whose dots ignore it, so that 'high'/'medium' launch the variant COMPILE_SPECS compiled
+    rather than an unchecked PREC="tf32" copy of it."""
+    return fp32_precision() if dtype == torch.float32 else "ieee"
+
+
 def check_fp64(x):
     if x.dtype == torch.float64:
         raise NotImplementedError("the triton head kernels run float32/bfloat16/float16 (float64: use cpp or reference)")

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..._triton_compile import CompileSpec
 from ..._triton_signature import param_names, signature
-from ._common import check_fp64, fp32_precision, interpreting, op_dtype, tile_rows
+from ._common import check_fp64, interpreting, launch_prec, op_dtype, tile_rows
 from .cosine_per_sample import cos_per_sample
 from .cross_entropy_rows import ce_rows
 from .matmul import mm
@@ -37,7 +37,7 @@ def cce_config(dtype, E):
     num_warps, num_stages)}. Half precision: 64 x 64 tiles (wgmma on sm_90 wants M >= 64 and a
     multiple of 4 warps), 8 warps from E = 256 on and gradient accumulators of at most 256
     features per program, so that nothing spills (ptxas -v, sm_90a: see
-    benchmarks/results/heads_prompt_ptxas_sm90.md); float32 (FMA or TF32): 16 x 32 tiles."""
+    benchmarks/results/triton_sm90_resources.md); float32 (FMA or TF32): 16 x 32 tiles."""
     be = max(16, triton.next_power_of_2(E))
     warps = 8 if be >= 256 or dtype == torch.float32 else 4  # float32 FMA dots: 4 warps spilled at E = 64
     stages = 2 if be >= 256 else 3  # x and two stages of c within 227 KB of shared memory
@@ -222,7 +222,7 @@ def _positive_max(t):
 
 
 def _flags(dt):
-    return dict(FP32=dt == torch.float32, PREC=fp32_precision(), UPCAST=dt == torch.bfloat16 and interpreting())
+    return dict(FP32=dt == torch.float32, PREC=launch_prec(dt), UPCAST=dt == torch.bfloat16 and interpreting())
 
 
 def _cce(xo, co, rx, rc, tgt, s, g, ls, per, dxn, dot):

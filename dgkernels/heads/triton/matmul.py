@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..._triton_compile import CompileSpec
 from ..._triton_signature import signature
-from ._common import fp32_precision, interpreting
+from ._common import interpreting, launch_prec
 
 MM_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 
@@ -91,7 +91,7 @@ def mm(a, b, out=None, bias=None, accumulate=False):
     grid = (triton.cdiv(M, MM_BLOCKS["BLOCK_M"]), triton.cdiv(N, MM_BLOCKS["BLOCK_N"]))
     _mm_kernel[grid](a, b, out, bias if bias is not None else out, a_scale, M, N, K, a.stride(0), a.stride(1),
                      b.stride(0), b.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-                     ACCUMULATE=accumulate, SCALE_A=scale_a, FP32=b.dtype == torch.float32, PREC=fp32_precision(),
+                     ACCUMULATE=accumulate, SCALE_A=scale_a, FP32=b.dtype == torch.float32, PREC=launch_prec(b.dtype),
                      **MM_BLOCKS, num_warps=4, UPCAST=b.dtype == torch.bfloat16 and interpreting())
     return out
 
