@@ -147,3 +147,138 @@ def test_compiled_scale_check_and_switch(monkeypatch):
     unchecked = torch.compile(lambda x, c, s, t, **kw: dgkernels.cosine_cross_entropy(x, c, s, t, **kw) * 1.0, fullgraph=True,
                               backend="aot_eager")
     unchecked(x, c, torch.tensor(-1.0), t)  # no error: the caller opted out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt encoding: under compile a dense path of host-known length (see dgkernels.prompt.api)
+# ---------------------------------------------------------------------------------------------
+def _prompt_models():
+    import prompt_models  # imports open_clip (skips the tests without it)
+
+    return prompt_models
+
+
+def _prompt_loss(feats):
+    weights = torch.linspace(-1, 1, feats.numel(), dtype=feats.dtype).view_as(feats)
+    return (feats * weights).sum() + feats.square().sum()
+
+
+def _values_and_grads(fn, wrt, *args):
+    out = fn(*args)
+    return [out.detach(), *torch.autograd.grad(_prompt_loss(out), wrt)]
+
+
+def _assert_rel(got, want, tol):
+    from dgkernels.testing import rel_error
+
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        err = rel_error(a, b)
+        assert err <= tol, f"output {i}: relative error {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_fullgraph_encode_text(backend):
+    import copy
+
+    from dgkernels.testing import EPS
+
+    pm = _prompt_models()
+    model = copy.deepcopy(pm.model("tiny")).requires_grad_(True)  # PromptEncoder freezes the shared one
+    wrt = (model.text_projection, model.transformer.resblocks[0].mlp.c_fc.weight, model.positional_embedding)
+    tokens = pm.random_tokens(5, [1, 4, 9, 3, 17], context=19)  # L = 19 < 77; the longest EOT at 17
+    fn = lambda t: dgkernels.encode_text(model, t, normalize=True, backend=backend)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILER)
+    want = _values_and_grads(fn, wrt, tokens)
+    got = _values_and_grads(compiled, wrt, tokens)
+    # The reference backend's eager arithmetic is the compiled path's (all L positions): equal to
+    # the bit under aot_eager. The default backend truncates at 18 positions in eager: rounding.
+    exact = backend == "reference" and COMPILER == "aot_eager"
+    _assert_rel(got, want, 0.0 if exact else 64 * EPS[torch.float32])
+
+
+@pytest.mark.parametrize("case", [
+    dict(lengths=[6, 1, 3, 2], per_group=False, chunk_size=None, checkpoint=False, as_list=False),
+    dict(lengths=[6, 1, 3, 2], per_group=False, chunk_size=3, checkpoint=True, as_list=True),
+    dict(lengths=[2, 5, 1, 4], per_group=True, chunk_size=None, checkpoint=False, as_list=True),
+])
+def test_fullgraph_encode_prompts(case):
+    from dgkernels.testing import EPS
+
+    pm = _prompt_models()
+    model = pm.model("tiny")
+    g, k, lp, ls, w = 3, 4, 5, 7, 32  # the suffix tensor is wider than the longest length
+    prefix = (torch.randn(g, lp, w) * 0.5).requires_grad_()
+    suffix = (torch.randn(*((g,) if case["per_group"] else ()), k, ls, w) * 0.5).requires_grad_()
+    lengths = case["lengths"] if case["as_list"] else torch.tensor(case["lengths"])
+    kw = dict(chunk_size=case["chunk_size"], checkpoint=case["checkpoint"])
+    fn = lambda p, s: dgkernels.encode_prompts(model, p, s, lengths, **kw)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILER)
+    want = _values_and_grads(fn, (prefix, suffix), prefix, suffix)
+    got = _values_and_grads(compiled, (prefix, suffix), prefix, suffix)
+    # Eager: packed prefix-shared kernels; compiled: dense over Lp + longest (or Lp + Ls) positions.
+    _assert_rel(got, want, 64 * EPS[torch.float32])
+
+
+def test_fullgraph_encode_prompts_bf16_against_fp64():
+    pm = _prompt_models()
+    model, twin = pm.model("tiny", "bf16"), pm.fp64_twin("tiny", "bf16")
+    prefix64, suffix64 = torch.randn(2, 4, 32, dtype=torch.float64) * 0.5, torch.randn(3, 5, 32, dtype=torch.float64) * 0.5
+    lengths = torch.tensor([5, 2, 3])
+    results = {}
+    for name, mdl, dtype, comp in (("compiled", model, torch.bfloat16, True), ("eager", model, torch.bfloat16, False),
+                                   ("exact", twin, torch.float64, False)):
+        p, s = prefix64.to(dtype).requires_grad_(), suffix64.to(dtype).requires_grad_()
+        fn = lambda p, s, mdl=mdl: dgkernels.encode_prompts(mdl, p, s, lengths)  # noqa: E731
+        if comp:
+            fn = torch.compile(fn, fullgraph=True, backend=COMPILER)
+        results[name] = _values_and_grads(fn, (p, s), p, s)
+    from dgkernels.testing import assert_close_to_fp64
+
+    for i, what in enumerate(("features", "grad prefix", "grad suffix")):
+        assert_close_to_fp64(results["compiled"][i], results["exact"][i], results["eager"][i], dtype=torch.bfloat16,
+                             name=what)
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_fullgraph_prompt_encoder(class_specific):
+    from dgkernels.testing import EPS
+
+    pm = _prompt_models()
+    enc = dgkernels.PromptEncoder(pm.model("tiny"), ["dog", "alarm_clock", "a rather long class name here", "x"])
+    ctx = enc.initial_context(n_ctx=3, classes=4 if class_specific else None).unsqueeze(0).repeat(2, *([1] * (3 if class_specific else 2)))
+    ctx.requires_grad_()
+    fn = lambda c: enc(c, class_specific=class_specific)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend=COMPILER)
+    want = _values_and_grads(fn, (ctx,), ctx)
+    got = _values_and_grads(compiled, (ctx,), ctx)
+    assert got[0].shape == (2, 4, 24)
+    _assert_rel(got, want, 64 * EPS[torch.float32])
+
+
+def test_compiled_prompt_checks():
+    """Token / length values: host ValueErrors in eager (unchanged); under compile a device-side
+    assert for tensor values, the eager error at trace time for lengths given as a list."""
+    pm = _prompt_models()
+    model = pm.model("tiny")
+    tokens = pm.random_tokens(2, [3, 5], context=8)
+    bad_tokens = tokens.clone()
+    bad_tokens[0, 1] = 49408
+    text = torch.compile(lambda t: dgkernels.encode_text(model, t), fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(text(tokens)).all()
+    with pytest.raises(RuntimeError, match=r"tokens values must lie in \[0, 49408\)"):
+        text(bad_tokens)
+    prefix, suffix = torch.randn(1, 2, 32), torch.randn(3, 4, 32)
+    prompts = torch.compile(lambda p, s, n: dgkernels.encode_prompts(model, p, s, n), fullgraph=True,
+                            backend="aot_eager")
+    assert torch.isfinite(prompts(prefix, suffix, torch.tensor([4, 1, 2]))).all()
+    with pytest.raises(RuntimeError, match=r"suffix_lengths must lie in \[1, 4\]"):
+        prompts(prefix, suffix, torch.tensor([4, 0, 2]))
+    listed = torch.compile(lambda p, s: dgkernels.encode_prompts(model, p, s, [4, 5, 2]), fullgraph=True,
+                           backend="aot_eager")
+    with pytest.raises(Exception, match=r"suffix_lengths must lie in \[1, 4\]"):
+        listed(prefix, suffix)
+    # the context-length bound: Lp + longest <= 77
+    long_prefix, wide = torch.randn(1, 75, 32), torch.randn(3, 4, 32)
+    with pytest.raises(RuntimeError, match="exceeds the model's context length 77"):
+        prompts(long_prefix, wide, torch.tensor([1, 3, 2]))

@@ -8,7 +8,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from .. import _dispatch
-from .._validate import check_same_dtype, check_tensor
+from .._validate import _device_assert, check_same_dtype, check_tensor, compiling
 from . import reference
 from .text_tower import Ops, PackedLayout, TextTower, dense_forward, prefix_stack, resolve, suffix_stack
 
@@ -27,6 +27,18 @@ def select_ops(device: torch.device, backend: Optional[str]) -> tuple[str, Ops]:
     return name, Ops(name, assemble, attention, head)
 
 
+# What a compiled call runs: plain PyTorch, traced whole (inductor generates its own kernels).
+_REFERENCE_OPS = Ops("reference", reference, reference, reference)
+
+
+def compiled_ops(device: torch.device, backend: Optional[str]) -> Ops:
+    """Under torch.compile: the backend is still resolved (at trace time, so a named backend that
+    cannot run still raises), but the call runs plain PyTorch, traced whole."""
+    for op in (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD):
+        _dispatch.select_name(op, device, backend)
+    return _REFERENCE_OPS
+
+
 def _check_model_device(tower: TextTower, device: torch.device, what: str) -> None:
     if tower.device != device:
         raise ValueError(f"{what} is on {device} but the model's text tower is on {tower.device}")
@@ -43,6 +55,11 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
     tokens: [N, L] integer token ids, L <= the model's context length. Returns [N, E] in the
     model's cast dtype. The text tower is causal and pools one token per row (the EOT for the
     default 'argmax' pooling), so the positions after the last pooled one are never computed.
+
+    Under torch.compile the truncation length would be data (the longest EOT), so a compiled
+    call runs the reference algorithm on all L positions in plain PyTorch (exact: nothing after
+    the pooled token reaches it), whatever the backend; pass `tokens[:, :n]` to bound the work.
+    The token-range check is then a device-side assert.
     """
     tower = resolve(model)
     if not isinstance(tokens, torch.Tensor):
@@ -55,10 +72,14 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
         raise ValueError(f"tokens has {tokens.shape[1]} positions; the model's context length is {tower.context_length}")
     _check_model_device(tower, tokens.device, "tokens")
     vocab = tower.token_embedding.shape[0]
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"tokens values must lie in [0, {vocab}), got min {lo}, max {hi}")
-    _, ops = select_ops(tokens.device, backend)
+    if compiling():
+        ops = compiled_ops(tokens.device, backend)
+        _device_assert((tokens >= 0) & (tokens < vocab), f"tokens values must lie in [0, {vocab})")
+    else:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"tokens values must lie in [0, {vocab}), got min {lo}, max {hi}")
+        _, ops = select_ops(tokens.device, backend)
 
     n = tokens.shape[0]
     pooled = tower.pool_index(tokens)
@@ -78,7 +99,18 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
 # ---------------------------------------------------------------------------------------------
 # encode_prompts
 # ---------------------------------------------------------------------------------------------
-def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> torch.Tensor:
+def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
+    """(lengths as int64 on `device`, the longest when known on the host: always in eager; under
+    torch.compile only for lengths given as Python ints, a tensor's values being data)."""
+    if isinstance(suffix_lengths, (list, tuple)) and compiling():  # host values: checked here, static in the trace
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in suffix_lengths):
+            raise TypeError("suffix_lengths given as a list must hold ints under torch.compile")
+        if len(suffix_lengths) != k:
+            raise ValueError(f"suffix_lengths must be [K] = [{k}] (one length per class), got {len(suffix_lengths)} entries")
+        lo, hi = min(suffix_lengths), max(suffix_lengths)
+        if lo < 1 or hi > max_len:
+            raise ValueError(f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions), got min {lo}, max {hi}")
+        return torch.tensor(list(suffix_lengths), dtype=torch.long, device=device), hi
     if isinstance(suffix_lengths, (list, tuple)):
         suffix_lengths = torch.tensor(suffix_lengths, dtype=torch.long)
     if not isinstance(suffix_lengths, torch.Tensor):
@@ -87,14 +119,22 @@ def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> t
         raise TypeError(f"suffix_lengths must be an integer tensor, got {suffix_lengths.dtype}")
     if suffix_lengths.dim() != 1 or suffix_lengths.shape[0] != k:
         raise ValueError(f"suffix_lengths must be [K] = [{k}] (one length per class), got shape {tuple(suffix_lengths.shape)}")
+    if compiling():
+        _device_assert((suffix_lengths >= 1) & (suffix_lengths <= max_len),
+                       f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions)")
+        return suffix_lengths.to(device=device, dtype=torch.long), None
     lo, hi = int(suffix_lengths.min()), int(suffix_lengths.max())
     if lo < 1 or hi > max_len:
         raise ValueError(f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions), got min {lo}, max {hi}")
-    return suffix_lengths.to(device=device, dtype=torch.long)
+    return suffix_lengths.to(device=device, dtype=torch.long), hi
 
 
-def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks of encode_prompts; returns (suffix as [K, Ls, W] or [G, K, Ls, W], lengths int64)."""
+def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths,
+                     chunk_size) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+    """Checks of encode_prompts; returns (suffix as [K, Ls, W] or [G, K, Ls, W], lengths int64,
+    the longest length when known on the host, else None).
+
+    Under torch.compile, checks on the values of a lengths tensor are device-side asserts."""
     check_tensor("prefix", prefix, dims=3)
     check_tensor("suffix", suffix, dims=(3, 4))
     check_same_dtype(prefix=prefix, suffix=suffix)
@@ -112,19 +152,62 @@ def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths, chunk_siz
     k, ls = suffix.shape[-3], suffix.shape[-2]
     if k < 1 or ls < 1:
         raise ValueError(f"suffix must hold K >= 1 classes of Ls >= 1 tokens, got shape {tuple(suffix.shape)}")
-    lengths = _as_lengths(suffix_lengths, k, ls, prefix.device)
-    longest = int(lengths.max())
-    if lp + longest > tower.context_length:
-        raise ValueError(f"prefix length {lp} + longest suffix length {longest} = {lp + longest} exceeds the "
-                         f"model's context length {tower.context_length}")
+    lengths, longest = _as_lengths(suffix_lengths, k, ls, prefix.device)
+    too_long = (f"prefix length {lp} + longest suffix length {{}} exceeds the model's context length "
+                f"{tower.context_length}")
+    if longest is None:  # compiling, lengths are data
+        _device_assert(lengths <= tower.context_length - lp, too_long.format("(max of suffix_lengths)"))
+    elif lp + longest > tower.context_length:
+        raise ValueError(too_long.format(f"{longest} = {lp + longest}"))
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    return suffix, lengths
+    return suffix, lengths, longest
+
+
+def dense_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor, span: int,
+                 normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
+    """Every [prefix | suffix] prompt cut or zero-padded to `span` positions and run densely -> [G, K, E].
+
+    The reference backend's algorithm (reference.full_context_encode) at a length known on the
+    host: exact for any span >= Lp + the longest length (the tower is causal and pools the EOT)."""
+    g, lp, w = prefix.shape
+    if suffix.dim() == 3:
+        suffix = suffix.unsqueeze(0).expand(g, -1, -1, -1)
+    k = suffix.shape[1]
+    seqs = torch.cat([prefix.unsqueeze(1).expand(g, k, lp, w), suffix[:, :, :span - lp]], 2).reshape(g * k, -1, w)
+    seqs = torch.nn.functional.pad(seqs, (0, 0, 0, span - seqs.shape[1]))
+    eot = (lp + lengths - 1).repeat(g)
+    pos = tower.positional_embedding[:span].to(tower.dtype)
+    ln = tower.ln_final
+
+    def run(x, eot_pos):
+        x = dense_forward(tower, x.to(tower.dtype) + pos)
+        rows = torch.arange(x.shape[0], device=x.device) * span + eot_pos  # EOT rows of the flattened [n * span, W]
+        return reference.eot_head(x.reshape(-1, w), rows, ln.weight, ln.bias, ln.eps, tower.projection,
+                                  tower.projection_bias, bool(normalize))
+
+    n = g * k
+    step = n if chunk_size is None else chunk_size
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    outs = []
+    for n0 in range(0, n, step):
+        args = (seqs[n0:n0 + step], eot[n0:n0 + step])
+        outs.append(torch_checkpoint.checkpoint(run, *args, use_reentrant=False) if use_ckpt else run(*args))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return out.view(g, k, -1)
 
 
 def encode_prompts_tower(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
-                         normalize: bool, chunk_size: Optional[int], checkpoint: bool, ops: Ops) -> torch.Tensor:
-    """encode_prompts on validated inputs with a resolved tower (used by PromptEncoder)."""
+                         normalize: bool, chunk_size: Optional[int], checkpoint: bool, ops: Ops,
+                         longest: Optional[int] = None) -> torch.Tensor:
+    """encode_prompts on validated inputs with a resolved tower (used by PromptEncoder).
+
+    Under torch.compile: `dense_encode` over Lp + `longest` positions (when known on the host) or
+    Lp + Ls (the suffix tensor's width, a static bound of every length), at most the context."""
+    if compiling():
+        lp, ls = prefix.shape[1], suffix.shape[-2]
+        span = min(tower.context_length, lp + (ls if longest is None else longest))
+        return dense_encode(tower, prefix, suffix, lengths, span, normalize, chunk_size, checkpoint)
     if ops.name == "reference":
         return reference.full_context_encode(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint)
     g, lp, w = prefix.shape
@@ -180,6 +263,6 @@ def encode_prompts(model, prefix: torch.Tensor, suffix: torch.Tensor,
     prefix, suffix and any text-tower weight that requires grad.
     """
     tower = resolve(model)
-    suffix, lengths = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
-    _, ops = select_ops(prefix.device, backend)
-    return encode_prompts_tower(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, ops)
+    suffix, lengths, longest = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
+    ops = compiled_ops(prefix.device, backend) if compiling() else select_ops(prefix.device, backend)[1]
+    return encode_prompts_tower(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, ops, longest)

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .._validate import check_tensor
+from .._validate import check_tensor, compiling
 from . import api
 from .text_tower import resolve, text_module
 
@@ -80,6 +80,9 @@ class PromptEncoder(nn.Module):
     tokenizer: callable list[str] -> [n, context_length] LongTensor (default: open_clip's CLIP BPE
     tokenizer, imported on first use). template: formats each class name ("{}." as CoOp).
     normalize / chunk_size / checkpoint / backend: as in `dgkernels.encode_prompts`.
+
+    Under torch.compile, forward runs the dense path of `encode_prompts` at 1 + M + the longest
+    class suffix positions (known when the encoder is built), in plain PyTorch.
     """
 
     def __init__(self, model, classnames: Sequence[str], tokenizer: Optional[Callable] = None, *,
@@ -110,6 +113,8 @@ class PromptEncoder(nn.Module):
         self.register_buffer("sos_embedding", emb[0, 0].clone(), persistent=False)
         self.register_buffer("suffix_embedding", emb[:, 1:].clone(), persistent=False)  # [K, Ls, W]
         self.register_buffer("suffix_lengths", eot.long(), persistent=False)  # EOT at 1 + M + len - 1
+        # The same on the host: under torch.compile the lengths enter the trace as constants.
+        self._host_lengths = tuple(int(v) for v in eot.tolist())
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -168,7 +173,7 @@ class PromptEncoder(nn.Module):
             if ctx.dim() == 3:
                 suffix = suffix[0]
             prefix = self.sos_embedding.to(ctx.dtype).view(1, 1, -1).expand(g, 1, -1)
-            lengths = self.suffix_lengths + m
+            lengths = tuple(v + m for v in self._host_lengths) if compiling() else self.suffix_lengths + m
         else:
             check_tensor("ctx", ctx, dims=(2, 3))
             ctx3 = ctx if ctx.dim() == 3 else ctx.unsqueeze(0)
@@ -178,11 +183,11 @@ class PromptEncoder(nn.Module):
             sos = self.sos_embedding.to(ctx.dtype).view(1, 1, -1).expand(g, 1, -1)
             prefix = torch.cat([sos, ctx3], 1)
             suffix = self.suffix_embedding.to(ctx.dtype)
-            lengths = self.suffix_lengths
-        suffix, lengths = api.validate_prompts(tower, prefix, suffix, lengths, self.chunk_size)
-        _, ops = api.select_ops(prefix.device, self.backend)
+            lengths = self._host_lengths if compiling() else self.suffix_lengths
+        suffix, lengths, longest = api.validate_prompts(tower, prefix, suffix, lengths, self.chunk_size)
+        ops = api.compiled_ops(prefix.device, self.backend) if compiling() else api.select_ops(prefix.device, self.backend)[1]
         return api.encode_prompts_tower(tower, prefix, suffix, lengths, self.normalize, self.chunk_size,
-                                        self.checkpoint, ops)
+                                        self.checkpoint, ops, longest)
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes}, width={self.width}, normalize={self.normalize}, "
