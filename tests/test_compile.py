@@ -1,5 +1,6 @@
 """Every public dgkernels op under torch.compile(fullgraph=True): forward and backward trace
-without a graph break and match eager (values and gradients).
+without a graph break and match eager (values and gradients). The prompt encoders (encode_text,
+encode_prompts, PromptEncoder) take a dense path under compile: they match eager to rounding.
 
 The default compiler backend here is "aot_eager" (dynamo + AOTAutograd: the whole trace, fake
 kernels, custom-op autograd; no code generation, so the module stays fast); the ops marked
@@ -276,8 +277,13 @@ def test_compiled_prompt_checks():
         prompts(prefix, suffix, torch.tensor([4, 0, 2]))
     listed = torch.compile(lambda p, s: dgkernels.encode_prompts(model, p, s, [4, 5, 2]), fullgraph=True,
                            backend="aot_eager")
-    with pytest.raises(Exception, match=r"suffix_lengths must lie in \[1, 4\]"):
+    with pytest.raises(RuntimeError, match=r"suffix_lengths must lie in \[1, 4\]"):  # raised while tracing (dynamo wraps it)
         listed(prefix, suffix)
+    if not dgkernels.backends()["triton"]:  # the backend is still resolved at trace time: a named one that cannot run refuses
+        refused = torch.compile(lambda p, s: dgkernels.encode_prompts(model, p, s, [4, 1, 2], backend="triton"),
+                                fullgraph=True, backend="aot_eager")
+        with pytest.raises(RuntimeError, match="backend 'triton' is unavailable"):
+            refused(prefix, suffix)
     # the context-length bound: Lp + longest <= 77
     long_prefix, wide = torch.randn(1, 75, 32), torch.randn(3, 4, 32)
     with pytest.raises(RuntimeError, match="exceeds the model's context length 77"):

@@ -261,6 +261,13 @@ def encode_prompts(model, prefix: torch.Tensor, suffix: torch.Tensor,
     naive 77-token encoder: causal attention lets the K suffixes read the prefix's keys/values
     computed once per group, and positions after each EOT are never computed. Gradients flow to
     prefix, suffix and any text-tower weight that requires grad.
+
+    Under torch.compile the packed layout would be sized by data (the lengths), so a compiled call
+    runs the reference algorithm in plain PyTorch, whatever the backend: every prompt densely at
+    Lp + max(suffix_lengths) positions when the lengths are a Python list/tuple (checked while
+    tracing), else at Lp + Ls (a lengths tensor's values are then checked by device-side asserts),
+    at most the context length. Exact as the eager path (causal tower, EOT pooling), no prefix
+    sharing.
     """
     tower = resolve(model)
     suffix, lengths, longest = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
