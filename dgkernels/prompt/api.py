@@ -166,35 +166,10 @@ def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths,
 
 def dense_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor, span: int,
                  normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
-    """Every [prefix | suffix] prompt cut or zero-padded to `span` positions and run densely -> [G, K, E].
-
-    The reference backend's algorithm (reference.full_context_encode) at a length known on the
-    host: exact for any span >= Lp + the longest length (the tower is causal and pools the EOT)."""
-    g, lp, w = prefix.shape
-    if suffix.dim() == 3:
-        suffix = suffix.unsqueeze(0).expand(g, -1, -1, -1)
-    k = suffix.shape[1]
-    seqs = torch.cat([prefix.unsqueeze(1).expand(g, k, lp, w), suffix[:, :, :span - lp]], 2).reshape(g * k, -1, w)
-    seqs = torch.nn.functional.pad(seqs, (0, 0, 0, span - seqs.shape[1]))
-    eot = (lp + lengths - 1).repeat(g)
-    pos = tower.positional_embedding[:span].to(tower.dtype)
-    ln = tower.ln_final
-
-    def run(x, eot_pos):
-        x = dense_forward(tower, x.to(tower.dtype) + pos)
-        rows = torch.arange(x.shape[0], device=x.device) * span + eot_pos  # EOT rows of the flattened [n * span, W]
-        return reference.eot_head(x.reshape(-1, w), rows, ln.weight, ln.bias, ln.eps, tower.projection,
-                                  tower.projection_bias, bool(normalize))
-
-    n = g * k
-    step = n if chunk_size is None else chunk_size
-    use_ckpt = checkpoint and torch.is_grad_enabled()
-    outs = []
-    for n0 in range(0, n, step):
-        args = (seqs[n0:n0 + step], eot[n0:n0 + step])
-        outs.append(torch_checkpoint.checkpoint(run, *args, use_reentrant=False) if use_ckpt else run(*args))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    return out.view(g, k, -1)
+    """Every [prefix | suffix] prompt cut or zero-padded to `span` positions and run densely -> [G, K, E]:
+    the reference backend's algorithm at a length known on the host (exact for any span >= Lp + the
+    longest length: the tower is causal and pools the EOT)."""
+    return reference.full_context_encode(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, span=span)
 
 
 def encode_prompts_tower(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,

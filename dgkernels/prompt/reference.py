@@ -76,19 +76,21 @@ def eot_head(x: torch.Tensor, rows: torch.Tensor, ln_weight, ln_bias, eps: float
 # The reference backend of encode_prompts
 # ---------------------------------------------------------------------------------------------
 def full_context_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
-                        normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
+                        normalize: bool, chunk_size: Optional[int], checkpoint: bool,
+                        span: Optional[int] = None) -> torch.Tensor:
     """Every [prefix | suffix] prompt padded to the context length and run densely -> [G, K, E].
 
     Inputs as validated by encode_prompts. Positions past the suffix tensor hold zeros; nothing
-    after a prompt's EOT can reach its pooled token (the mask is causal). chunk_size bounds the
-    prompts run at once;
+    after a prompt's EOT can reach its pooled token (the mask is causal), so any `span` >= Lp +
+    the longest length gives the same result (the compiled path passes a span known when
+    tracing; default: the context length). chunk_size bounds the prompts run at once;
     checkpoint recomputes each chunk's activations in backward.
     """
     g, lp, w = prefix.shape
     if suffix.dim() == 3:
         suffix = suffix.unsqueeze(0).expand(g, -1, -1, -1)
     k = suffix.shape[1]
-    ctx = tower.context_length
+    ctx = tower.context_length if span is None else span
     seqs = torch.cat([prefix.unsqueeze(1).expand(g, k, lp, w), suffix[:, :, :ctx - lp]], 2).reshape(g * k, -1, w)
     seqs = F.pad(seqs, (0, 0, 0, ctx - seqs.shape[1]))
     eot = (lp + lengths - 1).repeat(g)
