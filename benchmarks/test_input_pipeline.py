@@ -91,6 +91,33 @@ def test_loader_images_per_second(benchmark, pacs_root, pipeline, workers):
           + (f" ({rate / _RATES[(pipeline, 0)]:.2f}x 0 workers)" if workers and (pipeline, 0) in _RATES else ""))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("pipeline", ["clip", "gopro"])
+def test_loader_steady_images_per_second(benchmark, pacs_root, pipeline, workers):
+    """The rate once the workers run (a training run starts them once): the first WARM batches,
+    which hold the start-up and the first prefetches, are not timed."""
+    warm = 4
+    ds = _dataset(pacs_root, pipeline)
+
+    def run():
+        it = iter(_loader(ds, workers))
+        for _ in range(warm):
+            next(it)
+        t0 = time.perf_counter()
+        n = sum(len(labels) for _, labels, _ in it)
+        return n / (time.perf_counter() - t0)
+
+    benchmark.group = f"input pipeline {pipeline}, steady state"
+    rate = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    _RATES[(pipeline, workers, "steady")] = rate
+    benchmark.extra_info.update({"pipeline": pipeline, "workers": workers, "images_per_s": rate,
+                                 "untimed_batches": warm, "timed_batches": STEPS - warm})
+    base = _RATES.get((pipeline, 0, "steady"))
+    if base and workers:
+        benchmark.extra_info["speedup_vs_0"] = rate / base
+    print(f"\n{pipeline} workers={workers}, steady: {rate:.1f} images/s" + (f" ({rate / base:.2f}x 0 workers)" if base and workers else ""))
+
+
 def test_training_step_images_per_second(benchmark):
     """What the loader must keep up with: a frozen ViT-B/16 image forward of one batch here."""
     import open_clip
