@@ -346,6 +346,16 @@ def _failure(exc) -> str:
     return f"FAILED {type(exc).__name__}: {first}"
 
 
+def _time_and_peak(run, clock, s, device, max_reps, cap_s=None):
+    """(median ms, peak MiB above what is allocated, repetitions) of `run` after one warm-up call:
+    as many repetitions as fit the section's target time; one timed call if it exceeds cap_s."""
+    run()
+    t1 = clock.once(run)
+    reps = max(1, min(max_reps, int(s["target_s"] * 1e3 / max(t1, 1e-3))))
+    ms = clock.median(run, reps) if cap_s is None or t1 < cap_s * 1e3 else t1
+    return ms, peak_mib_above(run, device), reps
+
+
 def _skip_row(rep, cells, why):
     rep.row(cells + [f"skipped: {why}"])
 
@@ -542,11 +552,7 @@ def heads(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget) -
                     continue
                 try:
                     run = fh.make(op, impl, hs["B"], hs["D"], hs["K"], hs["F"], device=device, dtype=dtype)
-                    run()
-                    t1 = clock.once(run)
-                    reps = max(1, min(20, int(s["target_s"] * 1e3 / max(t1, 1e-3))))
-                    ms = clock.median(run, reps)
-                    mem = peak_mib_above(run, device)
+                    ms, mem, reps = _time_and_peak(run, clock, s, device, max_reps=20)
                 except ImportError as exc:
                     _skip_row(rep, cells + [None] * 3, f"not installed ({exc})")
                     continue
@@ -641,11 +647,7 @@ def prompt(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget) 
                 continue
             try:
                 run = prompt_run(impl, _text_model(device, precision, smoke), ps["G"], ps["K"], n_ctx, device)
-                run()
-                t1 = clock.once(run)
-                reps = max(1, min(10, int(s["target_s"] * 1e3 / max(t1, 1e-3))))
-                ms = clock.median(run, reps) if t1 < s["run_cap_s"] * 1e3 else t1
-                mem = peak_mib_above(run, device)
+                ms, mem, reps = _time_and_peak(run, clock, s, device, max_reps=10, cap_s=s["run_cap_s"])
             except _oom_types():
                 _skip_row(rep, cells + [None] * 3, "out of memory")
                 continue

@@ -77,16 +77,14 @@ def build(op, case):
     raise KeyError(op)
 
 
-def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1, device="cpu"):
-    """Output and gradients of sum(out * r) w.r.t. the differentiable args (r fixed random)."""
-    leaves = []
-    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    call = []
+def _prepare(op, args, kwargs, diff, dtype, device, noncontig=False):
+    """The call's arguments on `device` in the test dtype (logit_scale stays float32, a CLIP
+    parameter), the differentiable ones as leaves; optionally non-contiguous views."""
+    leaves, call = [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            # logit_scale stays float32 (a CLIP parameter), everything else takes the test dtype
-            t = a.detach().to(dtype if not (op == "cosine_cross_entropy" and i == 2) else
-                              (torch.float64 if dtype == torch.float64 else torch.float32))
+            keep32 = op == "cosine_cross_entropy" and i == 2
+            t = a.detach().to((torch.float64 if dtype == torch.float64 else torch.float32) if keep32 else dtype)
             t = t.to(device)
             if noncontig and t.dim() >= 1:
                 t = _noncontig(t)  # on the device: .to() of a strided view would copy it dense
@@ -96,6 +94,13 @@ def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1, device=
             call.append(t)
         else:
             call.append(a.to(device) if isinstance(a, torch.Tensor) else a)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return leaves, call, kwargs
+
+
+def run(op, args, kwargs, diff, dtype, backend, noncontig=False, seed=1, device="cpu"):
+    """Output and gradients of sum(out * r) w.r.t. the differentiable args (r fixed random)."""
+    leaves, call, kwargs = _prepare(op, args, kwargs, diff, dtype, device, noncontig)
     out = getattr(dgkernels, op)(*call, **kwargs, backend=backend)
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device, out.dtype)
@@ -422,19 +427,7 @@ SMALL_GRAD = [
 
 def run_small(op, args, kwargs, diff, dtype, backend, device="cpu"):
     """Like run(), with the upstream gradient scaled by 1e-3 (and by 1/B per sample)."""
-    leaves, call = [], []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            keep32 = op == "cosine_cross_entropy" and i == 2
-            t = a.detach().to((torch.float64 if dtype == torch.float64 else torch.float32) if keep32 else dtype)
-            t = t.to(device)
-            if i in diff:
-                t.requires_grad_(True)
-                leaves.append(t)
-            call.append(t)
-        else:
-            call.append(a.to(device) if isinstance(a, torch.Tensor) else a)
-    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    leaves, call, kwargs = _prepare(op, args, kwargs, diff, dtype, device)
     out = getattr(dgkernels, op)(*call, **kwargs, backend=backend)
     if out.dim() == 0:
         loss = out * 1e-3
