@@ -78,6 +78,32 @@ def run_key(cfg: TrainConfig) -> str:
             f"__h{cfg.hparams_seed}__{cfg.selection}").replace("/", "_").replace(" ", "_")
 
 
+# Config fields that change a run's result; the others (paths, workers, progress, device) do not.
+_RESULT_FIELDS = ("backbone", "pretrained", "steps", "eval_every", "holdout_fraction", "train_domains",
+                  "precision", "eval_batch_size", "track_oracle")
+
+
+def _check_resumable(stored: dict, hparams: dict, cfg: TrainConfig, what: str) -> None:
+    """`--resume` reuses a record or checkpoint only if it was made with the same hyper-parameters
+    and result-relevant config: the run key names (method, dataset, domains, seeds, selection), not
+    `--hparams`, `--steps` or a changed default, and silently reusing those would mix settings."""
+    def norm(d):
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    old_cfg, new_cfg = stored.get("config") or {}, asdict(cfg)
+    diffs = [f"hparams.{k}: {norm(stored.get('hparams', {})).get(k)!r} -> {v!r}"
+             for k, v in sorted(norm(hparams).items()) if norm(stored.get("hparams", {})).get(k) != v]
+    diffs += [f"hparams.{k}: {v!r} -> (absent)" for k, v in sorted(norm(stored.get("hparams", {})).items())
+              if k not in hparams]
+    diffs += [f"{f}: {norm(old_cfg.get(f))!r} -> {norm(new_cfg.get(f))!r}" for f in _RESULT_FIELDS
+              if f in old_cfg and norm(old_cfg.get(f)) != norm(new_cfg.get(f))]
+    if "hparams" not in stored:
+        diffs.append("the stored run does not record its hyper-parameters")
+    if diffs:
+        raise ValueError(f"--resume: the {what} was made with other settings ({'; '.join(diffs)}); "
+                         "use another --output-dir, or delete that record/checkpoint to rerun")
+
+
 def _versions() -> dict:
     import open_clip
 
@@ -210,12 +236,14 @@ def run_training(cfg: TrainConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     results_path = out_dir / "results.jsonl"
     key = run_key(cfg)
+    method_cls = get_method(cfg.method)  # clear error for unknown methods before any work
+    spec = get_spec(cfg.dataset)
+    hparams = {**method_cls.hparams_for(cfg.hparams_seed, embedded=spec.embedded), **cfg.hparams}
     if cfg.resume:
         done = [r for r in read_records(results_path) if r.get("run_key") == key]
         if done:
+            _check_resumable(done[-1], hparams, cfg, f"finished run {key} in {results_path}")
             return done[-1]
-    method_cls = get_method(cfg.method)  # clear error for unknown methods before any work
-    spec = get_spec(cfg.dataset)
     if spec.embedded:
         ensure_rotated_digits(cfg.root)
     records = scan(cfg.root, spec)
@@ -226,7 +254,6 @@ def run_training(cfg: TrainConfig) -> dict:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
                              precision=cfg.precision)
-    hparams = {**method_cls.hparams_for(cfg.hparams_seed, embedded=spec.embedded), **cfg.hparams}
     classnames = [spec.classname(c) for c in protocol.classnames]
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     method = method_cls(backbone, classnames, len(protocol.source_domains), hparams)
@@ -276,6 +303,7 @@ def run_training(cfg: TrainConfig) -> dict:
     torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resumable(state, hparams, cfg, f"checkpoint {ckpt_path}")
         method.load_checkpoint_state(state["method_state"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -310,7 +338,8 @@ def run_training(cfg: TrainConfig) -> dict:
                 _atomic_save({"step": step + 1, "method_state": method.checkpoint_state(),
                               "generator": step_sampler.state_after(step) if step_sampler else gen.get_state(),
                               "torch_rng": torch.get_rng_state(),
-                              "history": history, "losses": losses, "config": asdict(cfg)}, ckpt_path)
+                              "history": history, "losses": losses, "config": asdict(cfg),
+                              "hparams": hparams}, ckpt_path)
     bar.close()
     batches = None  # ends the training loader's workers
     if not history:  # nothing trainable (zero-shot): one evaluation

@@ -59,6 +59,41 @@ def test_resume_from_checkpoint_matches(data_root, cache_dir, tmp_path, monkeypa
     assert again["run_key"] == res["run_key"] and len(read_records(tmp_path / "cut" / "results.jsonl")) == 1
 
 
+def test_resume_refuses_other_settings(data_root, cache_dir, tmp_path, monkeypatch):
+    """The run key does not name --hparams or --steps: --resume must not hand back (or continue) a
+    run made with other settings."""
+    out = tmp_path / "r"
+    run_training(_cfg(data_root, cache_dir, out, steps=4, eval_every=2))
+    with pytest.raises(ValueError, match=r"hparams.lr: 0.002 -> 0.05"):
+        run_training(_cfg(data_root, cache_dir, out, steps=4, eval_every=2, resume=True,
+                          hparams={"batch_size": 8, "n_ctx": 4, "lr": 0.05}))
+    with pytest.raises(ValueError, match=r"steps: 4 -> 6"):
+        run_training(_cfg(data_root, cache_dir, out, steps=6, eval_every=2, resume=True))
+    assert len(read_records(out / "results.jsonl")) == 1
+    # an interrupted run: its checkpoint is not continued under other hparams either
+    from dgclip.methods.coop import CoOp
+
+    orig = CoOp.update
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(self, batch)
+
+    monkeypatch.setattr(CoOp, "update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2))
+    monkeypatch.setattr(CoOp, "update", orig)
+    with pytest.raises(ValueError, match=r"checkpoint .*hparams.n_ctx: 4 -> 2"):
+        run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2, resume=True,
+                          hparams={"batch_size": 8, "n_ctx": 2}))
+    # the same settings still resume (workers and paths do not count)
+    res = run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2, resume=True, workers=0))
+    assert res["history"][-1]["step"] == 4
+
+
 def test_record_fields_and_open_set(data_root, cache_dir, tmp_path):
     rec = run_training(_cfg(data_root, cache_dir, tmp_path, method="zero-shot", dataset="rotated-digits-open",
                             test_domains=["rot30"], hparams={}))
