@@ -36,7 +36,9 @@ def _scale(value, *, invert: bool, acc: torch.dtype, device: torch.device):
         t = value.reshape(()).to(device=device, dtype=acc)
         return 1.0 / t if invert else t
     v = 1.0 / float(value) if invert else float(value)
-    return torch.tensor(v, dtype=acc, device=device)
+    # torch.full, not torch.tensor: a fill kernel takes the value as an argument, where a copy
+    # from host memory would wait for the CUDA stream (a sync per call).
+    return torch.full((), v, dtype=acc, device=device)
 
 
 def _lse(op: str, q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):
