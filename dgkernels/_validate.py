@@ -2,12 +2,12 @@
 
 Value checks (index ranges, a positive scale held in a tensor) read tensor data. In eager mode
 they run on the host and raise ValueError (except a scale tensor on an accelerator: it gets the
-device-side assert described next, so a learnable logit scale costs no sync per call). Inside torch.compile they cannot (a host read is a graph
-break and, on GPU, a synchronisation), so there they become one traced `torch._assert_async` per
-check, a device-side assert that fails the call at run time (RuntimeError on CPU; on CUDA a
-device-side assert, which poisons the CUDA context), or nothing at all with
-DGKERNELS_COMPILED_CHECKS=0 (read when a function is traced). Shape, dtype and device checks
-are static and run in both modes with the same messages.
+device-side assert described next, so a learnable logit scale costs no sync per call). Inside
+torch.compile they cannot (a host read is a graph break and, on GPU, a synchronisation), so there
+they become one traced `torch._assert_async` per check, a device-side assert that fails the call
+at run time (RuntimeError on CPU; on CUDA a device-side assert, which poisons the CUDA context),
+or nothing at all with DGKERNELS_COMPILED_CHECKS=0 (read when a function is traced). Shape,
+dtype and device checks are static and run in both modes with the same messages.
 """
 from __future__ import annotations
 

@@ -103,7 +103,9 @@ def _check(case, backend, device, compiled, guard):
     want = _forward_backward(fn, _fresh(build, device))  # warm-up: traces, autotunes, no guard
     with guard():
         got = _forward_backward(fn, _fresh(build, device))
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same inputs, same kernels: the same bits
+    # Same inputs and kernels; fp32 atomics (Triton) and threads (cpp) may reorder sums: torch's
+    # float32 tolerances.
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
