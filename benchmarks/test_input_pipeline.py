@@ -3,6 +3,12 @@ images/s a training step consumes, on a generated 224 px DomainBed-layout datase
 
     python -m pytest benchmarks/test_input_pipeline.py --benchmark-only -s
 
+The steady-state scaling (test_loader_steady_scaling; issue 13's target: >= 1.8x images/s at 2
+workers vs 0) prints a markdown table at the end; an idle machine is needed for a figure that
+means anything (the table states the load average). Knobs: DGCLIP_BENCH_LOADER_ROUNDS (5),
+DGCLIP_BENCH_LOADER_BATCHES (40 timed batches per round), DGCLIP_BENCH_LOADER_STEPS (8, the
+start-up-inclusive test). With the defaults the whole file takes about 10 minutes on 2 cores.
+
 Dataset: PACS layout (4 domains x 7 classes), 227 x 227 JPEGs (quality 90) of smooth random
 colour fields plus noise, generated once per session. Pipelines (dgclip.data.loader.train_loader,
 per-sample seeded augmentations, collation; pinned memory off on CPU):
@@ -61,11 +67,11 @@ def _dataset(root, pipeline):
     return ImageDataset(records, tf)
 
 
-def _loader(ds, workers):
+def _loader(ds, workers, steps=STEPS):
     from dgclip.data.loader import StepSampler, train_loader
 
     gen = torch.Generator().manual_seed(0)
-    sampler = StepSampler(lambda g: torch.randint(len(ds), (BATCH,), generator=g), gen, 0, STEPS)
+    sampler = StepSampler(lambda g: torch.randint(len(ds), (BATCH,), generator=g), gen, 0, steps)
     return train_loader(ds, 0, sampler, workers=workers)
 
 
@@ -91,31 +97,80 @@ def test_loader_images_per_second(benchmark, pacs_root, pipeline, workers):
           + (f" ({rate / _RATES[(pipeline, 0)]:.2f}x 0 workers)" if workers and (pipeline, 0) in _RATES else ""))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# Steady state: ROUNDS rounds; in each, one loader per worker count (interleaved, the order rotated
+# every round, so a change of machine load hits every count alike), WARM untimed batches (worker
+# start-up, first prefetches), then TIMED timed batches.
+ROUNDS = int(os.environ.get("DGCLIP_BENCH_LOADER_ROUNDS", "5"))
+TIMED = int(os.environ.get("DGCLIP_BENCH_LOADER_BATCHES", "40"))
+WARM = 4
+WORKERS = (0, 1, 2)
+
+
+def _steady_round(ds, workers):
+    """(images/s, main-process CPU ms per batch) over TIMED batches once WARM batches are out."""
+    it = iter(_loader(ds, workers, steps=WARM + TIMED))
+    for _ in range(WARM):
+        next(it)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = sum(len(labels) for _, labels, _ in it)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert n == TIMED * BATCH
+    return n / wall, 1e3 * cpu / TIMED
+
+
+@pytest.fixture(scope="module")
+def steady_table():
+    """Rows filled by test_loader_steady_scaling, printed as one markdown table at the end."""
+    rows: dict = {}
+    yield rows
+    if not rows:
+        return
+    head = ("| pipeline | workers | images/s median | min - max | main CPU ms/batch | vs 0 workers "
+            "(median of per-round ratios, min - max) |")
+    lines = [f"Steady state, {ROUNDS} rounds x {TIMED} timed batches of {BATCH} after {WARM} untimed; "
+             f"{len(os.sched_getaffinity(0))} CPUs; load average {rows.pop('_load')}", "", head,
+             "|---|---|---|---|---|---|"]
+    for (pipeline, workers), r in rows.items():
+        ratio = "-" if workers == 0 else f"{r['speedup']:.2f}x ({r['speedup_min']:.2f} - {r['speedup_max']:.2f})"
+        lines.append(f"| {pipeline} | {workers} | {r['median']:.1f} | {r['min']:.1f} - {r['max']:.1f} | "
+                     f"{r['main_cpu_ms']:.1f} | {ratio} |")
+    print("\n\n" + "\n".join(lines))
+
+
 @pytest.mark.parametrize("pipeline", ["clip", "gopro"])
-def test_loader_steady_images_per_second(benchmark, pacs_root, pipeline, workers):
-    """The rate once the workers run (a training run starts them once): the first WARM batches,
-    which hold the start-up and the first prefetches, are not timed."""
-    warm = 4
+def test_loader_steady_scaling(benchmark, pacs_root, pipeline, steady_table):
+    """Images/s with the workers already running, as in a training run (one loader for all steps),
+    for 0, 1 and 2 workers measured in the same rounds; the scaling is the median over rounds of
+    (rate at w workers / rate at 0 workers in the same round)."""
     ds = _dataset(pacs_root, pipeline)
+    rates = {w: [] for w in WORKERS}
+    cpu = {w: [] for w in WORKERS}
+    load0 = os.getloadavg()[0]
 
     def run():
-        it = iter(_loader(ds, workers))
-        for _ in range(warm):
-            next(it)
-        t0 = time.perf_counter()
-        n = sum(len(labels) for _, labels, _ in it)
-        return n / (time.perf_counter() - t0)
+        for r in range(ROUNDS):
+            for w in WORKERS[r % len(WORKERS):] + WORKERS[:r % len(WORKERS)]:
+                rate, ms = _steady_round(ds, w)
+                rates[w].append(rate)
+                cpu[w].append(ms)
 
     benchmark.group = f"input pipeline {pipeline}, steady state"
-    rate = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    _RATES[(pipeline, workers, "steady")] = rate
-    benchmark.extra_info.update({"pipeline": pipeline, "workers": workers, "images_per_s": rate,
-                                 "untimed_batches": warm, "timed_batches": STEPS - warm})
-    base = _RATES.get((pipeline, 0, "steady"))
-    if base and workers:
-        benchmark.extra_info["speedup_vs_0"] = rate / base
-    print(f"\n{pipeline} workers={workers}, steady: {rate:.1f} images/s" + (f" ({rate / base:.2f}x 0 workers)" if base and workers else ""))
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    load = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    steady_table["_load"] = load
+    for w in WORKERS:
+        row = {"median": float(np.median(rates[w])), "min": min(rates[w]), "max": max(rates[w]),
+               "main_cpu_ms": float(np.median(cpu[w])), "rates": rates[w]}
+        if w:
+            ratios = [a / b for a, b in zip(rates[w], rates[0])]
+            row.update(speedup=float(np.median(ratios)), speedup_min=min(ratios), speedup_max=max(ratios))
+        steady_table[(pipeline, w)] = row
+        benchmark.extra_info[f"workers_{w}"] = row
+    benchmark.extra_info.update({"pipeline": pipeline, "batch": BATCH, "rounds": ROUNDS, "timed_batches": TIMED,
+                                 "untimed_batches": WARM, "load_average": load})
+    print(f"\n{pipeline}: " + ", ".join(f"{w} workers {steady_table[(pipeline, w)]['median']:.1f} img/s"
+                                        for w in WORKERS)
+          + f"; 2 vs 0: {steady_table[(pipeline, 2)]['speedup']:.2f}x")
 
 
 def test_training_step_images_per_second(benchmark):

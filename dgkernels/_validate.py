@@ -1,12 +1,13 @@
 """Argument checks shared by every op: each error names the argument and what it got.
 
 Value checks (index ranges, a positive scale held in a tensor) read tensor data. In eager mode
-they run on the host and raise ValueError. Inside torch.compile they cannot (a host read is a graph
-break and, on GPU, a synchronisation), so there they become one traced `torch._assert_async` per
-check, a device-side assert that fails the call at run time (RuntimeError on CPU; on CUDA a
-device-side assert, which poisons the CUDA context), or nothing at all with
-DGKERNELS_COMPILED_CHECKS=0 (read when a function is traced). Shape, dtype and device checks
-are static and run in both modes with the same messages.
+they run on the host and raise ValueError (except a scale tensor on an accelerator: it gets the
+device-side assert described next, so a learnable logit scale costs no sync per call). Inside
+torch.compile they cannot (a host read is a graph break and, on GPU, a synchronisation), so there
+they become one traced `torch._assert_async` per check, a device-side assert that fails the call
+at run time (RuntimeError on CPU; on CUDA a device-side assert, which poisons the CUDA context),
+or nothing at all with DGKERNELS_COMPILED_CHECKS=0 (read when a function is traced). Shape,
+dtype and device checks are static and run in both modes with the same messages.
 """
 from __future__ import annotations
 
@@ -86,14 +87,26 @@ def check_same_dtype(**tensors) -> torch.dtype:
     return next(iter(dtypes.values()))
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether an eager value check may read t on the host: free for CPU (and meta) tensors, a
+    device->host copy that waits for the stream on an accelerator."""
+    return t.device.type in ("cpu", "meta")
+
+
 def check_positive_scalar(name: str, value) -> None:
-    """A Python number or a one-element tensor that must be finite and > 0."""
+    """A Python number or a one-element tensor that must be finite and > 0.
+
+    Eager: a ValueError for a CPU tensor or a number; a tensor on an accelerator gets the traced
+    form's device-side assert instead (no synchronisation per call; DGKERNELS_COMPILED_CHECKS=0
+    turns it off)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar or a one-element tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if compiling():
+        if compiling() or not host_readable(value):
+            # A scale on an accelerator (a learnable logit scale) is checked where it lives: a
+            # host read would synchronise every call.
             v = value.detach()
             _device_assert(torch.isfinite(v) & (v > 0), f"{name} must be finite and > 0")
         elif value.device.type != "meta":

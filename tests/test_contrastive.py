@@ -222,9 +222,10 @@ def test_triton_backward_is_exact_under_power_of_two_weight_scaling(dtype, k, tr
     kk = torch.randn(50, 32, generator=g).to(dtype).to(triton_device)
     w_r = torch.randn(40, generator=g).to(triton_device)
     w_c = torch.randn(50, generator=g).to(triton_device)
-    lse_r, lse_c = tri.lse_forward(q, kk, 3.0, False, True)
-    base = tri.lse_backward(q, kk, 3.0, False, lse_r, lse_c, w_r, w_c)
-    scaled = tri.lse_backward(q, kk, 3.0, False, lse_r, lse_c, w_r * 2.0 ** k, w_c * 2.0 ** k)
+    s = torch.tensor(3.0, device=triton_device)  # the kernels read the scale from device memory
+    lse_r, lse_c = tri.lse_forward(q, kk, s, False, True)
+    base = tri.lse_backward(q, kk, s, False, lse_r, lse_c, w_r, w_c)
+    scaled = tri.lse_backward(q, kk, s, False, lse_r, lse_c, w_r * 2.0 ** k, w_c * 2.0 ** k)
     for a, b in zip(scaled, base):
         torch.testing.assert_close(a, b * 2.0 ** k, rtol=0, atol=0)
 
@@ -301,7 +302,7 @@ def test_triton_column_sums_that_underflow_are_recomputed(dtype, triton_device):
     cref2 = torch.floor(tri.LOG2E * s * qd.norm(dim=1).max() * kd.norm(dim=1)) - tri._COL_HEADROOM
     gap = tri.LOG2E * s * (qd @ kd.T).max(0).values - cref2
     assert (gap[3:] < -80 - math.log2(n)).all() and (gap[:3] > -1).all()
-    lse_r, lse_c = tri.lse_forward(q, k, s, False, True)
+    lse_r, lse_c = tri.lse_forward(q, k, torch.tensor(s, device=q.device), False, True)
     want_r, want_c = dgkernels.contrastive.reference.lse(q.cpu().double(), k.cpu().double(), s, False, True)
     tol = 8 * EPS[torch.float32] * 400  # fp32 rounding of logits up to ~400
     assert (lse_r.cpu().double() - want_r).abs().max() <= tol
@@ -479,12 +480,12 @@ def test_gradcheck_float64(backend, op):
 @pytest.mark.parametrize("exclude_diag,want_cols", [(False, False), (False, True), (True, False)])
 def test_opcheck_compiled_ops(exclude_diag, want_cols):
     n = 9
-    q, k = torch.randn(n, 6), torch.randn(n, 6)
-    torch.library.opcheck(torch.ops.dgkernels.contrastive_lse_fwd.default, (q, k, 0.5, exclude_diag, want_cols))
-    lse_r, lse_c = torch.ops.dgkernels.contrastive_lse_fwd(q, k, 0.5, exclude_diag, want_cols)
+    q, k, s = torch.randn(n, 6), torch.randn(n, 6), torch.tensor(0.5)
+    torch.library.opcheck(torch.ops.dgkernels.contrastive_lse_fwd.default, (q, k, s, exclude_diag, want_cols))
+    lse_r, lse_c = torch.ops.dgkernels.contrastive_lse_fwd(q, k, s, exclude_diag, want_cols)
     w_c = torch.randn(n) if want_cols else None
     torch.library.opcheck(torch.ops.dgkernels.contrastive_lse_bwd.default,
-                          (q, k, 0.5, exclude_diag, lse_r, lse_c, torch.randn(n), w_c))
+                          (q, k, s, exclude_diag, lse_r, lse_c, torch.randn(n), w_c))
 
 
 @needs_cpp

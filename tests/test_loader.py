@@ -48,6 +48,36 @@ def test_augmented_batches_identical_for_0_1_2_workers(data_root, backbone):  # 
     assert not torch.equal(other[0][0]["moco"], ref[0][0]["moco"])
 
 
+def test_batches_are_the_per_sample_seeded_items(data_root, backbone):  # noqa: F811
+    """Each sample is dataset[index] right after seeding torch, random and numpy with
+    sample_seed(seed, step, index) (on one thread), stacked: rebuilt here one sample at a time,
+    independently of the loader's batched fetch (generators saved once per batch, images stacked
+    into shared memory in the workers), for 0 and 2 workers."""
+    from dgclip.data.loader import sample_seed
+
+    ds = _gopro_dataset(data_root, backbone, n=12)
+    gen = torch.Generator().manual_seed(123)
+    steps = [torch.randint(len(ds), (6,), generator=gen).tolist() for _ in range(2)]
+    threads = torch.get_num_threads()
+    want = []
+    try:
+        torch.set_num_threads(1)
+        for step, idx in enumerate(steps):
+            items = []
+            for i in idx:
+                s = sample_seed(7, step, i)
+                torch.manual_seed(s), random.seed(s), np.random.seed(s % 2 ** 32)
+                items.append(ds[i])
+            want.append({k: torch.stack([it[0][k] for it in items]) for k in items[0][0]})
+    finally:
+        torch.set_num_threads(threads)
+    for workers in (0, 2):
+        got, _ = _batches(ds, workers, steps=2)
+        for (images, labels, _), w, idx in zip(got, want, steps):
+            assert all(torch.equal(images[k], w[k]) for k in w)
+            assert labels.tolist() == [ds[i][1] for i in idx]
+
+
 def test_main_process_loading_leaves_global_rng_alone(data_root, backbone):  # noqa: F811
     ds = _gopro_dataset(data_root, backbone, n=10)
     torch.manual_seed(5), random.seed(5), np.random.seed(5)

@@ -19,22 +19,29 @@ namespace {
 // use half GEMMs (the last field).
 constexpr Tiling kCudaTiling{2048, 4096, false, true};
 
-std::tuple<at::Tensor, at::Tensor> lse_fwd_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
+// The scale stays on the device: a 0-d tensor of the accumulation dtype, a tensor operand of the
+// tile ops (never copied to the host: that copy would synchronise the stream on every call).
+Scale device_scale(const at::Tensor& scale, const at::Tensor& q) {
+  check_scale(scale, q);
+  return Scale{scale.reshape({}).to(acc_type(q))};
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                                                 bool exclude_diag, bool want_cols) {
   DGK_CHECK_CUDA(q, "q");
   DGK_CHECK_CUDA(k, "k");
   const c10::cuda::CUDAGuard guard(q.device());
-  return lse_forward(q, k, scale, exclude_diag, want_cols, kCudaTiling);
+  return lse_forward(q, k, device_scale(scale, q), exclude_diag, want_cols, kCudaTiling);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                                                             bool exclude_diag, const at::Tensor& lse_r,
                                                             const at::Tensor& lse_c, const at::Tensor& w_r,
                                                             const c10::optional<at::Tensor>& w_c) {
   DGK_CHECK_CUDA(q, "q");
   DGK_CHECK_CUDA(k, "k");
   const c10::cuda::CUDAGuard guard(q.device());
-  return lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c, kCudaTiling);
+  return lse_backward(q, k, device_scale(scale, q), exclude_diag, lse_r, lse_c, w_r, w_c, kCudaTiling);
 }
 
 }  // namespace

@@ -19,6 +19,30 @@
 
 namespace dgkernels::contrastive {
 
+// The logit scale. On CUDA it stays in device memory (`dev`, a 0-d tensor of the accumulation
+// dtype) and enters the tiles as a tensor operand, so no call copies it to the host (a
+// device->host copy per call would synchronise the stream). On the CPU the value is read once
+// (`host`, no synchronisation there) and folded into the GEMM's alpha.
+struct Scale {
+  at::Tensor dev;    // defined: the device path
+  double host = 1;   // the value, when dev is undefined
+
+  void mul(at::Tensor& x) const {
+    if (dev.defined()) x.mul_(dev); else x.mul_(host);
+  }
+  void div(at::Tensor x) const {
+    if (dev.defined()) x.div_(dev); else x.div_(host);
+  }
+};
+
+// A one-element floating tensor holding the scale (checked, not read).
+inline void check_scale(const at::Tensor& scale, const at::Tensor& q) {
+  TORCH_CHECK(scale.numel() == 1, "scale must be a one-element tensor, got shape ", scale.sizes());
+  DGK_CHECK_FLOAT(scale, "scale");
+  TORCH_CHECK(scale.device() == q.device(), "scale must be on the inputs' device ", q.device(), ", got ",
+              scale.device());
+}
+
 struct Tiling {
   int64_t bm;      // rows of Q per tile
   int64_t bn;      // rows of K per tile
@@ -69,13 +93,13 @@ inline bool use_half_gemm(const at::Tensor& q, const Tiling& tiling) {
   return tiling.half_gemm && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
 }
 
-inline void tile_logits(at::Tensor& S, const at::Tensor& qb, const at::Tensor& kb, double scale, bool exclude_diag,
-                        int64_t r0, int64_t c0) {
-  if (qb.scalar_type() == S.scalar_type()) {
-    at::addmm_out(S, S, qb, kb.t(), /*beta=*/0, /*alpha=*/scale);
+inline void tile_logits(at::Tensor& S, const at::Tensor& qb, const at::Tensor& kb, const Scale& scale,
+                        bool exclude_diag, int64_t r0, int64_t c0) {
+  if (qb.scalar_type() == S.scalar_type() && !scale.dev.defined()) {
+    at::addmm_out(S, S, qb, kb.t(), /*beta=*/0, /*alpha=*/scale.host);
   } else {
-    gemm_f32(S, qb, kb.t());
-    S.mul_(scale);
+    gemm_f32(S, qb, kb.t());  // then one rounding of scale * (q.k), as alpha * (q.k) in the GEMM
+    scale.mul(S);
   }
   if (exclude_diag) {
     const int64_t lo = std::max(r0, c0), hi = std::min(r0 + S.size(0), c0 + S.size(1));
@@ -89,7 +113,7 @@ inline at::Tensor safe_ref(const at::Tensor& m) {
   return at::where(at::isneginf(m), at::zeros({}, m.options()), m);
 }
 
-inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at::Tensor& k_in, double scale,
+inline std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at::Tensor& k_in, const Scale& scale,
                                                       bool exclude_diag, bool want_cols, const Tiling& tiling) {
   check_inputs(q_in, k_in, exclude_diag);
   // Pure kernels: the tile ops inside must never record autograd history.
@@ -192,7 +216,7 @@ inline void half_tile_grads(at::Tensor& S, at::Tensor& G, at::Tensor F, at::Tens
 //   G = w_r P_row + w_c P_col (P_row = exp(S - lse_r), P_col = exp(S - lse_c)),
 //   dQ = scale G K, dK = scale G^T Q, dscale = sum_i q_i . (G K)_i.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
-    const at::Tensor& q_in, const at::Tensor& k_in, double scale, bool exclude_diag, const at::Tensor& lse_r_in,
+    const at::Tensor& q_in, const at::Tensor& k_in, const Scale& scale, bool exclude_diag, const at::Tensor& lse_r_in,
     const at::Tensor& lse_c_in, const at::Tensor& w_r_in, const c10::optional<at::Tensor>& w_c_opt,
     const Tiling& tiling) {
   check_inputs(q_in, k_in, exclude_diag);
@@ -276,11 +300,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
         }
       }
       if (half) {
-        ds_part.narrow(0, rb, 1).div_(scale);  // sum G S / scale = sum_ij G_ij q_i.k_j
+        scale.div(ds_part.narrow(0, rb, 1));  // sum G S / scale = sum_ij G_ij q_i.k_j
       } else {
         ds_part.narrow(0, rb, 1).copy_((qb * dqb).sum().reshape({1}));
       }
-      dqb.mul_(scale);
+      scale.mul(dqb);
     }
   };
   if (tiling.parallel) {
@@ -288,7 +312,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(
   } else {
     body(0, R);
   }
-  dk.mul_(scale);
+  scale.mul(dk);
   return {dq, dk, ds_part.sum()};
 }
 

@@ -33,10 +33,14 @@ def _scale(value, *, invert: bool, acc: torch.dtype, device: torch.device):
     if isinstance(value, torch.Tensor):
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"the temperature/logit_scale tensor is on {value.device}, the features on {device}")
-        t = value.reshape(()).to(device=device, dtype=acc)
+        # non_blocking: a CPU scale for GPU features is staged by the driver without waiting for
+        # the stream (a blocking copy would synchronise every call)
+        t = value.reshape(()).to(device=device, dtype=acc, non_blocking=True)
         return 1.0 / t if invert else t
     v = 1.0 / float(value) if invert else float(value)
-    return torch.tensor(v, dtype=acc, device=device)
+    # torch.full, not torch.tensor: a fill kernel takes the value as an argument, where a copy
+    # from host memory would wait for the CUDA stream (a sync per call).
+    return torch.full((), v, dtype=acc, device=device)
 
 
 def _lse(op: str, q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):

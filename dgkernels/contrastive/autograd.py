@@ -6,6 +6,8 @@ Forward keeps only lse_r [N] (and lse_c [M]); backward recomputes the similarity
     dQ = scale G K,  dK = scale G^T Q,  dL/dscale = sum_ij G_ij q_i.k_j,
 all from the backend's `lse_forward` / `lse_backward` (memory O(N + M) beyond inputs and grads;
 the triton backend's dQ/dK accumulators are fp32 [N, D] / [M, D], the size of the gradients).
+The scale goes to the backend as the 0-d tensor it is, on the inputs' device: the kernels read it
+there, so a learnable CUDA logit scale costs no device->host copy (a stream sync) per call.
 """
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ import torch
 class FusedLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, exclude_diag, want_cols, impl):
-        s = float(scale)
-        lse_r, lse_c = impl.lse_forward(q, k, s, exclude_diag, want_cols)
+        lse_r, lse_c = impl.lse_forward(q, k, scale.detach(), exclude_diag, want_cols)
         ctx.save_for_backward(q, k, scale, lse_r, lse_c if want_cols else None)
-        ctx.impl, ctx.s, ctx.exclude_diag, ctx.want_cols = impl, s, exclude_diag, want_cols
+        ctx.impl, ctx.exclude_diag, ctx.want_cols = impl, exclude_diag, want_cols
         if not want_cols:
             ctx.mark_non_differentiable(lse_c)
         return lse_r, lse_c
@@ -31,7 +32,7 @@ class FusedLSE(torch.autograd.Function):
         w_c = None
         if ctx.want_cols:
             w_c = torch.zeros_like(lse_c) if g_c is None else g_c.to(acc).contiguous()
-        dq, dk, ds = ctx.impl.lse_backward(q, k, ctx.s, ctx.exclude_diag, lse_r, lse_c, w_r, w_c)
+        dq, dk, ds = ctx.impl.lse_backward(q, k, scale.detach(), ctx.exclude_diag, lse_r, lse_c, w_r, w_c)
         dscale = None
         if ctx.needs_input_grad[2]:
             dscale = ds.reshape(scale.shape).to(scale.dtype)

@@ -4,10 +4,9 @@ ops, which dynamo and AOTAutograd treat as opaque calls with known output shapes
 Why not FusedLSE under compile: its forward turns the scale into a Python float (a graph break)
 and reaches the backend through an implementation object (a LazyModule importing on first use),
 neither of which dynamo can trace. Here the backend is resolved at trace time to its NAME (a graph
-constant) and looked up again when the op runs; the scale stays a tensor in the graph. The value
-each op computes is that of the eager path: the same `lse_forward` / `lse_backward` with the same
-arguments. The kernels take the scale by value, so the op reads it on the host when it runs (on
-CUDA one 4-byte copy per call) until they read it from device memory.
+constant) and looked up again when the op runs; the scale stays a tensor in the graph and goes to
+the kernels as one (they read it from device memory: no host sync per call). The value each op
+computes is that of the eager path: the same `lse_forward` / `lse_backward` with the same arguments.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def lse_fwd(q: Tensor, k: Tensor, scale: Tensor, exclude_diag: bool, want_cols: bool, op: str,
             backend: str) -> tuple[Tensor, Tensor]:
     impl = _dispatch.impl_of(op, backend)
-    lse_r, lse_c = impl.lse_forward(q, k, float(scale), exclude_diag, want_cols)
+    lse_r, lse_c = impl.lse_forward(q, k, scale, exclude_diag, want_cols)
     if not want_cols:
         lse_c = lse_r.new_empty(0)
     return lse_r, lse_c
@@ -43,7 +42,7 @@ def _(q, k, scale, exclude_diag, want_cols, op, backend):
 def lse_bwd(q: Tensor, k: Tensor, scale: Tensor, exclude_diag: bool, lse_r: Tensor, lse_c: Optional[Tensor],
             w_r: Tensor, w_c: Optional[Tensor], op: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _dispatch.impl_of(op, backend)
-    dq, dk, ds = impl.lse_backward(q, k, float(scale), exclude_diag, lse_r, lse_c, w_r, w_c)
+    dq, dk, ds = impl.lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
     return dq, dk, ds.reshape(())
 
 

@@ -1,6 +1,8 @@
 """cpp / cuda backend: the compiled kernels of csrc/contrastive (torch.ops.dgkernels.contrastive_lse_*).
 
 Both backends call the same ops; the dispatcher picks the CPU or CUDA kernel from the device.
+`scale` is a one-element tensor on the inputs' device: the CUDA kernels read it from device memory
+(no host sync per call), the CPU kernels read its value on the host (no device to wait for).
 Fake (meta) kernels are registered here so torch.compile can trace through the ops.
 """
 from __future__ import annotations
@@ -14,11 +16,11 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lse_forward(q, k, scale: float, exclude_diag: bool, want_cols: bool):
+def lse_forward(q, k, scale, exclude_diag: bool, want_cols: bool):
     return torch.ops.dgkernels.contrastive_lse_fwd(q, k, scale, exclude_diag, want_cols)
 
 
-def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
+def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     return torch.ops.dgkernels.contrastive_lse_bwd(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
 
 

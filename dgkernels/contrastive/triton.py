@@ -94,11 +94,13 @@ _RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup"])
-def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, N, M, D, stride_qn, stride_kn,
-                scale2, exclude_diag, cols_on, fixup, col_floor,
+def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stride_kn,
+                exclude_diag, cols_on, fixup, col_floor,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
-    # Works in log2 units: scale2 = scale * log2(e); LSE is stored in natural units.
+    # Works in log2 units: scale2 = scale * log2(e), read from device memory (no host copy of a
+    # learnable scale per call); LSE is stored in natural units.
+    scale2 = tl.load(SCALE2)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -141,9 +143,11 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, N, M, D, stride_qn, stride_kn,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, N, M, D, stride_qn, stride_kn, scale2, exclude_diag, cols_on,
+def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
+                exclude_diag, cols_on,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
+    scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -238,9 +242,10 @@ def _prec(dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-_PTR_ARGS = {"fwd": {"Q": "in", "K": "in", "LSE": "f", "COLSUM": "f", "CREF": "f", "FLAGS": "f"},
-             "bwd": {"Q": "in", "K": "in", **{n: "f" for n in ("LSE_R", "LSE_C", "W_R", "W_C", "C_R", "C_C", "DQ", "DK", "DS_PART")}}}
-_FLOAT_ARGS = {"scale2", "col_floor"}
+_PTR_ARGS = {"fwd": {"Q": "in", "K": "in", "LSE": "f", "COLSUM": "f", "CREF": "f", "FLAGS": "f", "SCALE2": "f"},
+             "bwd": {"Q": "in", "K": "in", **{n: "f" for n in ("LSE_R", "LSE_C", "W_R", "W_C", "C_R", "C_C", "DQ", "DK",
+                                                               "DS_PART", "SCALE2")}}}
+_FLOAT_ARGS = {"col_floor"}
 
 
 def _constexprs(kernel: str) -> set:
@@ -397,7 +402,8 @@ def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
     out = torch.empty(n, dtype=torch.float32, device=q.device)
     dummy = out[:1]
     args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
-            dummy if flags is None else flags, n, k.shape[0], d, q.stride(0), k.stride(0), scale2, int(exclude_diag), int(colsum is not None), int(flags is not None), _COL_FLOOR)
+            dummy if flags is None else flags, scale2, n, k.shape[0], d, q.stride(0), k.stride(0), int(exclude_diag),
+            int(colsum is not None), int(flags is not None), _COL_FLOOR)
     _launch("fwd", n, args, q.dtype)
     return out
 
@@ -406,13 +412,24 @@ def _norms(t):
     return torch.linalg.vector_norm(t.float(), dim=1)
 
 
-def lse_forward(q, k, scale: float, exclude_diag: bool, want_cols: bool):
+def _scale2(scale):
+    """scale * log2(e) as a [1] fp32 device tensor (the kernels load it): the product is formed in
+    float64 and rounded once, the value a Python-float scale2 argument had; a fresh allocation, so
+    16-byte aligned as COMPILE_SPECS assumes for every pointer. No host read of the scale."""
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        raise TypeError(f"scale must be a one-element tensor, got {type(scale).__name__}"
+                        f"{'' if not isinstance(scale, torch.Tensor) else ' of shape ' + str(tuple(scale.shape))}")
+    return (scale.detach().reshape(1).double() * LOG2E).float()
+
+
+def lse_forward(q, k, scale, exclude_diag: bool, want_cols: bool):
+    """scale: a one-element tensor on q's device (read by the kernels, never on the host)."""
     fb = _fallback(q)
     if fb is not None:
         return fb.lse_forward(q, k, scale, exclude_diag, want_cols)
     if q.shape[0] >= 2 ** 39:
         raise ValueError(f"the triton backend sums at most 2^39 rows per column, got {q.shape[0]}")
-    scale2 = scale * LOG2E
+    scale2 = _scale2(scale)
     if not want_cols:
         return _rows_lse(q, k, scale2, exclude_diag), q.new_empty(0, dtype=torch.float32)
     # Per-column fixed reference (log2 units, an integer): Cauchy-Schwarz bound minus the headroom A.
@@ -435,7 +452,7 @@ def _pow2_scale(w_own, w_other_max):
     return torch.exp2(_G_TOP - e)
 
 
-def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
+def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     fb = _fallback(q)
     if fb is not None:
         return fb.lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
@@ -454,10 +471,10 @@ def lse_backward(q, k, scale: float, exclude_diag: bool, lse_r, lse_c, w_r, w_c)
     # one partial dscale per row block of the smallest BLOCK_M (the autotuner may pick any)
     ds_part = torch.zeros(triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))), dtype=torch.float32,
                           device=q.device)
-    args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, n, m, d,
-            q.stride(0), k.stride(0), scale * LOG2E,
-            int(exclude_diag), int(cols))
+    args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
+            q.stride(0), k.stride(0), int(exclude_diag), int(cols))
     _launch("bwd", n, args, q.dtype)
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
-    return dq[:, :d0].mul_(scale), dk[:, :d0].mul_(scale), ds_part.sum()
+    s = scale.detach().reshape(()).float()  # on the device: a 0-d tensor operand, no host read
+    return dq[:, :d0].mul_(s), dk[:, :d0].mul_(s), ds_part.sum()

@@ -232,7 +232,8 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
     if isinstance(logit_scale, torch.Tensor):
         scale = logit_scale
     else:
-        scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
+        # a fill kernel (torch.full): no host->device copy, which on CUDA waits for the stream
+        scale = torch.full((), float(logit_scale), dtype=torch.float32, device=device)
     if impl is None:
         return _cops.cosce((features, class_embeds, scale, target, bool(normalize), float(label_smoothing),
                             int(ignore_index)), reduction, _precompute(reduction, features, class_embeds, scale),
