@@ -67,8 +67,10 @@ def call_facts(device, dtype=None, **sizes) -> CallFacts:
         dtypes = ()
     elif isinstance(dtype, torch.dtype):
         dtypes = (dtype,)
-    else:
+    elif isinstance(dtype, (tuple, list)):
         dtypes = tuple(dict.fromkeys(dtype))
+    else:
+        dtypes = (dtype,)  # refused just below
     for d in dtypes:
         if not isinstance(d, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype or a sequence of them, got {d!r}")
