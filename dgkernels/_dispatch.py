@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -40,7 +41,8 @@ class BackendUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class CallFacts:
     """What a backend's `refusal` may look at: hashable, so the torch.compile path can hand its
-    fields to a function whose result is a trace-time constant (sizes must then be Python ints).
+    fields to a function whose result is a trace-time constant (build it with `call_facts`, which
+    turns sizes into Python ints).
 
     device: device type ("cuda", "cpu", "meta"); dtypes: the floating dtypes of the call's
     tensors (empty: not stated, nothing refused for a dtype); sizes: sorted (name, value) pairs,
@@ -74,10 +76,17 @@ def call_facts(device, dtype=None, **sizes) -> CallFacts:
     for d in dtypes:
         if not isinstance(d, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype or a sequence of them, got {d!r}")
+    ints = {}
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"size {name} must be an int, got {type(value).__name__}")
-    return CallFacts(device_type, dtypes, tuple(sorted(sizes.items())))
+        if isinstance(value, bool):
+            raise TypeError(f"size {name} must be an int, got bool")
+        try:
+            # operator.index: while torch.compile traces, a symbolic size becomes its value (a
+            # guard: a new size recompiles), which the trace-time selection needs as a constant
+            ints[name] = operator.index(value)
+        except TypeError:
+            raise TypeError(f"size {name} must be an int, got {type(value).__name__}") from None
+    return CallFacts(device_type, dtypes, tuple(sorted(ints.items())))
 
 
 @dataclass(frozen=True)
@@ -274,7 +283,7 @@ def select_name(op: str | tuple[str, ...], device: torch.device, backend: str | 
     """The name `select` (or `select_all` for a tuple of ops) would return, usable while
     torch.compile traces: it runs eagerly at trace time (environment, `use_backend` and
     availability are read then, never in the graph) and enters the graph as a constant. A
-    compiled function keeps the backend it was traced with (the facts' sizes must be ints)."""
+    compiled function keeps the backend it was traced with."""
     call = _facts(device, call)
     ops = (op,) if isinstance(op, str) else tuple(op)
     return _select_name(ops, call.device, call.dtypes, call.sizes, backend)

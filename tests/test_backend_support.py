@@ -170,6 +170,16 @@ def test_explain_reports_every_backend_for_the_facts(probe):
     assert dgkernels.explain("_probe_support", "cuda")["triton"] == ""  # the old signature: device only
 
 
+def test_sizes_are_trace_time_constants_under_compile():
+    # head_agreement's D and K reach the selection; with a second weight shape torch.compile
+    # traces them as symbolic sizes, which call_facts turns into the constants the selection needs.
+    fn = torch.compile(lambda x, w: dgkernels.head_agreement(x, w, backend="reference"), fullgraph=True,
+                       backend="aot_eager")
+    for d, k in ((3, 5), (4, 6), (5, 7)):
+        x, w = torch.randn(6, 8), torch.randn(d, k, 8)
+        torch.testing.assert_close(fn(x, w), dgkernels.head_agreement(x, w, backend="reference"))
+
+
 # ---- the real op families, as dispatch sees them on a CUDA machine --------------------------
 
 @needs_triton_import

@@ -124,7 +124,7 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     if kind == "sym_kl" and weight.shape[0] < 2:
         raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
     D, K, _ = weight.shape
-    name, impl = _select("head_agreement", device, backend, features.dtype, D=int(D), K=int(K))
+    name, impl = _select("head_agreement", device, backend, features.dtype, D=D, K=K)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
     if impl is None:
