@@ -257,12 +257,11 @@ def select_all(ops: tuple[str, ...], device: torch.device, backend: str | None =
     for op in ops:
         if op not in _REGISTRY:
             raise KeyError(f"no implementation of {op} is registered")
-    label = "/".join(ops)
     if name is not None:
         for op in ops:
             why = _refusal(op, name, call)
             if why:
-                raise BackendUnavailableError(f"dgkernels.{label}: backend {name!r} is unavailable: {why}")
+                raise BackendUnavailableError(f"dgkernels.{op}: backend {name!r} is unavailable: {why}")
         return name, tuple(_REGISTRY[op][name] for op in ops)
     reasons = []
     for cand in _order(call.device):
@@ -270,7 +269,8 @@ def select_all(ops: tuple[str, ...], device: torch.device, backend: str | None =
         if not why:
             return cand, tuple(_REGISTRY[op][cand] for op in ops)
         reasons.append(f"{cand}: {why}")
-    raise BackendUnavailableError(f"dgkernels.{label}: no backend can run {call.device} tensors: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"dgkernels.{'/'.join(ops)}: no backend can run {call.device} tensors: "
+                                  + "; ".join(reasons))
 
 
 @torch.compiler.assume_constant_result
