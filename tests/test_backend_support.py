@@ -201,6 +201,37 @@ def test_real_families_fall_through_on_cuda(all_available):
     assert "D x K" in why["triton"] and why["cuda"] == "" and why["reference"] == ""
 
 
+def _triton_runs(device):
+    if dgkernels.explain("clip_loss", device)["triton"]:
+        pytest.skip(dgkernels.explain("clip_loss", device)["triton"])
+
+
+def test_public_ops_state_their_dtype_to_dispatch(triton_device):
+    # A refused dtype is a BackendUnavailableError from _dispatch before any kernel launch (before:
+    # a TypeError from the launcher, or a hand-off to the cuda kernels inside the triton backend).
+    _triton_runs(triton_device)
+    x, y = (torch.randn(5, 8, dtype=F64, device=triton_device) for _ in range(2))
+    with pytest.raises(BackendUnavailableError, match="'triton' is unavailable: the triton contrastive kernels.*float64"):
+        dgkernels.clip_loss(x, y, 2.0, backend="triton")
+
+
+def test_prompt_calls_state_activation_and_embedding_dtypes(triton_device):
+    _triton_runs(triton_device)
+    pytest.importorskip("open_clip")
+    import prompt_models
+
+    twin = prompt_models.fp64_twin("tiny").to(triton_device)  # float64 activations
+    prefix, suffix = torch.randn(1, 2, 32, dtype=F64), torch.randn(3, 4, 32, dtype=F64)
+    prefix, suffix = prefix.to(triton_device), suffix.to(triton_device)
+    with pytest.raises(BackendUnavailableError, match="prompt_assemble: backend 'triton'.*float64"):
+        dgkernels.encode_prompts(twin, prefix, suffix, [4, 1, 2], backend="triton")
+    model = prompt_models.model("tiny").to(triton_device)  # float32 activations, float64 embeddings given
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        dgkernels.encode_prompts(model, prefix, suffix, [4, 1, 2], backend="triton")
+    out = dgkernels.encode_prompts(model, prefix.float(), suffix.float(), [4, 1, 2], backend="triton")
+    assert out.shape[:2] == (1, 3) and out.dtype == torch.float32
+
+
 # ---- the shape of the code ------------------------------------------------------------------
 
 def _sources():
