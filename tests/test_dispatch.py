@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,13 +52,14 @@ def test_unknown_backend_is_rejected(monkeypatch):
 
 
 def test_selection_order_and_overrides(monkeypatch):
-    _dispatch.register("_probe", "cpp", "cpp-impl")
-    _dispatch.register("_probe", "reference", "ref-impl")
+    cpp_impl, ref_impl = (SimpleNamespace(refusal=lambda op, call: "") for _ in range(2))
+    _dispatch.register("_probe", "cpp", cpp_impl)
+    _dispatch.register("_probe", "reference", ref_impl)
     cpu = torch.device("cpu")
     monkeypatch.delenv("DGKERNELS_BACKEND", raising=False)
     expect_auto = "cpp" if dgkernels.backends()["cpp"] else "reference"
     assert _dispatch.select("_probe", cpu)[0] == expect_auto
-    assert _dispatch.select("_probe", cpu, "reference") == ("reference", "ref-impl")
+    assert _dispatch.select("_probe", cpu, "reference") == ("reference", ref_impl)
     monkeypatch.setenv("DGKERNELS_BACKEND", "reference")
     assert _dispatch.select("_probe", cpu)[0] == "reference"
     monkeypatch.delenv("DGKERNELS_BACKEND")

@@ -43,13 +43,17 @@ def _scale(value, *, invert: bool, acc: torch.dtype, device: torch.device):
     return torch.full((), v, dtype=acc, device=device)
 
 
+def _facts(q):
+    return _dispatch.call_facts(q.device, q.dtype)
+
+
 def _lse(op: str, q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):
     if compiling():  # torch.compile: backend by name, fused kernels behind custom ops (compile_ops)
-        name = _dispatch.select_name(op, q.device, backend)
+        name = _dispatch.select_name(op, q.device, backend, _facts(q))
         if name == "reference":
             return _dispatch.impl_of(op, name).lse(q, k, scale, exclude_diag, want_cols)
         return compile_ops.fused_lse(q, k, scale, exclude_diag, want_cols, op, name)
-    name, impl = _dispatch.select(op, q.device, backend)
+    name, impl = _dispatch.select(op, q.device, backend, _facts(q))
     if name == "reference":
         return impl.lse(q, k, scale, exclude_diag, want_cols)
     return fused_lse(q, k, scale, exclude_diag, want_cols, impl)
@@ -149,7 +153,7 @@ def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction
         lse_neg, _ = _lse("info_nce", q, n, s, backend=backend)
     else:
         # [N, M] negative logits are no larger than the [N, M, D] input: plain batched matmul.
-        _dispatch.select_name("info_nce", q.device, backend)  # same backend errors in every mode
+        _dispatch.select_name("info_nce", q.device, backend, _facts(q))  # same backend errors in every mode
         neg = torch.bmm(n, q.unsqueeze(2)).squeeze(2).to(acc) * s
         lse_neg = torch.logsumexp(neg, dim=1)
     loss = torch.logaddexp(pos, lse_neg) - pos

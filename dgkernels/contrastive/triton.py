@@ -38,7 +38,7 @@ wgmma figures of the compile check are those of what runs.
 Cost model (why dQ is read-modified-written, not held in registers): a [BLOCK_M, D] fp32
 accumulator is 128 KB at BLOCK_M = 64, D = 512 - beyond the register file of one program - so
 the backward streams dQ through L2 per tile (8 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops),
-like the dK atomics. float64 inputs go to the compiled CUDA kernels.
+like the dK atomics. float64 is refused (`refusal`): dispatch picks the next backend (cuda).
 """
 from __future__ import annotations
 
@@ -355,18 +355,12 @@ def _launch(kernel: str, n: int, args: tuple, dtype):
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
 
 
-def _fallback(q) -> object | None:
-    """float64: the compiled CUDA kernels (same primitive), when they exist."""
-    if q.dtype in _TL:
-        return None
-    from . import compiled
-    from .. import _dispatch
-
-    why = _dispatch.explain("clip_loss", q.device)["cuda"]
-    if why:
-        raise TypeError(f"the triton backend runs float16/bfloat16/float32, got {q.dtype}, and the cuda fallback "
-                        f"is unavailable: {why}")
-    return compiled
+def refusal(op: str, call) -> str:
+    """What these kernels run: float32/bfloat16/float16 (fp32 accumulation), any N, M, D."""
+    bad = call.unsupported_dtype(_TL)
+    if bad is not None:
+        return f"the triton contrastive kernels run float32/bfloat16/float16, got {bad}"
+    return ""
 
 
 _MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)
@@ -424,9 +418,6 @@ def _scale2(scale):
 
 def lse_forward(q, k, scale, exclude_diag: bool, want_cols: bool):
     """scale: a one-element tensor on q's device (read by the kernels, never on the host)."""
-    fb = _fallback(q)
-    if fb is not None:
-        return fb.lse_forward(q, k, scale, exclude_diag, want_cols)
     if q.shape[0] >= 2 ** 39:
         raise ValueError(f"the triton backend sums at most 2^39 rows per column, got {q.shape[0]}")
     scale2 = _scale2(scale)
@@ -453,9 +444,6 @@ def _pow2_scale(w_own, w_other_max):
 
 
 def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
-    fb = _fallback(q)
-    if fb is not None:
-        return fb.lse_backward(q, k, scale, exclude_diag, lse_r, lse_c, w_r, w_c)
     n, d0 = q.shape
     m = k.shape[0]
     q, k = _kernel_layout(q), _kernel_layout(k)

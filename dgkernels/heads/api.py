@@ -42,34 +42,14 @@ def _check_fanout(features, weight, bias):
     return device
 
 
-def _select(op, device, backend, dtype, triton_limit=""):
-    """_dispatch.select, plus the Triton kernels' own limits (no float64; head_agreement holds one
-    row's D x K logits in registers): an explicit request is refused with the reason, automatic
-    selection falls through to the next backend (cuda, then reference). Under torch.compile:
-    (name, None), the name chosen once at trace time."""
+def _select(op, device, backend, dtype, **sizes):
+    """(backend name, implementation) from _dispatch for inputs of `dtype` and the op's `sizes`
+    (each backend declares its own limits). Under torch.compile: (name, None), the name chosen
+    once at trace time."""
+    call = _dispatch.call_facts(device, dtype, **sizes)
     if compiling():
-        return _select_name(op, device.type, backend, dtype, triton_limit), None
-    return _select_eager(op, device, backend, dtype, triton_limit)
-
-
-@torch.compiler.assume_constant_result
-def _select_name(op, device_type, backend, dtype, triton_limit):
-    return _select_eager(op, torch.device(device_type), backend, dtype, triton_limit)[0]
-
-
-def _select_eager(op, device, backend, dtype, triton_limit):
-    name, impl = _dispatch.select(op, device, backend)
-    if name != "triton":
-        return name, impl
-    why = "the triton head kernels run float32/bfloat16/float16, got float64" if dtype == torch.float64 else triton_limit
-    if not why:
-        return name, impl
-    if _dispatch.requested_backend(backend) == "triton":
-        raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: backend 'triton' is unavailable: {why}")
-    for cand in ("cuda", "reference"):
-        if not _dispatch._refusal(op, cand, device):
-            return cand, _dispatch._REGISTRY[op][cand]
-    raise _dispatch.BackendUnavailableError(f"dgkernels.{op}: no backend can run this call ({why})")
+        return _dispatch.select_name(op, device, backend, call), None
+    return _dispatch.select(op, device, backend, call)
 
 
 def _precompute(reduction, *tensors):
@@ -144,9 +124,7 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     if kind == "sym_kl" and weight.shape[0] < 2:
         raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
     D, K, _ = weight.shape
-    limit = (f"one row's D x K = {D} x {K} logits exceed the kernel's register tile (2**12)"
-             if _pow2(D) * max(16, _pow2(K)) > 1 << 12 else "")
-    name, impl = _select("head_agreement", device, backend, features.dtype, limit)
+    name, impl = _select("head_agreement", device, backend, features.dtype, D=D, K=K)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
     if impl is None:
@@ -242,10 +220,6 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
                                         float(label_smoothing), int(ignore_index), reduction,
                                         _precompute(reduction, features, class_embeds, scale))
     return loss.to(features.dtype)
-
-
-def _pow2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _check_smoothing(value):

@@ -24,8 +24,8 @@ from .encoder import PromptEncoder
 
 for _op in (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD):
     _dispatch.register(_op, "reference", _reference)
-    _dispatch.register(_op, "cpp", _compiled.OPS)  # torch.ops dispatch on device: CPU and CUDA kernels
-    _dispatch.register(_op, "cuda", _compiled.OPS)
+    _dispatch.register(_op, "cpp", _compiled)  # torch.ops dispatch on device: CPU and CUDA kernels
+    _dispatch.register(_op, "cuda", _compiled)
     _dispatch.register(_op, "triton", _dispatch.LazyModule("dgkernels.prompt.triton"))
 _triton_compile.register_module("dgkernels.prompt.triton")
 _compiled.register_fakes()

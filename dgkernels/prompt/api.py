@@ -17,13 +17,27 @@ OP_ATTENTION = "prompt_prefix_attention"
 OP_HEAD = "prompt_eot_head"
 
 
-def select_ops(device: torch.device, backend: Optional[str]) -> tuple[str, Ops]:
-    """One backend for the three prompt ops (the same rule for each; see dgkernels._dispatch)."""
-    name, assemble = _dispatch.select(OP_ASSEMBLE, device, backend)
-    # Automatic choice may differ per op only if one lacks an implementation; pin the rest to it.
-    pinned = backend if backend is not None else _dispatch.requested_backend(None)
-    _, attention = _dispatch.select(OP_ATTENTION, device, pinned or name)
-    _, head = _dispatch.select(OP_HEAD, device, pinned or name)
+_OPS = (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD)
+
+
+def call_facts(tower: TextTower, device: torch.device, src_dtype: torch.dtype, *, prefix_len: Optional[int] = None,
+               suffix_len: Optional[int] = None) -> _dispatch.CallFacts:
+    """What the backends decide on: the activation dtype (first) and the embeddings' dtype, the
+    attention head size, and (encode_prompts) the prefix length and the longest suffix."""
+    sizes = {"head_dim": tower.width // tower.heads}
+    if compiling():  # shapes may be symbolic there, and a compiled call runs plain PyTorch anyway
+        prefix_len = suffix_len = None
+    if prefix_len is not None:
+        sizes["prefix_len"] = int(prefix_len)
+    if suffix_len is not None:
+        sizes["suffix_len"] = int(suffix_len)
+    return _dispatch.call_facts(device, (tower.dtype, src_dtype), **sizes)
+
+
+def select_ops(device: torch.device, backend: Optional[str], call: Optional[_dispatch.CallFacts] = None
+               ) -> tuple[str, Ops]:
+    """One backend that runs all three prompt ops for `call` (see dgkernels._dispatch.select_all)."""
+    name, (assemble, attention, head) = _dispatch.select_all(_OPS, device, backend, call)
     return name, Ops(name, assemble, attention, head)
 
 
@@ -31,12 +45,16 @@ def select_ops(device: torch.device, backend: Optional[str]) -> tuple[str, Ops]:
 _REFERENCE_OPS = Ops("reference", reference, reference, reference)
 
 
-def compiled_ops(device: torch.device, backend: Optional[str]) -> Ops:
+def compiled_ops(device: torch.device, backend: Optional[str], call: Optional[_dispatch.CallFacts] = None) -> Ops:
     """Under torch.compile: the backend is still resolved (at trace time, so a named backend that
     cannot run still raises), but the call runs plain PyTorch, traced whole."""
-    for op in (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD):
-        _dispatch.select_name(op, device, backend)
+    _dispatch.select_name(_OPS, device, backend, call)
     return _REFERENCE_OPS
+
+
+def prompt_ops(device: torch.device, backend: Optional[str], call: _dispatch.CallFacts) -> Ops:
+    """The ops one call runs: compiled_ops under torch.compile, else those of select_ops."""
+    return compiled_ops(device, backend, call) if compiling() else select_ops(device, backend, call)[1]
 
 
 def _check_model_device(tower: TextTower, device: torch.device, what: str) -> None:
@@ -72,14 +90,15 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
         raise ValueError(f"tokens has {tokens.shape[1]} positions; the model's context length is {tower.context_length}")
     _check_model_device(tower, tokens.device, "tokens")
     vocab = tower.token_embedding.shape[0]
+    call = call_facts(tower, tokens.device, tower.token_embedding.dtype)
     if compiling():
-        ops = compiled_ops(tokens.device, backend)
+        ops = compiled_ops(tokens.device, backend, call)
         _device_assert((tokens >= 0) & (tokens < vocab), f"tokens values must lie in [0, {vocab})")
     else:
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"tokens values must lie in [0, {vocab}), got min {lo}, max {hi}")
-        _, ops = select_ops(tokens.device, backend)
+        _, ops = select_ops(tokens.device, backend, call)
 
     n = tokens.shape[0]
     pooled = tower.pool_index(tokens)
@@ -246,5 +265,6 @@ def encode_prompts(model, prefix: torch.Tensor, suffix: torch.Tensor,
     """
     tower = resolve(model)
     suffix, lengths, longest = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
-    ops = compiled_ops(prefix.device, backend) if compiling() else select_ops(prefix.device, backend)[1]
+    call = call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=longest)
+    ops = prompt_ops(prefix.device, backend, call)
     return encode_prompts_tower(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, ops, longest)

@@ -26,6 +26,20 @@ PRIMS = SimpleNamespace(
 )
 
 OPS = backend_ops(PRIMS)
+assemble, prefix_attention, eot_head = OPS.assemble, OPS.prefix_attention, OPS.eot_head
+
+_CUDA_F64_TOKENS = 128  # csrc/prompt/cuda.cu check_attention: the float64 kernel's score buffer
+
+
+def refusal(op: str, call) -> str:
+    """csrc/prompt runs every floating dtype and head size; the float64 CUDA attention takes
+    prefixes and suffixes of at most 128 tokens (call.dtypes[0] is the activation dtype)."""
+    if op == "prompt_prefix_attention" and call.device == "cuda" and call.dtypes[:1] == (torch.float64,):
+        longest = max(call.size("prefix_len", 0), call.size("suffix_len", 0))
+        if longest > _CUDA_F64_TOKENS:
+            return (f"the float64 CUDA prompt attention takes prefixes and suffixes of at most {_CUDA_F64_TOKENS} "
+                    f"tokens, got {longest}")
+    return ""
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:

@@ -185,7 +185,8 @@ class PromptEncoder(nn.Module):
             suffix = self.suffix_embedding.to(ctx.dtype)
             lengths = self._host_lengths if compiling() else self.suffix_lengths
         suffix, lengths, longest = api.validate_prompts(tower, prefix, suffix, lengths, self.chunk_size)
-        ops = api.compiled_ops(prefix.device, self.backend) if compiling() else api.select_ops(prefix.device, self.backend)[1]
+        call = api.call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=longest)
+        ops = api.prompt_ops(prefix.device, self.backend, call)
         return api.encode_prompts_tower(tower, prefix, suffix, lengths, self.normalize, self.chunk_size,
                                         self.checkpoint, ops, longest)
 

@@ -21,6 +21,11 @@ from .text_tower import Norm, TextTower, dense_forward, resolve, text_module
 # ---------------------------------------------------------------------------------------------
 # Backend ops (the same signatures in cpp / triton)
 # ---------------------------------------------------------------------------------------------
+def refusal(op: str, call) -> str:
+    """The reference runs every call (any floating dtype, any device, any size)."""
+    return ""
+
+
 def assemble(src: torch.Tensor, src_index: torch.Tensor, pos: torch.Tensor, pos_index: torch.Tensor,
              dtype: torch.dtype) -> torch.Tensor:
     """out[t] = src[src_index[t]].to(dtype) + pos[pos_index[t]].to(dtype)   -> [T, W]."""

@@ -475,6 +475,18 @@ COMPILE_SPECS: list[CompileSpec] = _specs()
 # ---------------------------------------------------------------------------------------------
 # launchers (the primitives of autograd.backend_ops)
 # ---------------------------------------------------------------------------------------------
+def refusal(op: str, call) -> str:
+    """What these kernels run: float32/bfloat16/float16 activations and embeddings; the attention
+    for head sizes up to BLOCK_DS[-1] (a head is one BLOCK_D block)."""
+    bad = call.unsupported_dtype(_TL)
+    if bad is not None:
+        return f"the triton prompt kernels run float32/bfloat16/float16, got {bad}"
+    head_dim = call.size("head_dim")
+    if op == "prompt_prefix_attention" and head_dim is not None and head_dim > BLOCK_DS[-1]:
+        return f"the triton prompt attention supports head dims up to {BLOCK_DS[-1]}, got {head_dim}"
+    return ""
+
+
 def _check_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _TL:
         raise TypeError(f"the triton backend runs float32/bfloat16/float16; {name} is {t.dtype} "

@@ -56,12 +56,22 @@ def _agree_rows_kernel(z_ptr, g_ptr, per_ptr, D, K, stride_row, KIND: tl.constex
             tl.store(ptrs, dz, mask=mask)
 
 
-def agree_blocks(D, K):
+def tile_refusal(D, K) -> str:
+    """Why the kernel cannot hold one row's D x K logits ('' if it can; sizes not stated: '')."""
+    if D is None or K is None:
+        return ""
     bd, bk = triton.next_power_of_2(D), max(16, triton.next_power_of_2(K))
     if bd * bk > MAX_TILE:
-        raise NotImplementedError(f"head_agreement triton kernel holds one row's D x K logits in registers; "
-                                  f"D = {D}, K = {K} is too large (use the cpp/cuda or reference backend)")
-    return bd, bk
+        return (f"the triton head_agreement kernel holds one row's D x K logits in registers (padded tile "
+                f"{bd} x {bk} > {MAX_TILE}); D = {D}, K = {K} is too large")
+    return ""
+
+
+def agree_blocks(D, K):
+    why = tile_refusal(D, K)
+    if why:
+        raise NotImplementedError(why + " (use the cpp/cuda or reference backend)")
+    return triton.next_power_of_2(D), max(16, triton.next_power_of_2(K))
 
 
 def _agree_rows(z, kind, g, per):

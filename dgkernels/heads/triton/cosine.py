@@ -97,12 +97,43 @@ def _cos_lse_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, tgt_ptr, scale_ptr, lse_ptr, p
 
 
 @triton.jit
-def _cos_q(x, c, xs, rc, rk, t, lse, K, ls, kmask, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Recomputed logits z and q = dz / g (see the module docstring; 0 on padding, ignored rows)."""
-    z = _cos_dot(x, c, FP32, PREC, UPCAST) * xs[:, None] * rc[None, :]
+def _cos_raw(x_ptr, c_ptr, rm, rk, mmask, kmask, E, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_EC: tl.constexpr):
+    """x[rm] . c[rk] [BLOCK_M, BLOCK_K] for both gradient kernels, as a GEMM over BLOCK_EC feature
+    chunks (x re-read from cache rather than held in registers beside the caller's accumulator).
+    Statement order matters to ptxas here: the callers load their per-row scalars after this loop
+    and form the scaled q before loading the operand tile; either the other way round spilled the
+    half-precision E = 512 kernels (8-68 bytes, ptxas -v, sm_90a)."""
+    rec = tl.arange(0, BLOCK_EC)
+    dotxc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_EC):
+        re = e0 + rec
+        emask = re < E
+        xe = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
+        ce = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
+        dotxc += _cos_dot(xe, ce, FP32, PREC, UPCAST)
+    return dotxc
+
+
+@triton.jit
+def _cos_zq(dotxc, xs, rc, rk, t, lse, K, ls, kmask):
+    """Logits z = s rx rc (x . c) and q = dz / g (module docstring; 0 on padding, ignored rows)."""
+    z = dotxc * xs[:, None] * rc[None, :]
     q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
     q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
     return z, q
+
+
+@triton.jit
+def _grad_dot(a, b, acc, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b for a float32 gradient tile a (entries in [-1, 1]) and an input-dtype tile b:
+    half precision casts a to b's dtype (tensor cores), float32 follows PREC."""
+    if UPCAST:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    elif FP32:
+        return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a.to(b.dtype), b, acc)
 
 
 @triton.jit
@@ -111,11 +142,8 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr,
                    BLOCK_EC: tl.constexpr):
     """dL/dxn for a row block and BLOCK_EO of its features (program axis 1), and sum_k dz z per
-    row (written by the first feature block). The logits of each class chunk are a GEMM over
-    BLOCK_EC feature chunks (x is re-read from cache rather than held in registers next to the
-    [BLOCK_M, BLOCK_EO] accumulator)."""
+    row (written by the first feature block); the logits of each class chunk from _cos_raw."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rec = tl.arange(0, BLOCK_EC)
     ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rk0 = tl.arange(0, BLOCK_K)
     mmask = rm < B
@@ -131,26 +159,13 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
     for k0 in range(0, K, BLOCK_K):
         rk = (k0 + rk0).to(tl.int64)
         kmask = rk < K
-        dotxc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_EC):
-            re = e0 + rec
-            emask = re < E
-            xe = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
-            ce = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
-            dotxc += _cos_dot(xe, ce, FP32, PREC, UPCAST)
+        dotxc = _cos_raw(x_ptr, c_ptr, rm, rk, mmask, kmask, E, FP32, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_EC)
         rc = tl.load(rc_ptr + rk, mask=kmask, other=0.0)
-        z = dotxc * xs[:, None] * rc[None, :]
-        q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
-        q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
+        z, q = _cos_zq(dotxc, xs, rc, rk, t, lse, K, ls, kmask)
         d += tl.sum(q * z, 1)
         a = q * (rc * rcinv)[None, :]
         co = tl.load(c_ptr + rk[:, None] * E + ro[None, :], mask=kmask[:, None] & omask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a, co.to(tl.float32), acc, input_precision="ieee")
-        elif FP32:
-            acc = tl.dot(a, co, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(a.to(co.dtype), co, acc)
+        acc = _grad_dot(a, co, acc, FP32, PREC, UPCAST)
     out = acc * (g * sc / rcinv)[:, None]
     tl.store(dx_ptr + rm[:, None] * E + ro[None, :], out, mask=mmask[:, None] & omask[None, :])
     tl.store(dot_ptr + rm, d * g, mask=mmask & (tl.program_id(1) == 0))
@@ -161,9 +176,8 @@ def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale
                    FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_EC: tl.constexpr):
     """dL/dcn for a class block and BLOCK_EO of its features (program axis 1), streaming the rows
-    BLOCK_M at a time; w = g rx per row. Logits as a GEMM over BLOCK_EC feature chunks (as in dx)."""
+    BLOCK_M at a time; w = g rx per row; the logits of each row chunk from _cos_raw."""
     rk = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    rec = tl.arange(0, BLOCK_EC)
     ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rm0 = tl.arange(0, BLOCK_M)
     kmask = rk < K
@@ -176,28 +190,15 @@ def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale
     for m0 in range(0, B, BLOCK_M):
         rm = (m0 + rm0).to(tl.int64)
         mmask = rm < B
-        dotxc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_EC):
-            re = e0 + rec
-            emask = re < E
-            xe = tl.load(x_ptr + rm[:, None] * E + re[None, :], mask=mmask[:, None] & emask[None, :], other=0.0)
-            ce = tl.load(c_ptr + rk[:, None] * E + re[None, :], mask=kmask[:, None] & emask[None, :], other=0.0)
-            dotxc += _cos_dot(xe, ce, FP32, PREC, UPCAST)
+        dotxc = _cos_raw(x_ptr, c_ptr, rm, rk, mmask, kmask, E, FP32, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_EC)
         t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
         lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
         xs = sc * tl.load(rx_ptr + rm, mask=mmask, other=0.0)
         w = tl.load(w_ptr + rm, mask=mmask, other=0.0)
-        z = dotxc * xs[:, None] * rc[None, :]
-        q = tl.exp(z - lse[:, None]) - ls / K - tl.where(rk[None, :] == t[:, None], 1.0 - ls, 0.0)
-        q = tl.where(kmask[None, :] & (t[:, None] >= 0), q, 0.0)
+        _, q = _cos_zq(dotxc, xs, rc, rk, t, lse, K, ls, kmask)
         a = q * (w * winv)[:, None]
         xo = tl.load(x_ptr + rm[:, None] * E + ro[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(tl.trans(a), xo.to(tl.float32), acc, input_precision="ieee")
-        elif FP32:
-            acc = tl.dot(tl.trans(a), xo, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(tl.trans(a).to(xo.dtype), xo, acc)
+        acc = _grad_dot(tl.trans(a), xo, acc, FP32, PREC, UPCAST)
     tl.store(dc_ptr + rk[:, None] * E + ro[None, :], acc * (sc * wmax), mask=kmask[:, None] & omask[None, :])
 
 

@@ -12,6 +12,24 @@ from ._common import row_block
 
 
 @triton.jit
+def _class_chunk(cb, x, rk, re, K, E, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Classes rk of one sample (cb: its [K, E] block): the rows c in float32, their mask cm and
+    kmask, norms nrm (0 without normalisation), divisors den = max(nrm, 1e-12) (1 without) and
+    the cosines c.x / den."""
+    kmask = rk < K
+    cm = kmask[:, None] & (re[None, :] < E)
+    c = tl.load(cb + rk[:, None] * E + re[None, :], mask=cm, other=0.0).to(tl.float32)
+    dv = tl.sum(c * x[None, :], 1)
+    if NORMALIZE:
+        nrm = tl.sqrt(tl.sum(c * c, 1))
+        den = tl.maximum(nrm, 1e-12)
+    else:
+        nrm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        den = tl.full((BLOCK_K,), 1.0, tl.float32)
+    return c, cm, kmask, nrm, den, dv / den
+
+
+@triton.jit
 def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_ptr, scale_ptr, K, E, ls,
                    NORMALIZE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """Cross-entropy of one sample over its own class embeddings c[b] [K, E] (x already normalised):
@@ -31,13 +49,8 @@ def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_pt
     zt = tl.zeros((), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
-        kmask = rk < K
-        cm = kmask[:, None] & emask[None, :]
-        c = tl.load(cb + rk[:, None] * E + re[None, :], mask=cm, other=0.0).to(tl.float32)
-        dv = tl.sum(c * x[None, :], 1)
-        if NORMALIZE:
-            dv = dv / tl.maximum(tl.sqrt(tl.sum(c * c, 1)), 1e-12)
-        z = tl.where(kmask, sc * dv, float("-inf"))
+        _, _, kmask, _, _, cos = _class_chunk(cb, x, rk, re, K, E, NORMALIZE, BLOCK_K)
+        z = tl.where(kmask, sc * cos, float("-inf"))
         nm = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - nm) + tl.sum(tl.where(kmask, tl.exp(z - nm), 0.0), 0)
         zsum += tl.sum(tl.where(kmask, z, 0.0), 0)
@@ -53,17 +66,7 @@ def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_pt
         d = tl.zeros((), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
-            kmask = rk < K
-            cm = kmask[:, None] & emask[None, :]
-            c = tl.load(cb + rk[:, None] * E + re[None, :], mask=cm, other=0.0).to(tl.float32)
-            dv = tl.sum(c * x[None, :], 1)
-            if NORMALIZE:
-                nrm = tl.sqrt(tl.sum(c * c, 1))
-                den = tl.maximum(nrm, 1e-12)
-            else:
-                nrm = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                den = tl.full((BLOCK_K,), 1.0, tl.float32)
-            cos = dv / den
+            c, cm, kmask, nrm, den, cos = _class_chunk(cb, x, rk, re, K, E, NORMALIZE, BLOCK_K)
             z = sc * cos
             dz = gr * (tl.exp(z - lse) - smooth - tl.where(rk == t, 1.0 - ls, 0.0))
             dz = tl.where(kmask, dz, 0.0)
