@@ -3,16 +3,32 @@
 Kernels
   _assemble_kernel       out[t] = src[src_index[t]].to(out) + pos[pos_index[t]] (pos pre-cast, [C, W])
   _index_add_rows_kernel out[index[t]] += grad[t] in float32 (atomics; backward of the gathers)
-  _attn_fwd_kernel       shared-prefix causal attention, one program per (sequence, head, query block):
-                         online softmax over the group's prefix key blocks, then its own causal blocks
-  _attn_bwd_dq_kernel    dq per (sequence, head, query block), recomputing P from the saved lse
+  _attn_fwd_kernel       shared-prefix causal attention, one program per (64-row window, head):
+                         online softmax over the group's prefix key blocks, then the window's
+                         suffix keys under a block-diagonal causal mask
+  _attn_bwd_dq_kernel    dq per (window, head), recomputing P from the saved lse
                          (delta = rowsum(do * o) precomputed once for both backward kernels)
-  _attn_bwd_dkv_kernel   dk/dv per (sequence, head, key block); prefix key blocks add into the
-                         group's float32 dkp/dvp with atomics (K sequences share one prefix)
+  _attn_bwd_dkv_kernel   dk/dv per (key window, head) over [keys, queries] tiles; prefix key blocks
+                         per (query window, head) add into the group's float32 dkp/dvp with atomics
   _head_fwd_kernel       EOT gather + LayerNorm (float32) + projection (tl.dot) + L2 normalisation
   _head_bwd_gz_kernel    backward of the normalisation; the two GEMMs of the projection backward
                          run in torch (cuBLAS), then
   _head_bwd_ln_kernel    LayerNorm backward scattered straight into the EOT rows of dx
+
+Why packed windows (packing.py). Hopper's wgmma needs 64 rows per warp group in every dot; one
+class-name suffix is 3-10 tokens. A 64-row query block per sequence (the simple alternative)
+would leave 85-95% of the rows idle. Instead the sequences of one prefix group are packed into
+64-row windows: q @ kp^T over the group's shared prefix is a dense [64, Lp] GEMM, and the suffix
+keys of a window ([first row of its first sequence, end of the window)) form a block-diagonal
+causal mask from a per-row sequence table. The tables are built per call with device tensor ops
+(no host synchronisation; in the encoder's layout the row permutation is the identity).
+What it wastes (CoOp: Lp = 17, suffixes of L ~ 8 tokens): every window row is a real query,
+but a window's suffix tile is [64, ~96] of which ~L/2 keys per row are visible, and the prefix
+block pads 17 keys to 32, so ~17% of the fwd/dq score tile is useful (the 16-row per-sequence
+blocks this replaces: ~22%, on mma.sync, with 4-8x more programs); the dk/dv prefix programs pad
+17 prefix keys to a 64-row tile (27% useful). fp32 keeps 16-row windows (no wgmma needed; 64-row
+fp32 tiles spill). Unmeasured on a GPU here: the sm_90 compile (registers, spills, wgmma) is
+what benchmarks/results/triton_sm90_resources.md records.
 
 Float64 is not a Triton path here (the cpp/cuda and reference backends take it). Head dims up to
 128 (ViT-B/L text towers: 64). Every launch configuration is in COMPILE_SPECS.
