@@ -122,3 +122,4 @@ def test_pack_windows_matches_a_sequence_by_sequence_build(window):
     assert all(w0 == w1 for w0, w1, *_ in table[len(wins):])  # the surplus windows are empty
     covered = sorted(i for w0, w1, *_ in wins for i in range(w0, w1))
     assert covered == list(range(t))
+
