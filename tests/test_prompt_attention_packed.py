@@ -23,19 +23,25 @@ def _triton_impl(device):
     return _dispatch.select(OP_ATTENTION, torch.device(device), "triton")[1]
 
 
-def _problem(lengths, groups, heads, dim, lp, n_groups=None, seed=0):
+def _problem(lengths, groups, heads, dim, lp, n_groups=None, fused=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(lengths)
     t = int(lengths.sum())
-    q, k, v = (torch.randn(t, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
     n_groups = max(groups) + 1 if n_groups is None else n_groups
-    kp, vp = (torch.randn(n_groups, lp, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    if fused:  # strided views of one qkv projection, as the text tower passes them
+        q, k, v = torch.randn(t, 3, heads, dim, generator=g, dtype=torch.float64).unbind(1)
+        kp, vp = torch.randn(n_groups, lp, 2, heads, dim, generator=g, dtype=torch.float64).unbind(2)
+    else:
+        q, k, v = (torch.randn(t, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+        kp, vp = (torch.randn(n_groups, lp, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
     rest = (torch.cumsum(lengths, 0) - lengths, lengths, torch.tensor(groups), int(lengths.max()), dim ** -0.5)
     return (q, k, v, kp, vp), rest
 
 
 def _run(fn, tensors, rest, dtype, device, scale=1.0):
-    leaves = [t.to(device, dtype).requires_grad_() for t in tensors]
+    # same strides as the inputs (the strided views stay strided leaves)
+    leaves = [torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device).copy_(t).requires_grad_()
+              for t in tensors]
     out = fn(*leaves, *[r.to(device) if isinstance(r, torch.Tensor) else r for r in rest])
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad((out * w.to(device, dtype)).sum() * scale, leaves)
@@ -53,6 +59,8 @@ CASES = {
     "no_prefix": dict(lengths=[1, 4, 1, 66], groups=[0, 1, 1, 2], heads=2, dim=8, lp=0),
     # a prefix longer than one 64-key block of the dk/dv kernel
     "long_prefix": dict(lengths=[6, 3, 9], groups=[0, 0, 0], heads=1, dim=64, lp=70),
+    # sequences ending exactly at window boundaries (64, 128), strided q/k/v/kp/vp views
+    "aligned_views": dict(lengths=[32, 32, 64, 1], groups=[0, 0, 0, 0], heads=2, dim=16, lp=2, fused=True),
 }
 
 
@@ -62,6 +70,7 @@ def test_packed_attention_matches_reference(precision, case, triton_device):
     impl = _triton_impl(triton_device)
     dtype = DTYPES[precision]
     tensors, rest = _problem(**CASES[case])
+    assert CASES[case].get("fused", False) is not tensors[0].is_contiguous()
     exact = _run(reference.prefix_attention, tensors, rest, torch.float64, "cpu")
     base = _run(reference.prefix_attention, tensors, rest, dtype, "cpu")
     out = _run(impl.prefix_attention, tensors, rest, dtype, triton_device)
