@@ -132,3 +132,15 @@ def test_pack_windows_matches_a_sequence_by_sequence_build(window):
     covered = sorted(i for w0, w1, *_ in wins for i in range(w0, w1))
     assert covered == list(range(t))
 
+
+
+def test_cached_windows_reuse_only_the_same_unmodified_layout():
+    lengths = torch.tensor([3, 5, 2])
+    start, groups = torch.cumsum(lengths, 0) - lengths, torch.tensor([0, 0, 1])
+    first = packing.cached_windows(start, lengths, groups, 10, 2, 4)
+    assert packing.cached_windows(start, lengths, groups, 10, 2, 4) is first  # the layers of one call
+    assert packing.cached_windows(start, lengths, groups, 10, 2, 16) is not first  # another window
+    groups[2] = 0  # modified in place: rebuilt, and the new tables say so
+    again = packing.cached_windows(start, lengths, groups, 10, 2, 4)
+    fresh = packing.pack_windows(start, lengths, groups, 10, 2, 4)
+    assert again is not first and torch.equal(again.table, fresh.table) and not torch.equal(again.table, first.table)

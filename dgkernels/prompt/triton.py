@@ -45,7 +45,7 @@ import triton.language as tl
 from .._triton_compile import CompileSpec
 from .._triton_signature import param_names, signature
 from .autograd import backend_ops
-from .packing import Windows, pack_windows
+from .packing import Windows, cached_windows
 
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
@@ -596,7 +596,7 @@ def _attn_common(q, k, v, kp, vp):
 
 
 def _windows(q, kp, seq_start, seq_len, seq_group) -> Windows:
-    return pack_windows(seq_start, seq_len, seq_group, q.shape[0], kp.shape[0], _attn_blocks(q.dtype)[0])
+    return cached_windows(seq_start, seq_len, seq_group, q.shape[0], kp.shape[0], _attn_blocks(q.dtype)[0])
 
 
 def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale):
