@@ -27,8 +27,8 @@ but a window's suffix tile is [64, ~96] of which ~L/2 keys per row are visible, 
 block pads 17 keys to 32, so ~17% of the fwd/dq score tile is useful (the 16-row per-sequence
 blocks this replaces: ~22%, on mma.sync, with 4-8x more programs); the dk/dv prefix programs pad
 17 prefix keys to a 64-row tile (27% useful). fp32 keeps 16-row windows (no wgmma needed; 64-row
-fp32 tiles spill). Unmeasured on a GPU here: the sm_90 compile (registers, spills, wgmma) is
-what benchmarks/results/triton_sm90_resources.md records.
+fp32 tiles spill). Speed is unmeasured (no GPU in the sessions that wrote this); the sm_90
+compile's registers, spills and wgmma are in benchmarks/results/triton_sm90_resources.md.
 
 Float64 is not a Triton path here (the cpp/cuda and reference backends take it). Head dims up to
 128 (ViT-B/L text towers: 64). Every launch configuration is in COMPILE_SPECS.
@@ -61,7 +61,7 @@ def _attn_blocks(dtype) -> tuple[int, int]:
 
 
 ATTN_BLOCKS_HALF = (64, 32)  # 64 rows: one wgmma tile per warp group
-ATTN_BLOCKS_FP32 = (16, 16)  # fp32 needs no wgmma; 64-row fp32 tiles spilled (ieee: from D32 on)
+ATTN_BLOCKS_FP32 = (16, 16)  # fp32 needs no wgmma; 64 x 32 fp32 tiles spilled (dq ieee D64: 536 B)
 
 
 def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
