@@ -37,15 +37,12 @@ _SCRIPT = ("import json, sys; from dgkernels._triton_compile import compile_all;
 
 # Known sm_90 defects, by spec name. Each set must EQUAL what the compile finds: a new defect fails,
 # and so does a fixed one that is still listed (delete it), so these lists only shrink (issue 11:
-# zero spills, every half-precision GEMM kernel on wgmma). What remains: the prompt attention
-# kernels' half-precision dots are mma.sync, not wgmma (16-row query/key blocks of 77-token
-# sequences; wgmma needs 64-row tiles per warpgroup).
+# zero spills, every half-precision GEMM kernel on wgmma).
 # Register allocation depends on the toolchain: the lists were read with this Triton (and the
 # ptxas in its wheel); under another one a new defect still fails, a vanished one is only reported.
 KNOWN_TOOLCHAIN = "3.8.0"
 KNOWN_SPILLING = frozenset()
-KNOWN_NO_WGMMA = frozenset(
-    f"prompt_attn_{k}[{t},D{d}]" for k in ("fwd", "dq", "dkv") for t in ("bf16", "fp16") for d in (16, 32, 64, 128))
+KNOWN_NO_WGMMA = frozenset()
 # sm_80 (A100: 163 KiB per block): configurations that compile but could not launch there.
 KNOWN_SM80_OVER_SHARED = frozenset()
 # Modules that launch kernels through triton.autotune without declaring autotune_launches() (see

@@ -3,16 +3,32 @@
 Kernels
   _assemble_kernel       out[t] = src[src_index[t]].to(out) + pos[pos_index[t]] (pos pre-cast, [C, W])
   _index_add_rows_kernel out[index[t]] += grad[t] in float32 (atomics; backward of the gathers)
-  _attn_fwd_kernel       shared-prefix causal attention, one program per (sequence, head, query block):
-                         online softmax over the group's prefix key blocks, then its own causal blocks
-  _attn_bwd_dq_kernel    dq per (sequence, head, query block), recomputing P from the saved lse
+  _attn_fwd_kernel       shared-prefix causal attention, one program per (64-row window, head):
+                         online softmax over the group's prefix key blocks, then the window's
+                         suffix keys under a block-diagonal causal mask
+  _attn_bwd_dq_kernel    dq per (window, head), recomputing P from the saved lse
                          (delta = rowsum(do * o) precomputed once for both backward kernels)
-  _attn_bwd_dkv_kernel   dk/dv per (sequence, head, key block); prefix key blocks add into the
-                         group's float32 dkp/dvp with atomics (K sequences share one prefix)
+  _attn_bwd_dkv_kernel   dk/dv per (key window, head) over [keys, queries] tiles; prefix key blocks
+                         per (query window, head) add into the group's float32 dkp/dvp with atomics
   _head_fwd_kernel       EOT gather + LayerNorm (float32) + projection (tl.dot) + L2 normalisation
   _head_bwd_gz_kernel    backward of the normalisation; the two GEMMs of the projection backward
                          run in torch (cuBLAS), then
   _head_bwd_ln_kernel    LayerNorm backward scattered straight into the EOT rows of dx
+
+Why packed windows (packing.py). Hopper's wgmma needs 64 rows per warp group in every dot; one
+class-name suffix is 3-10 tokens. A 64-row query block per sequence (the simple alternative)
+would leave 85-95% of the rows idle. Instead the sequences of one prefix group are packed into
+64-row windows: q @ kp^T over the group's shared prefix is a dense [64, Lp] GEMM, and the suffix
+keys of a window ([first row of its first sequence, end of the window)) form a block-diagonal
+causal mask from a per-row sequence table. The tables are built per call with device tensor ops
+(no host synchronisation; in the encoder's layout the row permutation is the identity).
+What it wastes (CoOp: Lp = 17, suffixes of L ~ 8 tokens): every window row is a real query,
+but a window's suffix tile is [64, ~96] of which ~L/2 keys per row are visible, and the prefix
+block pads 17 keys to 32, so ~17% of the fwd/dq score tile is useful (the 16-row per-sequence
+blocks this replaces: ~22%, on mma.sync, with 4-8x more programs); the dk/dv prefix programs pad
+17 prefix keys to a 64-row tile (27% useful). fp32 keeps 16-row windows (no wgmma needed; 64-row
+fp32 tiles spill). Speed is unmeasured (no GPU in the sessions that wrote this); the sm_90
+compile's registers, spills and wgmma are in benchmarks/results/triton_sm90_resources.md.
 
 Float64 is not a Triton path here (the cpp/cuda and reference backends take it). Head dims up to
 128 (ViT-B/L text towers: 64). Every launch configuration is in COMPILE_SPECS.
@@ -29,24 +45,38 @@ import triton.language as tl
 from .._triton_compile import CompileSpec
 from .._triton_signature import param_names, signature
 from .autograd import backend_ops
+from .packing import Windows, cached_windows
 
-BLOCK_M = 16  # query block
-BLOCK_N = 16  # key block
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
 HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
 
 
+def _attn_blocks(dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the attention kernels: the window of packed rows each program owns
+    and the inner block it streams (keys in fwd/dq, queries in dkv)."""
+    if dtype == torch.float32:
+        return ATTN_BLOCKS_FP32
+    return ATTN_BLOCKS_HALF
+
+
+ATTN_BLOCKS_HALF = (64, 32)  # 64 rows: one wgmma tile per warp group
+ATTN_BLOCKS_FP32 = (16, 16)  # fp32 needs no wgmma; 64 x 32 fp32 tiles spilled (dq ieee D64: 536 B)
+
+
 def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
-    """num_warps / num_stages of an attention kernel (sm_90, ptxas -v). Float32 dk/dv of 64+ head
-    dims spilled on 4 warps and on 8 warps with 3 stages; 8 warps, 1 stage: none. Float32 dq of
-    128 head dims spilled on 4 warps; 8: none. Everything else: 4 warps, 3 stages (8 warps made
-    ptxas stop at 128 registers and spill there)."""
-    if dtype == torch.float32 and kernel == "dkv" and block_d >= 64:
-        return dict(num_warps=8, num_stages=1)
-    if dtype == torch.float32 and kernel == "dq" and block_d >= 128:
-        return dict(num_warps=8, num_stages=3)
-    return dict(num_warps=4, num_stages=3)
+    """num_warps / num_stages of an attention kernel, from ptxas -v on sm_90 (the aligned
+    specialisation, _attn_attrs). Half, 64 x 32 tiles: 4 warps, 2 stages (at most 224 registers),
+    except dk/dv of 128 head dims (4 warps: 255 registers and 200 B spilled; 8 warps: none).
+    fp32, 16 x 16 tiles, 4 warps: dq with 1 stage (2 stages spilled 4 B at D32/D128 tf32, 3 at
+    D16 tf32; 1: at most 128 registers), fwd and dk/dv with 2 (at most 152)."""
+    if dtype == torch.float32:
+        return dict(num_warps=4, num_stages=1 if kernel == "dq" else 2)
+    if kernel == "dkv" and block_d >= 128:
+        return dict(num_warps=8, num_stages=2)
+    return dict(num_warps=4, num_stages=2)
+
+
 ROW_BLOCK_W = 256  # column block of the row-copy kernels
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -98,36 +128,41 @@ def _dot_rows_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
     return _dot((ds / s[:, None]).to(b.dtype), b, PREC, WIDEN) * s[:, None]
 
 
-@triton.jit
-def _dot_cols_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
-    """ds^T [N, M] @ b [M, D], ds [M, N] float32 cast column-scaled (as _dot_rows_scaled)."""
-    s = tl.max(tl.abs(ds), axis=0)
-    s = tl.where(s > 0, s, 1.0)
-    return _dot(tl.trans((ds / s[None, :]).to(b.dtype)), b, PREC, WIDEN) * s[:, None]
-
-
 # ---------------------------------------------------------------------------------------------
-# shared-prefix attention
+# shared-prefix attention over packed row windows (packing.py builds ROW / SEQ / WIN)
 # ---------------------------------------------------------------------------------------------
+# Derivation. Packed rows i (queries) and j (keys) of one group g; s_ij = scale * q_i . k_j over
+# the Lp prefix keys (all visible) and the suffix keys with seq[j] == seq[i], j <= i.
+#   forward  o_i = sum_j p_ij v_j,  p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+#            (online softmax: running max m_i and sum l_i over key blocks, prefix first).
+#   backward with delta_i = do_i . o_i:  dp_ij = do_i . v_j,  ds_ij = p_ij (dp_ij - delta_i),
+#            dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij do_i.
+# A program owns BLOCK_M = window packed rows: the queries of the forward and dq kernels, the keys
+# of the dkv kernel, whose tiles are therefore computed transposed ([keys, queries]: s^T = k q^T)
+# so every tl.dot has BLOCK_M = 64 rows (wgmma). Queries of a window: [w0, w1); its suffix keys:
+# [kfirst, w1) (block-diagonal causal mask); the queries of a key window: [w0, qlast). Padding rows
+# carry seq = -1 (queries) / -2 (keys), so they never match.
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
+def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, ROW, SEQ, WIN,
                      s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                      H, LP, DIM, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      WIDEN: tl.constexpr):
-    seq = tl.program_id(0)
+    w = tl.program_id(0)
     h = tl.program_id(1)
-    mb = tl.program_id(2)
-    r0 = tl.load(START + seq).to(tl.int64)
-    length = tl.load(LEN + seq).to(tl.int32)
-    g = tl.load(GROUP + seq).to(tl.int64)
-    if mb * BLOCK_M < length:
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    w0 = tl.load(WIN + w * 5 + 0)
+    w1 = tl.load(WIN + w * 5 + 1)
+    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
+    kfirst = tl.load(WIN + w * 5 + 3)
+    if w0 < w1:
+        offs_m = w0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < length
+        m_ok = offs_m < w1
         d_ok = offs_d < DIM
-        q = tl.load(Q + (r0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :],
+        rows = tl.load(ROW + offs_m, mask=m_ok, other=0).to(tl.int64)
+        seq_m = tl.load(SEQ + offs_m, mask=m_ok, other=-1)
+        q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -142,53 +177,59 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, START, LEN, GROUP,
             s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
             s = tl.where(c_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
             m_i = m_new
-        # the sequence's own keys up to the query (causal)
-        for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
+        # suffix keys of the window's sequences, block-diagonal causal
+        for n0 in range(kfirst, w1, BLOCK_N):
             cols = n0 + offs_n
-            c_ok = cols < length
+            c_ok = cols < w1
+            krow = tl.load(ROW + cols, mask=c_ok, other=0).to(tl.int64)
+            seq_n = tl.load(SEQ + cols, mask=c_ok, other=-2)
             kv_mask = c_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(K + krow[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + krow[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
-            s = tl.where(c_ok[None, :] & (cols[None, :] <= offs_m[:, None]), s, float("-inf"))
+            vis = (seq_n[None, :] == seq_m[:, None]) & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, WIDEN)
             m_i = m_new
+        l_i = tl.where(m_ok, l_i, 1.0)  # padding rows: not stored, kept finite
         acc = acc / l_i[:, None]
-        rows = r0 + offs_m
         tl.store(OUT + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], acc.to(OUT.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         tl.store(LSE + rows * H + h, m_i + tl.log(l_i), mask=m_ok)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, START, LEN, GROUP,
+def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, ROW, SEQ, WIN,
                         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
                         H, LP, DIM, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                     WIDEN: tl.constexpr):
-    seq = tl.program_id(0)
+                        WIDEN: tl.constexpr):
+    w = tl.program_id(0)
     h = tl.program_id(1)
-    mb = tl.program_id(2)
-    r0 = tl.load(START + seq).to(tl.int64)
-    length = tl.load(LEN + seq).to(tl.int32)
-    g = tl.load(GROUP + seq).to(tl.int64)
-    if mb * BLOCK_M < length:
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    w0 = tl.load(WIN + w * 5 + 0)
+    w1 = tl.load(WIN + w * 5 + 1)
+    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
+    kfirst = tl.load(WIN + w * 5 + 3)
+    if w0 < w1:
+        offs_m = w0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < length
+        m_ok = offs_m < w1
         d_ok = offs_d < DIM
         qmask = m_ok[:, None] & d_ok[None, :]
-        rows = r0 + offs_m
+        rows = tl.load(ROW + offs_m, mask=m_ok, other=0).to(tl.int64)
+        seq_m = tl.load(SEQ + offs_m, mask=m_ok, other=-1)
         q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
@@ -205,14 +246,16 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, START, LEN, GROUP,
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
             dq += _dot_rows_scaled(ds, k, PREC, WIDEN)
-        for n0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
+        for n0 in range(kfirst, w1, BLOCK_N):
             cols = n0 + offs_n
-            c_ok = cols < length
+            c_ok = cols < w1
+            krow = tl.load(ROW + cols, mask=c_ok, other=0).to(tl.int64)
+            seq_n = tl.load(SEQ + cols, mask=c_ok, other=-2)
             kv_mask = c_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(K + krow[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + krow[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), PREC, WIDEN) * scale
-            vis = c_ok[None, :] & m_ok[:, None] & (cols[None, :] <= offs_m[:, None])
+            vis = (seq_n[None, :] == seq_m[:, None]) & (cols[None, :] <= offs_m[:, None])
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), PREC, WIDEN)
             ds = p * (dp - delta[:, None])
@@ -222,66 +265,73 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, START, LEN, GROUP,
 
 
 @triton.jit
-def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DK, DV, DKP, DVP, START, LEN, GROUP,
+def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DK, DV, DKP, DVP, ROW, SEQ, WIN,
                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kpg, s_kpl, s_kph, s_vpg, s_vpl, s_vph,
-                         H, LP, DIM, scale, n_prefix_blocks,
+                         H, LP, DIM, scale, n_win,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                     WIDEN: tl.constexpr):
-    seq = tl.program_id(0)
+                         WIDEN: tl.constexpr):
+    # programs [0, n_win): the suffix keys of window w against the queries [w0, qlast);
+    # programs n_win * (1 + b) + w: prefix keys [b * BLOCK_M, (b + 1) * BLOCK_M) of w's group against
+    # the queries [w0, w1), added into the group's float32 dkp/dvp (atomics: windows share a prefix)
+    pid = tl.program_id(0)
     h = tl.program_id(1)
-    kb = tl.program_id(2)
-    r0 = tl.load(START + seq).to(tl.int64)
-    length = tl.load(LEN + seq).to(tl.int32)
-    g = tl.load(GROUP + seq).to(tl.int64)
-    is_prefix = kb < n_prefix_blocks
-    own0 = (kb - n_prefix_blocks) * BLOCK_N  # first own key of this block (if not prefix)
-    if is_prefix or own0 < length:
-        offs_m = tl.arange(0, BLOCK_M)
+    w = pid % n_win
+    kb = pid // n_win - 1
+    is_prefix = kb >= 0
+    w0 = tl.load(WIN + w * 5 + 0)
+    w1 = tl.load(WIN + w * 5 + 1)
+    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
+    qlast = tl.load(WIN + w * 5 + 4)
+    if w0 < w1:
+        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < DIM
         if is_prefix:
-            cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            c_ok = cols < LP
-            kv_mask = c_ok[:, None] & d_ok[None, :]
-            k = tl.load(KP + g * s_kpg + cols[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(VP + g * s_vpg + cols[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
-            q_first = kb * 0
+            kidx = kb * BLOCK_M + tl.arange(0, BLOCK_M)
+            k_ok = kidx < LP
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(KP + g * s_kpg + kidx[:, None] * s_kpl + h * s_kph + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(VP + g * s_vpg + kidx[:, None] * s_vpl + h * s_vph + offs_d[None, :], mask=kv_mask, other=0.0)
+            krow = (g * LP + kidx).to(tl.int64)  # row of dkp/dvp viewed as [G * LP, H, DIM]
+            seq_k = tl.full([BLOCK_M], -3, tl.int32)
+            q_hi = w1
         else:
-            cols = own0 + tl.arange(0, BLOCK_N)
-            c_ok = cols < length
-            kv_mask = c_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + (r0 + cols)[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + (r0 + cols)[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            q_first = (own0 // BLOCK_M) * BLOCK_M
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for m0 in range(q_first, length, BLOCK_M):
-            qi = m0 + offs_m
-            m_ok = qi < length
-            qmask = m_ok[:, None] & d_ok[None, :]
-            rows = r0 + qi
+            kidx = w0 + tl.arange(0, BLOCK_M)
+            k_ok = kidx < w1
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            krow = tl.load(ROW + kidx, mask=k_ok, other=0).to(tl.int64)
+            seq_k = tl.load(SEQ + kidx, mask=k_ok, other=-2)
+            k = tl.load(K + krow[:, None] * s_kt + h * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + krow[:, None] * s_vt + h * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            q_hi = qlast
+        dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for m0 in range(w0, q_hi, BLOCK_N):
+            qi = m0 + offs_n
+            q_ok = qi < q_hi
+            qmask = q_ok[:, None] & d_ok[None, :]
+            rows = tl.load(ROW + qi, mask=q_ok, other=0).to(tl.int64)
+            seq_q = tl.load(SEQ + qi, mask=q_ok, other=-1)
             q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=qmask, other=0.0)
             do = tl.load(DO + rows[:, None] * (H * DIM) + h * DIM + offs_d[None, :], mask=qmask, other=0.0)
-            lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
-            s = _dot(q, tl.trans(k), PREC, WIDEN) * scale  # [BM, BN]
-            vis = m_ok[:, None] & c_ok[None, :]
-            if not is_prefix:
-                vis = vis & (cols[None, :] <= qi[:, None])
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), PREC, WIDEN)
-            ds = p * (dp - delta[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, WIDEN)
-            dk += _dot_cols_scaled(ds, q, PREC, WIDEN)
+            lse = tl.load(LSE + rows * H + h, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + rows * H + h, mask=q_ok, other=0.0)
+            st = _dot(k, tl.trans(q), PREC, WIDEN) * scale  # [keys, queries]
+            causal = (seq_k[:, None] == seq_q[None, :]) & (kidx[:, None] <= qi[None, :])
+            vis = k_ok[:, None] & q_ok[None, :] & (is_prefix | causal)
+            pt = tl.where(vis, tl.exp(st - lse[None, :]), 0.0)
+            dpt = _dot(v, tl.trans(do), PREC, WIDEN)
+            dst = pt * (dpt - delta[None, :])
+            dv += _dot(pt.to(do.dtype), do, PREC, WIDEN)
+            dk += _dot_rows_scaled(dst, q, PREC, WIDEN)  # one scale per key, as dk's rows
         dk = dk * scale
+        dst_off = krow[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
         if is_prefix:
-            dst = (g * LP + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
-            tl.atomic_add(DKP + dst, dk, mask=kv_mask)
-            tl.atomic_add(DVP + dst, dv, mask=kv_mask)
+            tl.atomic_add(DKP + dst_off, dk, mask=kv_mask)
+            tl.atomic_add(DVP + dst_off, dv, mask=kv_mask)
         else:
-            dst = (r0 + cols)[:, None] * (H * DIM) + h * DIM + offs_d[None, :]
-            tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            tl.store(DK + dst_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + dst_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +467,7 @@ def _prec(dtype) -> str:
 
 def _attn_types(t: str, kernel) -> dict:
     """Pointer/float types of an attention kernel: activations in the input dtype, LSE and the
-    prefix gradients float32, index tensors int64 (everything else: i32 sizes and strides)."""
+    prefix gradients float32, window tables int32 (everything else: i32 sizes and strides)."""
     act = {"Q", "K", "V", "KP", "VP", "OUT", "DO", "DQ", "DK", "DV"}
     types = {}
     for name in param_names(kernel):
@@ -425,10 +475,19 @@ def _attn_types(t: str, kernel) -> dict:
             types[name] = f"*{t}"
         elif name in ("LSE", "DELTA", "DKP", "DVP"):
             types[name] = "*fp32"
-        elif name in ("START", "LEN", "GROUP"):
-            types[name] = "*i64"
+        elif name in ("ROW", "SEQ", "WIN"):
+            types[name] = "*i32"
     types["scale"] = "fp32"
     return signature(kernel, **types)
+
+
+def _attn_attrs(sig: dict) -> dict:
+    """The specialisation a CLIP text tower's launches get from the JIT: pointers 16-byte aligned,
+    head dim and strides divisible by 16 (q/k/v are views of the fused qkv projection, [T, 3W]
+    with W a multiple of 64; head dims 64). Unaligned shapes (tests' odd head dims) compile to
+    scalar loads with more registers: correct, and not the configuration that has to be fast."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name.startswith("s_") or name == "DIM"}
 
 
 def _specs() -> list[CompileSpec]:
@@ -444,12 +503,14 @@ def _specs() -> list[CompileSpec]:
                                  {"BLOCK_W": ROW_BLOCK_W}))
         for prec in (("ieee", "tf32") if dtype == torch.float32 else ("tf32",)):
             for block_d in BLOCK_DS:
-                cx = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d, "PREC": prec, "WIDEN": False}
+                block_m, block_n = _attn_blocks(dtype)
+                cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "PREC": prec, "WIDEN": False}
                 for kernel, fn in (("fwd", _attn_fwd_kernel), ("dq", _attn_bwd_dq_kernel),
                                    ("dkv", _attn_bwd_dkv_kernel)):
                     tag = f"{t},{prec}" if dtype == torch.float32 else t
-                    specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, _attn_types(t, fn),
-                                             dict(cx), **_attn_launch(kernel, dtype, block_d)))
+                    sig = _attn_types(t, fn)
+                    specs.append(CompileSpec(f"prompt_attn_{kernel}[{tag},D{block_d}]", fn, sig, dict(cx),
+                                             **_attn_launch(kernel, dtype, block_d), attrs=_attn_attrs(sig)))
         for prec in ("ieee", "tf32"):
             specs.append(CompileSpec(
                 f"prompt_head_fwd[{t},{prec}]", _head_fwd_kernel,
@@ -529,9 +590,12 @@ def _block_d(dim: int) -> int:
     raise ValueError(f"the triton prompt attention supports head dims up to {BLOCK_DS[-1]}, got {dim}")
 
 
-def _attn_meta(dtype, dim) -> dict:
+def _attn_meta(dtype, dim, kernel) -> dict:
     widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(dim), PREC=_prec(dtype), WIDEN=widen)
+    block_m, block_n = _attn_blocks(dtype)
+    block_d = _block_d(dim)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_prec(dtype), WIDEN=widen,
+                **_attn_launch(kernel, dtype, block_d))
 
 
 def _attn_common(q, k, v, kp, vp):
@@ -543,16 +607,21 @@ def _attn_common(q, k, v, kp, vp):
     return q, k, v, kp, vp, strides
 
 
+def _windows(q, kp, seq_start, seq_len, seq_group) -> Windows:
+    return cached_windows(seq_start, seq_len, seq_group, q.shape[0], kp.shape[0], _attn_blocks(q.dtype)[0])
+
+
 def attention_fwd(q, k, v, kp, vp, seq_start, seq_len, seq_group, max_len, scale):
+    # max_len is not needed: the windows (packing.py) bound every loop
     q, k, v, kp, vp, strides = _attn_common(q, k, v, kp, vp)
     t, heads, dim = q.shape
     out = torch.empty(t, heads, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(t, heads, dtype=torch.float32, device=q.device)
-    n = seq_len.numel()
-    grid = (n, heads, triton.cdiv(max_len, BLOCK_M))
-    _attn_fwd_kernel[grid](q, k, v, kp, vp, out, lse, seq_start.long().contiguous(), seq_len.long().contiguous(),
-                           seq_group.long().contiguous(), *strides, heads, kp.shape[1], dim, float(scale),
-                           **_attn_meta(q.dtype, dim), **_attn_launch("fwd", q.dtype, _block_d(dim)))
+    if t == 0:
+        return out, lse
+    win = _windows(q, kp, seq_start, seq_len, seq_group)
+    _attn_fwd_kernel[(win.count, heads)](q, k, v, kp, vp, out, lse, win.row, win.seq, win.table, *strides, heads,
+                                         kp.shape[1], dim, float(scale), **_attn_meta(q.dtype, dim, "fwd"))
     return out, lse
 
 
@@ -562,7 +631,6 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     g, lp = kp.shape[0], kp.shape[1]
     do = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
-    st, ln, gr = seq_start.long().contiguous(), seq_len.long().contiguous(), seq_group.long().contiguous()
     # delta_i = do_i . o_i (the softmax backward's row term), once per row for both kernels
     delta = (do.float() * out.float()).sum(-1).contiguous()
     dq = torch.empty_like(out)
@@ -570,15 +638,15 @@ def attention_bwd(grad_out, q, k, v, kp, vp, out, lse, seq_start, seq_len, seq_g
     dv = torch.empty_like(out)
     dkp = torch.zeros(g, lp, heads, dim, dtype=torch.float32, device=q.device)
     dvp = torch.zeros_like(dkp)
-    n = seq_len.numel()
-    common = _attn_meta(q.dtype, dim)
-    _attn_bwd_dq_kernel[(n, heads, triton.cdiv(max_len, BLOCK_M))](
-        q, k, v, kp, vp, delta, do, lse, dq, st, ln, gr, *strides, heads, lp, dim, float(scale), **common,
-        **_attn_launch("dq", q.dtype, _block_d(dim)))
-    n_pb = triton.cdiv(lp, BLOCK_N)
-    _attn_bwd_dkv_kernel[(n, heads, n_pb + triton.cdiv(max_len, BLOCK_N))](
-        q, k, v, kp, vp, delta, do, lse, dk, dv, dkp, dvp, st, ln, gr, *strides, heads, lp, dim, float(scale), n_pb,
-        **common, **_attn_launch("dkv", q.dtype, _block_d(dim)))
+    if t:
+        win = _windows(q, kp, seq_start, seq_len, seq_group)
+        tables = (win.row, win.seq, win.table)
+        _attn_bwd_dq_kernel[(win.count, heads)](q, k, v, kp, vp, delta, do, lse, dq, *tables, *strides, heads, lp,
+                                                dim, float(scale), **_attn_meta(q.dtype, dim, "dq"))
+        block_m = _attn_blocks(q.dtype)[0]
+        _attn_bwd_dkv_kernel[(win.count * (1 + triton.cdiv(lp, block_m)), heads)](
+            q, k, v, kp, vp, delta, do, lse, dk, dv, dkp, dvp, *tables, *strides, heads, lp, dim, float(scale),
+            win.count, **_attn_meta(q.dtype, dim, "dkv"))
     return dq, dk, dv, dkp.to(q.dtype), dvp.to(q.dtype)
 
 
