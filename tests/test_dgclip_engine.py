@@ -23,6 +23,25 @@ def _cfg(data_root, cache_dir, out, **kw):
     return TrainConfig(**base)
 
 
+def _interrupted_run(cfg, fail_at_update, monkeypatch):
+    """Run CoOp until its `fail_at_update`-th update raises KeyboardInterrupt (a killed job); the
+    checkpoint of the last evaluation before it stays behind."""
+    from dgclip.methods.coop import CoOp
+
+    orig, calls = CoOp.update, {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == fail_at_update:
+            raise KeyboardInterrupt
+        return orig(self, batch)
+
+    monkeypatch.setattr(CoOp, "update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    monkeypatch.setattr(CoOp, "update", orig)
+
+
 def test_deterministic_given_seed(data_root, cache_dir, tmp_path):
     hp = {"batch_size": 8, "n_ctx": 4}
     a = run_training(_cfg(data_root, cache_dir, tmp_path / "a", method="dpl", hparams=hp))
@@ -34,23 +53,8 @@ def test_deterministic_given_seed(data_root, cache_dir, tmp_path):
 
 def test_resume_from_checkpoint_matches(data_root, cache_dir, tmp_path, monkeypatch):
     full = run_training(_cfg(data_root, cache_dir, tmp_path / "full", steps=6, eval_every=2))
-    # interrupt after step 4 by failing inside the 5th update
-    from dgclip.methods.coop import CoOp
-
-    calls = {"n": 0}
-    orig = CoOp.update
-
-    def flaky(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return orig(self, batch)
-
-    monkeypatch.setattr(CoOp, "update", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=6, eval_every=2))
+    _interrupted_run(_cfg(data_root, cache_dir, tmp_path / "cut", steps=6, eval_every=2), 5, monkeypatch)
     assert not (tmp_path / "cut" / "results.jsonl").exists()  # nothing half-written
-    monkeypatch.setattr(CoOp, "update", orig)
     res = run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=6, eval_every=2, resume=True))
     assert res["history"] == full["history"] and res["test_acc"] == full["test_acc"]
     assert len(read_records(tmp_path / "cut" / "results.jsonl")) == 1
@@ -71,21 +75,7 @@ def test_resume_refuses_other_settings(data_root, cache_dir, tmp_path, monkeypat
         run_training(_cfg(data_root, cache_dir, out, steps=6, eval_every=2, resume=True))
     assert len(read_records(out / "results.jsonl")) == 1
     # an interrupted run: its checkpoint is not continued under other hparams either
-    from dgclip.methods.coop import CoOp
-
-    orig = CoOp.update
-    calls = {"n": 0}
-
-    def flaky(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return orig(self, batch)
-
-    monkeypatch.setattr(CoOp, "update", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2))
-    monkeypatch.setattr(CoOp, "update", orig)
+    _interrupted_run(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2), 3, monkeypatch)
     with pytest.raises(ValueError, match=r"checkpoint .*hparams.n_ctx: 4 -> 2"):
         run_training(_cfg(data_root, cache_dir, tmp_path / "cut", steps=4, eval_every=2, resume=True,
                           hparams={"batch_size": 8, "n_ctx": 2}))
