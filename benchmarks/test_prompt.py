@@ -57,9 +57,18 @@ def _peak_mib(impl, k, g):
     return _cpu_peaks()[(k, g, impl)]
 
 
+@pytest.fixture(autouse=True)
+def _pinned_threads():
+    """THREADS for these benchmarks only: restored after, so files run later in the same pytest
+    process (the method steps) keep the machine's default."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("k, g, impl", PARAMS, ids=[f"K{k}-G{g}-{i}" for k, g, i in PARAMS])
 def test_prompt_encoding_fwd_bwd(benchmark, k, g, impl):
-    torch.set_num_threads(THREADS)
     if not cuda:
         _cpu_peaks()
     run = bf.make_run(impl, g, k, device=DEVICE, precision=PRECISION)
