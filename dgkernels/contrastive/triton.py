@@ -39,6 +39,14 @@ Cost model (why dQ is read-modified-written, not held in registers): a [BLOCK_M,
 accumulator is 128 KB at BLOCK_M = 64, D = 512 - beyond the register file of one program - so
 the backward streams dQ through L2 per tile (8 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops),
 like the dK atomics. float64 is refused (`refusal`): dispatch picks the next backend (cuda).
+
+Program order (why no persistent / grouped "swizzled" launch): every program owns a row block and
+sweeps all of K in the same order, so the programs resident at one time (a wave: SMs x programs
+per SM) read the same K block within a short window and share it in L2; K itself (N = 65536,
+D = 512, bf16: 64 MiB) does not fit in an H100/H200 L2 (50 MiB) in any order. Grouped ordering
+pays for GEMMs whose programs each own one output tile of a 2-D grid and would otherwise walk the
+operands out of step; a persistent loop would save only the launch of N / BLOCK_M programs.
+Unmeasured on a GPU (no GPU in this project's sessions).
 """
 from __future__ import annotations
 
