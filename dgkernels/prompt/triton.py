@@ -128,6 +128,16 @@ def _dot_rows_scaled(ds, b, PREC: tl.constexpr, WIDEN: tl.constexpr):
     return _dot((ds / s[:, None]).to(b.dtype), b, PREC, WIDEN) * s[:, None]
 
 
+@triton.jit
+def _window(WIN, w, LAST: tl.constexpr):
+    """Row w of the window table (packing.py): w0, w1, the prefix group (int64: it scales the
+    prefix strides) and column LAST (3 = kfirst for query windows, 4 = qlast for key windows)."""
+    w0 = tl.load(WIN + w * 5 + 0)
+    w1 = tl.load(WIN + w * 5 + 1)
+    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
+    return w0, w1, g, tl.load(WIN + w * 5 + LAST)
+
+
 # ---------------------------------------------------------------------------------------------
 # shared-prefix attention over packed row windows (packing.py builds ROW / SEQ / WIN)
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +160,7 @@ def _attn_fwd_kernel(Q, K, V, KP, VP, OUT, LSE, ROW, SEQ, WIN,
                      WIDEN: tl.constexpr):
     w = tl.program_id(0)
     h = tl.program_id(1)
-    w0 = tl.load(WIN + w * 5 + 0)
-    w1 = tl.load(WIN + w * 5 + 1)
-    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
-    kfirst = tl.load(WIN + w * 5 + 3)
+    w0, w1, g, kfirst = _window(WIN, w, 3)
     if w0 < w1:
         offs_m = w0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -217,10 +224,7 @@ def _attn_bwd_dq_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DQ, ROW, SEQ, WIN,
                         WIDEN: tl.constexpr):
     w = tl.program_id(0)
     h = tl.program_id(1)
-    w0 = tl.load(WIN + w * 5 + 0)
-    w1 = tl.load(WIN + w * 5 + 1)
-    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
-    kfirst = tl.load(WIN + w * 5 + 3)
+    w0, w1, g, kfirst = _window(WIN, w, 3)
     if w0 < w1:
         offs_m = w0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -278,10 +282,7 @@ def _attn_bwd_dkv_kernel(Q, K, V, KP, VP, DELTA, DO, LSE, DK, DV, DKP, DVP, ROW,
     w = pid % n_win
     kb = pid // n_win - 1
     is_prefix = kb >= 0
-    w0 = tl.load(WIN + w * 5 + 0)
-    w1 = tl.load(WIN + w * 5 + 1)
-    g = tl.load(WIN + w * 5 + 2).to(tl.int64)
-    qlast = tl.load(WIN + w * 5 + 4)
+    w0, w1, g, qlast = _window(WIN, w, 4)
     if w0 < w1:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
