@@ -360,6 +360,25 @@ def _skip_row(rep, cells, why):
     rep.row(cells + [f"skipped: {why}"])
 
 
+def _timed(rep, cells, blanks, budget, make_run, clock, s, device, **timing):
+    """_time_and_peak of make_run(), or None after a 'skipped: why' row (time budget, not
+    installed, out of memory, a failure: a failing impl is a row, not the end of the run)."""
+    why = "time budget" if budget.left() <= 0 else None
+    if why is None:
+        try:
+            return _time_and_peak(make_run(), clock, s, device, **timing)
+        except ImportError as exc:
+            why = f"not installed ({exc})"
+        except _oom_types():
+            why = "out of memory"
+        except Exception as exc:  # noqa: BLE001
+            why = _failure(exc)
+        finally:
+            _free()
+    _skip_row(rep, cells + [None] * blanks, why)
+    return None
+
+
 def measure(clock: Clock, loss_fn, leaves, scalar, device: str, s: dict) -> dict:
     """Forward ms, forward+backward ms (medians), peak MiB above inputs and gradients."""
     def fwd():
@@ -547,23 +566,12 @@ def heads(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget) -
             impls = ["torch", "fused"] + (["liger"] if op == "cosine_cross_entropy" and device == "cuda" else [])
             for impl in impls:
                 cells = [op, dname, impl]
-                if budget.left() <= 0:
-                    _skip_row(rep, cells + [None] * 3, "time budget")
+                timed = _timed(rep, cells, 3, budget, lambda: fh.make(op, impl, hs["B"], hs["D"], hs["K"], hs["F"],
+                                                                      device=device, dtype=dtype),
+                               clock, s, device, max_reps=20)
+                if timed is None:
                     continue
-                try:
-                    run = fh.make(op, impl, hs["B"], hs["D"], hs["K"], hs["F"], device=device, dtype=dtype)
-                    ms, mem, reps = _time_and_peak(run, clock, s, device, max_reps=20)
-                except ImportError as exc:
-                    _skip_row(rep, cells + [None] * 3, f"not installed ({exc})")
-                    continue
-                except _oom_types():
-                    _skip_row(rep, cells + [None] * 3, "out of memory")
-                    continue
-                except Exception as exc:  # noqa: BLE001
-                    _skip_row(rep, cells + [None] * 3, _failure(exc))
-                    continue
-                finally:
-                    _free()
+                ms, mem, reps = timed
                 if impl == "torch":
                     torch_ms = ms
                 speed = f"{torch_ms / ms:.2f}x" if torch_ms else "–"
@@ -642,20 +650,12 @@ def prompt(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget) 
         naive_ms = None
         for impl in impls:
             cells = [precision, impl]
-            if budget.left() <= 0:
-                _skip_row(rep, cells + [None] * 3, "time budget")
+            timed = _timed(rep, cells, 3, budget,
+                           lambda: prompt_run(impl, _text_model(device, precision, smoke), ps["G"], ps["K"], n_ctx, device),
+                           clock, s, device, max_reps=10, cap_s=s["run_cap_s"])
+            if timed is None:
                 continue
-            try:
-                run = prompt_run(impl, _text_model(device, precision, smoke), ps["G"], ps["K"], n_ctx, device)
-                ms, mem, reps = _time_and_peak(run, clock, s, device, max_reps=10, cap_s=s["run_cap_s"])
-            except _oom_types():
-                _skip_row(rep, cells + [None] * 3, "out of memory")
-                continue
-            except Exception as exc:  # noqa: BLE001
-                _skip_row(rep, cells + [None] * 3, _failure(exc))
-                continue
-            finally:
-                _free()
+            ms, mem, reps = timed
             if impl == "naive":
                 naive_ms = ms
             rep.row(cells + [_f(ms), f"{naive_ms / ms:.2f}x" if naive_ms else "–", _f(mem, "{:.1f}"), f"{reps} reps"])
