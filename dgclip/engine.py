@@ -87,18 +87,18 @@ def _check_resumable(stored: dict, hparams: dict, cfg: TrainConfig, what: str) -
     """`--resume` reuses a record or checkpoint only if it was made with the same hyper-parameters
     and result-relevant config: the run key names (method, dataset, domains, seeds, selection), not
     `--hparams`, `--steps` or a changed default, and silently reusing those would mix settings."""
-    def norm(d):
+    def norm(d):  # as the JSON record stores it (tuples -> lists, keys sorted)
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
-    old_cfg, new_cfg = stored.get("config") or {}, asdict(cfg)
-    diffs = [f"hparams.{k}: {norm(stored.get('hparams', {})).get(k)!r} -> {v!r}"
-             for k, v in sorted(norm(hparams).items()) if norm(stored.get("hparams", {})).get(k) != v]
-    diffs += [f"hparams.{k}: {v!r} -> (absent)" for k, v in sorted(norm(stored.get("hparams", {})).items())
-              if k not in hparams]
-    diffs += [f"{f}: {norm(old_cfg.get(f))!r} -> {norm(new_cfg.get(f))!r}" for f in _RESULT_FIELDS
-              if f in old_cfg and norm(old_cfg.get(f)) != norm(new_cfg.get(f))]
     if "hparams" not in stored:
-        diffs.append("the stored run does not record its hyper-parameters")
+        diffs = ["the stored run does not record its hyper-parameters"]
+    else:
+        old_hp, new_hp = norm(stored["hparams"]), norm(hparams)
+        diffs = [f"hparams.{k}: {old_hp.get(k, '(absent)')!r} -> {new_hp.get(k, '(absent)')!r}"
+                 for k in sorted(old_hp.keys() | new_hp.keys()) if old_hp.get(k) != new_hp.get(k)]
+    old_cfg, new_cfg = norm(stored.get("config") or {}), norm(asdict(cfg))
+    diffs += [f"{f}: {old_cfg[f]!r} -> {new_cfg.get(f)!r}" for f in _RESULT_FIELDS
+              if f in old_cfg and old_cfg[f] != new_cfg.get(f)]
     if diffs:
         raise ValueError(f"--resume: the {what} was made with other settings ({'; '.join(diffs)}); "
                          "use another --output-dir, or delete that record/checkpoint to rerun")
