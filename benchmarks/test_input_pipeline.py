@@ -11,8 +11,14 @@ start-up-inclusive test). With the defaults the whole file takes about 10 minute
 
 Dataset: PACS layout (4 domains x 7 classes), 227 x 227 JPEGs (quality 90) of smooth random
 colour fields plus noise, generated once per session. Pipelines (dgclip.data.loader.train_loader,
-per-sample seeded augmentations, collation; pinned memory off on CPU):
-  - clip:  open_clip's training transform at 224 px (random resized crop, to tensor, normalise),
+per-sample seeded augmentations, collation; pinned memory off on CPU), each as the engine runs it:
+the host half of the split transform in the loader, uint8 images out (dgclip.data.transfer):
+  - clip:  open_clip's training transform at 224 px (random resized crop; to tensor and
+           normalise on the device),
+  - clip+norm: the same with the device stage (float conversion, normalisation) run on this CPU in
+           the main process, inside the timed loop: what a CPU-only training run pays for it,
+  - clip-float: the whole transform in the loader (float32 images out; the transport before
+           dgclip.data.transfer), for comparison,
   - gopro: GOPro's three views (original, MoCo v3, AugMix) through the 224 px eval transform.
 Consumer: one frozen ViT-B/16 image-tower forward of a batch (random weights, fp32; what an
 uncached method spends per step on its images) on this machine's CPU threads.
@@ -53,18 +59,23 @@ def pacs_root(tmp_path_factory):
 
 
 def _dataset(root, pipeline):
+    """(dataset, device stage to run in the timed loop or None)."""
     import open_clip
 
     from dgclip.data.catalog import get_spec
     from dgclip.data.domainbed import ImageDataset, scan
+    from dgclip.data.transfer import split_device_stage
     from dgclip.methods.views import MultiViewTransform
 
     records = scan(root, get_spec("pacs"))
-    if pipeline == "clip":
+    if pipeline.startswith("clip"):
         tf = open_clip.image_transform(224, is_train=True)
     else:
         tf = MultiViewTransform(open_clip.image_transform(224, is_train=False))
-    return ImageDataset(records, tf)
+    if pipeline == "clip-float":
+        return ImageDataset(records, tf), None
+    host, stage = split_device_stage(tf)
+    return ImageDataset(records, host), stage if pipeline == "clip+norm" else None
 
 
 def _loader(ds, workers, steps=STEPS):
@@ -78,7 +89,7 @@ def _loader(ds, workers, steps=STEPS):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("pipeline", ["clip", "gopro"])
 def test_loader_images_per_second(benchmark, pacs_root, pipeline, workers):
-    ds = _dataset(pacs_root, pipeline)
+    ds, _ = _dataset(pacs_root, pipeline)
 
     def run():
         t0 = time.perf_counter()
@@ -106,13 +117,18 @@ WARM = 4
 WORKERS = (0, 1, 2)
 
 
-def _steady_round(ds, workers):
-    """(images/s, main-process CPU ms per batch) over TIMED batches once WARM batches are out."""
+def _steady_round(ds, workers, stage=None):
+    """(images/s, main-process CPU ms per batch) over TIMED batches once WARM batches are out;
+    `stage` (the device stage) is applied to each batch in the timed loop when given."""
     it = iter(_loader(ds, workers, steps=WARM + TIMED))
     for _ in range(WARM):
         next(it)
     t0, c0 = time.perf_counter(), time.process_time()
-    n = sum(len(labels) for _, labels, _ in it)
+    n = 0
+    for images, labels, _ in it:
+        if stage is not None:
+            stage(images)
+        n += len(labels)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert n == TIMED * BATCH
     return n / wall, 1e3 * cpu / TIMED
@@ -137,12 +153,12 @@ def steady_table():
     print("\n\n" + "\n".join(lines))
 
 
-@pytest.mark.parametrize("pipeline", ["clip", "gopro"])
+@pytest.mark.parametrize("pipeline", ["clip", "clip+norm", "clip-float", "gopro"])
 def test_loader_steady_scaling(benchmark, pacs_root, pipeline, steady_table):
     """Images/s with the workers already running, as in a training run (one loader for all steps),
     for 0, 1 and 2 workers measured in the same rounds; the scaling is the median over rounds of
     (rate at w workers / rate at 0 workers in the same round)."""
-    ds = _dataset(pacs_root, pipeline)
+    ds, stage = _dataset(pacs_root, pipeline)
     rates = {w: [] for w in WORKERS}
     cpu = {w: [] for w in WORKERS}
     load0 = os.getloadavg()[0]
@@ -150,7 +166,7 @@ def test_loader_steady_scaling(benchmark, pacs_root, pipeline, steady_table):
     def run():
         for r in range(ROUNDS):
             for w in WORKERS[r % len(WORKERS):] + WORKERS[:r % len(WORKERS)]:
-                rate, ms = _steady_round(ds, w)
+                rate, ms = _steady_round(ds, w, stage)
                 rates[w].append(rate)
                 cpu[w].append(ms)
 

@@ -30,6 +30,7 @@ from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
 from .data.loader import StepSampler, collate, default_workers, eval_loader, train_loader
+from .data.transfer import split_device_stage
 from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
@@ -137,11 +138,13 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Split:
-    """Images (decoded in loader workers) or cached features of one set of records, with method
-    labels/domains."""
+    """Images (decoded in loader workers, finished on the device: `device_stage`) or cached
+    features of one set of records, with method labels/domains."""
 
-    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures], workers: int = 0, pin: bool = False):
+    def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures], workers: int = 0, pin: bool = False,
+                 device_stage=None):
         self.ds, self.feats, self.workers, self.pin = ds, feats, workers, pin
+        self.device_stage = device_stage
         self.labels = torch.as_tensor(ds.labels, dtype=torch.long)
         self.domains = torch.as_tensor(ds.domains, dtype=torch.long)
         self._loaders = {}  # (order, batch size) -> persistent evaluation loader
@@ -152,7 +155,7 @@ class _Split:
     def batch(self, idx: torch.Tensor) -> Batch:
         if self.feats is not None:
             return Batch(None, self.labels[idx], self.domains[idx], self.feats.index(idx))
-        return Batch(*collate([self.ds[int(i)] for i in idx]))
+        return Batch(*collate([self.ds[int(i)] for i in idx]), device_stage=self.device_stage)
 
     def batches(self, order: torch.Tensor, bs: int):
         """Batches of the items in `order`, `bs` at a time (images: through a persistent loader)."""
@@ -165,7 +168,7 @@ class _Split:
             sub = torch.utils.data.Subset(self.ds, order.tolist())
             self._loaders[key] = eval_loader(sub, bs, workers=self.workers, pin=self.pin)
         for images, labels, domains in self._loaders[key]:
-            yield Batch(images, labels, domains)
+            yield Batch(images, labels, domains, device_stage=self.device_stage)
 
 
 def eval_batch_size(method, default: int) -> int:
@@ -279,7 +282,8 @@ def run_training(cfg: TrainConfig) -> dict:
     pin = device.type == "cuda"
 
     def split(recs, tf, name):
-        ds = ImageDataset(recs, tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
+        host_tf, device_stage = split_device_stage(tf)  # uint8 images through the loader
+        ds = ImageDataset(recs, host_tf, label_map=protocol.label_map, domain_map=protocol.domain_map)
         feats = None
         if cached:
             wid = str(getattr(backbone, "weights_id", ""))
@@ -288,8 +292,9 @@ def run_training(cfg: TrainConfig) -> dict:
             cache_keys[name] = cache_keys.get(name, []) + [fkey]
             feats = compute_features(backbone, ds, patches=method.needs_patches,
                                      layer_stats=method.needs_layer_stats,
-                                     cache_dir=cache_dir / "features", key=fkey, workers=workers, pin=pin)
-        return _Split(ds, feats, workers, pin)
+                                     cache_dir=cache_dir / "features", key=fkey, workers=workers, pin=pin,
+                                     device_stage=device_stage)
+        return _Split(ds, feats, workers, pin, device_stage)
 
     train = split(protocol.train, train_tf, "train")
     val = {d: split(r, eval_tf, "val") for d, r in protocol.val.items()}
@@ -322,7 +327,8 @@ def run_training(cfg: TrainConfig) -> dict:
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
     for step in range(start, steps):
-        batch = Batch(*next(batches)) if batches is not None else train.batch(sampler.draw()[rank::world])
+        batch = Batch(*next(batches), device_stage=train.device_stage) if batches is not None \
+            else train.batch(sampler.draw()[rank::world])
         method.train()
         out = method.update(batch.to(device))
         losses.append(float(out.get("loss", 0.0)))

@@ -17,13 +17,16 @@ from dgclip.engine import TrainConfig, read_records, run_training
 from tests.dgclip_fixtures import backbone, cache_dir, data_root  # noqa: F401
 
 
-def _gopro_dataset(data_root, backbone, n=40):  # noqa: F811
+def _gopro_dataset(data_root, backbone, n=40, uint8=False):  # noqa: F811
+    """GOPro's three views of n images; uint8: the host half of the split transform (the engine's)."""
+    from dgclip.data.transfer import split_device_stage
     from dgclip.methods import get_method
 
     spec = get_spec("rotated-digits")
     records = scan(str(data_root), spec).subset(np.arange(0, 1080, 1080 // n))
     m = get_method("gopro")(backbone, [spec.classname(c) for c in spec.classes], 2, {})
-    return ImageDataset(records, m.make_train_transform(backbone.preprocess_val))
+    tf = m.make_train_transform(backbone.preprocess_val)
+    return ImageDataset(records, split_device_stage(tf)[0] if uint8 else tf)
 
 
 def _batches(ds, workers, start=0, steps=3, seed=7):
@@ -34,14 +37,16 @@ def _batches(ds, workers, start=0, steps=3, seed=7):
     return list(train_loader(ds, seed, sampler, workers=workers)), sampler
 
 
-def test_augmented_batches_identical_for_0_1_2_workers(data_root, backbone):  # noqa: F811
-    ds = _gopro_dataset(data_root, backbone)
+@pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
+def test_augmented_batches_identical_for_0_1_2_workers(data_root, backbone, uint8):  # noqa: F811
+    ds = _gopro_dataset(data_root, backbone, uint8=uint8)
     ref, _ = _batches(ds, 0)
     for workers in (1, 2):
         got, _ = _batches(ds, workers)
         assert len(got) == len(ref) == 3
         for (gi, gl, gd), (ri, rl, rd) in zip(got, ref):
             assert set(gi) == {"original", "moco", "augmix"}
+            assert all(v.dtype == (torch.uint8 if uint8 else torch.float32) for v in gi.values())
             assert all(torch.equal(gi[k], ri[k]) for k in ri) and torch.equal(gl, rl) and torch.equal(gd, rd)
     # the views really are random (else the test above proves nothing): another seed differs
     other, _ = _batches(ds, 0, seed=8)
@@ -113,8 +118,22 @@ def _cfg(data_root, cache_dir, out, **kw):  # noqa: F811
 
 def test_training_identical_for_0_and_2_workers_and_resume_exact(data_root, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     """GOPro (three augmented views per image, decoded in the workers): the same training for any
-    worker count, and a run cut after step 3 and resumed (2 workers) ends where an uncut one does."""
+    worker count, and a run cut after step 3 and resumed (2 workers) ends where an uncut one does.
+    The views cross from the loader as uint8 and are normalised by Batch.to (dgclip.data.transfer)."""
+    from dgclip.methods.base import Batch
+
+    shipped, to = [], Batch.to
+
+    def spy(self, device):
+        if self.device_stage is not None:  # straight from a loader (train views or eval images)
+            views = self.images.values() if isinstance(self.images, dict) else [self.images]
+            shipped.extend((isinstance(self.images, dict), v.dtype) for v in views)
+        return to(self, device)
+
+    monkeypatch.setattr(Batch, "to", spy)
     a = run_training(_cfg(data_root, cache_dir, tmp_path / "w0", workers=0))
+    monkeypatch.setattr(Batch, "to", to)
+    assert set(shipped) == {(True, torch.uint8), (False, torch.uint8)}
     b = run_training(_cfg(data_root, cache_dir, tmp_path / "w2", workers=2))
     assert a["feature_cache"]["mode"] == "off" and b["workers"] == 2
     assert a["history"] == b["history"] and a["loss_last"] == b["loss_last"] and a["loss_first"] == b["loss_first"]

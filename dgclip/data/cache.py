@@ -93,29 +93,37 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _extract(backbone, dataset, *, batch_size, patches, layer_stats, workers, pin, progress) -> ImageFeatures:
+def _extract(backbone, dataset, *, batch_size, patches, layer_stats, workers, pin, progress,
+             device_stage) -> ImageFeatures:
     from tqdm.auto import tqdm
 
     from .loader import eval_loader
+    from .transfer import finish_images
 
     loader = eval_loader(dataset, batch_size, workers=workers, pin=pin, persistent=False)
     out = []
     for images, _, _ in tqdm(loader, desc="features", disable=not progress, leave=False):
+        images = finish_images(images.to(backbone.device, non_blocking=True), device_stage)
         out.append(backbone.image_features(images, patches=patches, layer_stats=layer_stats).to("cpu"))
     return ImageFeatures.cat(out)
 
 
 def compute_features(backbone: CLIPBackbone, dataset, *, batch_size: int = 256, patches=False,
                      layer_stats=False, cache_dir: Path | None = None, key: str | None = None,
-                     progress: bool = False, workers: int = 0, pin: bool = False):
+                     progress: bool = False, workers: int = 0, pin: bool = False, device_stage=None):
     """Features of every item of `dataset` ((image, label, domain) items).
+
+    device_stage: what the loader's images still need on the device (`dgclip.data.transfer`);
+    the cache key is the caller's, from the whole transform (the features do not depend on where
+    the normalisation ran).
 
     With cache_dir and key: CachedFeatures (memory-mapped float16 shards, resumed if partial);
     without: ImageFeatures in memory (float32).
     """
     if cache_dir is None or not key:
         return _extract(backbone, dataset, batch_size=batch_size, patches=patches, layer_stats=layer_stats,
-                        workers=workers, pin=pin, progress=progress)
+                        workers=workers, pin=pin, progress=progress,
+                        device_stage=device_stage)
     folder = Path(cache_dir) / key
     if (folder / "meta.json").exists():
         return CachedFeatures(folder)
@@ -131,7 +139,7 @@ def compute_features(backbone: CLIPBackbone, dataset, *, batch_size: int = 256, 
             continue
         sub = torch.utils.data.Subset(dataset, range(lo, hi))
         feats = _extract(backbone, sub, batch_size=batch_size, patches=patches, layer_stats=layer_stats,
-                         workers=workers, pin=pin, progress=progress)
+                         workers=workers, pin=pin, progress=progress, device_stage=device_stage)
         names = [f for f in _FIELDS if getattr(feats, f) is not None]
         for f in names:
             arr = getattr(feats, f).float().numpy().astype(STORAGE_DTYPE)

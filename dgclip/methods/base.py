@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backbone import CLIPBackbone, ImageFeatures
 from ..data.splits import seed_hash
+from ..data.transfer import finish_images
 
 __all__ = ["Batch", "Method", "cosine_logits", "check_choice", "HparamRNG"]
 
@@ -33,22 +34,31 @@ class Batch:
     labels:   [B] long class indices.
     domains:  [B] long source-domain indices in 0..S-1.
     features: cached frozen `ImageFeatures` of the original view (engine feature cache), or None.
+    device_stage: what the images still need once on their device (the loader ships uint8 images;
+              `dgclip.data.transfer`): applied by `to`, which every batch goes through before a
+              method sees it; the images cannot be read before that.
     """
 
     images: Optional[Images]
     labels: torch.Tensor
     domains: torch.Tensor
     features: Optional[ImageFeatures] = None
+    device_stage: Optional[Callable] = None
 
-    def original(self) -> torch.Tensor:
-        if isinstance(self.images, dict):
-            return self.images["original"]
+    def _images(self) -> Optional[Images]:
+        if self.device_stage is not None:
+            raise RuntimeError("batch images are still raw uint8 from the loader: call batch.to(device) first")
         return self.images
 
+    def original(self) -> torch.Tensor:
+        imgs = self._images()
+        return imgs["original"] if isinstance(imgs, dict) else imgs
+
     def view(self, key: str) -> torch.Tensor:
-        if not isinstance(self.images, dict):
+        imgs = self._images()
+        if not isinstance(imgs, dict):
             raise KeyError(f"batch has a single view; asked for {key!r}")
-        return self.images[key]
+        return imgs[key]
 
     def to(self, device) -> "Batch":
         imgs = self.images
@@ -56,7 +66,8 @@ class Batch:
             imgs = {k: v.to(device, non_blocking=True) for k, v in imgs.items()}
         elif imgs is not None:
             imgs = imgs.to(device, non_blocking=True)
-        return replace(self, images=imgs, labels=self.labels.to(device), domains=self.domains.to(device),
+        return replace(self, images=finish_images(imgs, self.device_stage), device_stage=None,
+                       labels=self.labels.to(device), domains=self.domains.to(device),
                        features=self.features.to(device) if self.features is not None else None)
 
     def __len__(self) -> int:
