@@ -30,7 +30,7 @@ from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
 from .data.loader import StepSampler, collate, default_workers, eval_loader, train_loader
-from .data.transfer import split_device_stage
+from .data.transfer import split_device_stage, stage_in_loader
 from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
 from .methods import Batch, get_method
@@ -138,13 +138,16 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _Split:
-    """Images (decoded in loader workers, finished on the device: `device_stage`) or cached
-    features of one set of records, with method labels/domains."""
+    """Images (decoded in loader workers, finished by `device_stage` in the loader or on the
+    device: dgclip.data.transfer) or cached features of one set of records, with method
+    labels/domains."""
 
     def __init__(self, ds: ImageDataset, feats: Optional[ImageFeatures], workers: int = 0, pin: bool = False,
-                 device_stage=None):
+                 device_stage=None, stage_in_loader: bool = True):
         self.ds, self.feats, self.workers, self.pin = ds, feats, workers, pin
         self.device_stage = device_stage
+        # who applies device_stage to the loader's batches: the loader, or Batch.to
+        self.loader_stage, self.batch_stage = (device_stage, None) if stage_in_loader else (None, device_stage)
         self.labels = torch.as_tensor(ds.labels, dtype=torch.long)
         self.domains = torch.as_tensor(ds.domains, dtype=torch.long)
         self._loaders = {}  # (order, batch size) -> persistent evaluation loader
@@ -166,9 +169,10 @@ class _Split:
         key = (hash(order.numpy().tobytes()), bs)
         if key not in self._loaders:
             sub = torch.utils.data.Subset(self.ds, order.tolist())
-            self._loaders[key] = eval_loader(sub, bs, workers=self.workers, pin=self.pin)
+            self._loaders[key] = eval_loader(sub, bs, workers=self.workers, pin=self.pin,
+                                             device_stage=self.loader_stage)
         for images, labels, domains in self._loaders[key]:
-            yield Batch(images, labels, domains, device_stage=self.device_stage)
+            yield Batch(images, labels, domains, device_stage=self.batch_stage)
 
 
 def eval_batch_size(method, default: int) -> int:
@@ -294,7 +298,7 @@ def run_training(cfg: TrainConfig) -> dict:
                                      layer_stats=method.needs_layer_stats,
                                      cache_dir=cache_dir / "features", key=fkey, workers=workers, pin=pin,
                                      device_stage=device_stage)
-        return _Split(ds, feats, workers, pin, device_stage)
+        return _Split(ds, feats, workers, pin, device_stage, stage_in_loader(device))
 
     train = split(protocol.train, train_tf, "train")
     val = {d: split(r, eval_tf, "val") for d, r in protocol.val.items()}
@@ -320,14 +324,15 @@ def run_training(cfg: TrainConfig) -> dict:
     step_sampler, batches = None, None
     if steps and train.feats is None:  # images: decoded and augmented in the loader's workers
         step_sampler = StepSampler(lambda _gen: sampler.draw()[rank::world], gen, start, steps)
-        batches = iter(train_loader(train.ds, cfg.seed, step_sampler, workers=workers, pin=pin))
+        batches = iter(train_loader(train.ds, cfg.seed, step_sampler, workers=workers, pin=pin,
+                                    device_stage=train.loader_stage))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
     for step in range(start, steps):
-        batch = Batch(*next(batches), device_stage=train.device_stage) if batches is not None \
+        batch = Batch(*next(batches), device_stage=train.batch_stage) if batches is not None \
             else train.batch(sampler.draw()[rank::world])
         method.train()
         out = method.update(batch.to(device))

@@ -29,12 +29,26 @@ def _gopro_dataset(data_root, backbone, n=40, uint8=False):  # noqa: F811
     return ImageDataset(records, split_device_stage(tf)[0] if uint8 else tf)
 
 
-def _batches(ds, workers, start=0, steps=3, seed=7):
+def _batches(ds, workers, start=0, steps=3, seed=7, device_stage=None):
     gen = torch.Generator().manual_seed(123)
     for _ in range(start):  # the stream of an uninterrupted run, up to `start`
         torch.randint(len(ds), (6,), generator=gen)
     sampler = StepSampler(lambda g: torch.randint(len(ds), (6,), generator=g), gen, start, steps)
-    return list(train_loader(ds, seed, sampler, workers=workers)), sampler
+    return list(train_loader(ds, seed, sampler, workers=workers, device_stage=device_stage)), sampler
+
+
+def test_loader_finishes_uint8_views_exactly_as_the_whole_transform(data_root, backbone):  # noqa: F811
+    """A CPU run's loader: uint8 views, then the device stage after collation (in the workers,
+    into shared memory): the batches of the whole float transform, bit for bit."""
+    from dgclip.data.transfer import split_device_stage
+
+    ref, _ = _batches(_gopro_dataset(data_root, backbone), 0)
+    raw = _gopro_dataset(data_root, backbone, uint8=True)
+    stage = split_device_stage(_gopro_dataset(data_root, backbone).transform)[1]
+    for workers in (0, 2):
+        got, _ = _batches(raw, workers, device_stage=stage)
+        for (gi, _, _), (ri, _, _) in zip(got, ref):
+            assert all(gi[k].dtype == torch.float32 and torch.equal(gi[k], ri[k]) for k in ri)
 
 
 @pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
@@ -119,8 +133,14 @@ def _cfg(data_root, cache_dir, out, **kw):  # noqa: F811
 def test_training_identical_for_0_and_2_workers_and_resume_exact(data_root, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     """GOPro (three augmented views per image, decoded in the workers): the same training for any
     worker count, and a run cut after step 3 and resumed (2 workers) ends where an uncut one does.
-    The views cross from the loader as uint8 and are normalised by Batch.to (dgclip.data.transfer)."""
+    Also the same when the views cross from the loader as uint8 and are finished by Batch.to (what
+    a CUDA run does; on the CPU the loader finishes them: dgclip.data.transfer.stage_in_loader)."""
     from dgclip.methods.base import Batch
+
+    a = run_training(_cfg(data_root, cache_dir, tmp_path / "w0", workers=0))
+    b = run_training(_cfg(data_root, cache_dir, tmp_path / "w2", workers=2))
+    assert a["feature_cache"]["mode"] == "off" and b["workers"] == 2
+    assert a["history"] == b["history"] and a["loss_last"] == b["loss_last"] and a["loss_first"] == b["loss_first"]
 
     shipped, to = [], Batch.to
 
@@ -130,13 +150,12 @@ def test_training_identical_for_0_and_2_workers_and_resume_exact(data_root, cach
             shipped.extend((isinstance(self.images, dict), v.dtype) for v in views)
         return to(self, device)
 
-    monkeypatch.setattr(Batch, "to", spy)
-    a = run_training(_cfg(data_root, cache_dir, tmp_path / "w0", workers=0))
-    monkeypatch.setattr(Batch, "to", to)
+    with monkeypatch.context() as mp:
+        mp.setattr(Batch, "to", spy)
+        mp.setattr("dgclip.engine.stage_in_loader", lambda device: False)
+        u = run_training(_cfg(data_root, cache_dir, tmp_path / "u2", workers=2))
     assert set(shipped) == {(True, torch.uint8), (False, torch.uint8)}
-    b = run_training(_cfg(data_root, cache_dir, tmp_path / "w2", workers=2))
-    assert a["feature_cache"]["mode"] == "off" and b["workers"] == 2
-    assert a["history"] == b["history"] and a["loss_last"] == b["loss_last"] and a["loss_first"] == b["loss_first"]
+    assert u["history"] == a["history"] and u["loss_last"] == a["loss_last"]
 
     from dgclip.methods.gopro import GOPro
 

@@ -98,12 +98,14 @@ def _extract(backbone, dataset, *, batch_size, patches, layer_stats, workers, pi
     from tqdm.auto import tqdm
 
     from .loader import eval_loader
-    from .transfer import finish_images
+    from .transfer import finish_images, stage_in_loader
 
-    loader = eval_loader(dataset, batch_size, workers=workers, pin=pin, persistent=False)
+    in_loader = stage_in_loader(backbone.device)
+    loader = eval_loader(dataset, batch_size, workers=workers, pin=pin, persistent=False,
+                         device_stage=device_stage if in_loader else None)
     out = []
     for images, _, _ in tqdm(loader, desc="features", disable=not progress, leave=False):
-        images = finish_images(images.to(backbone.device, non_blocking=True), device_stage)
+        images = finish_images(images.to(backbone.device, non_blocking=True), None if in_loader else device_stage)
         out.append(backbone.image_features(images, patches=patches, layer_stats=layer_stats).to("cpu"))
     return ImageFeatures.cat(out)
 

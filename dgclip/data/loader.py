@@ -25,7 +25,7 @@ import torch
 
 from .splits import seed_hash
 
-__all__ = ["default_workers", "SeededItems", "StepSampler", "train_loader", "eval_loader", "collate"]
+__all__ = ["default_workers", "SeededItems", "StepSampler", "train_loader", "eval_loader", "collate", "Collate"]
 
 
 def default_workers() -> int:
@@ -125,23 +125,51 @@ class StepSampler(torch.utils.data.Sampler):
         return self._states[0][1]
 
 
-def _stack(tensors: list) -> torch.Tensor:
-    """torch.stack; in a worker straight into shared memory (default_collate's way), which the
-    batch must reach anyway to cross to the main process: one copy of the images less per batch
-    (a 32-image 224 px batch is 19 MB; its move to shared memory was ~8% of a worker's time)."""
-    return torch.utils.data.default_collate(tensors)
+def _stack(tensors: list, shared: bool = True) -> torch.Tensor:
+    """torch.stack; in a worker (shared=True) straight into shared memory (default_collate's way),
+    which the batch must reach anyway to cross to the main process: one copy of the images less
+    per batch (a 32-image 224 px float batch is 19 MB; its move to shared memory was ~8% of a
+    worker's time). shared=False: ordinary memory (a batch the device stage turns into another)."""
+    return torch.utils.data.default_collate(tensors) if shared else torch.stack(tensors)
 
 
-def collate(items: list) -> tuple:
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a worker in shared memory (see _stack)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    out = torch.empty(0, dtype=dtype)
+    return out.set_(torch.UntypedStorage._new_shared(numel * out.element_size()), 0, shape)
+
+
+def collate(items: list, shared: bool = True) -> tuple:
     """[(image or {view: image}, label, domain)] -> (images, labels [B], domains [B])."""
     first = items[0][0]
     if isinstance(first, dict):
-        images = {k: _stack([it[0][k] for it in items]) for k in first}
+        images = {k: _stack([it[0][k] for it in items], shared) for k in first}
     else:
-        images = _stack([it[0] for it in items])
+        images = _stack([it[0] for it in items], shared)
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
     domains = torch.tensor([it[2] for it in items], dtype=torch.long)
     return images, labels, domains
+
+
+class Collate:
+    """collate, then (when given) the device stage of the images (dgclip.data.transfer): the loader
+    finishes the images itself when the run's device is the CPU the workers run on."""
+
+    def __init__(self, device_stage=None):
+        self.device_stage = device_stage
+
+    def __call__(self, items: list) -> tuple:
+        from .transfer import finish_images
+
+        # the uint8 stack stays private (reused memory); only the finished batch goes to shared
+        # memory, whose fresh pages cost ~0.4 ms per MB here
+        images, labels, domains = collate(items, shared=False)
+        return finish_images(images, self.device_stage, _empty), labels, domains
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -149,27 +177,29 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader_kwargs(workers: int, pin: bool, persistent: bool) -> dict:
+def _loader_kwargs(workers: int, pin: bool, persistent: bool, device_stage) -> dict:
     # Its own generator: starting an iterator draws a base seed, which must not come from (and
     # advance) the global RNG, or the run would depend on how often loaders are (re)started.
-    kw = {"num_workers": workers, "pin_memory": pin, "collate_fn": collate,
+    kw = {"num_workers": workers, "pin_memory": pin, "collate_fn": Collate(device_stage) if device_stage else collate,
           "generator": torch.Generator().manual_seed(0)}
     if workers > 0:
         kw.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_worker_init)
     return kw
 
 
-def train_loader(dataset, seed: int, sampler: StepSampler, *, workers: int, pin: bool = False):
-    """Batches (images, labels, domains) of the sampler's steps, augmented in `workers` processes."""
+def train_loader(dataset, seed: int, sampler: StepSampler, *, workers: int, pin: bool = False, device_stage=None):
+    """Batches (images, labels, domains) of the sampler's steps, augmented in `workers` processes
+    (and finished by `device_stage` after collation, when given)."""
     return torch.utils.data.DataLoader(SeededItems(dataset, seed), batch_sampler=sampler,
-                                       **_loader_kwargs(workers, pin, persistent=False))
+                                       **_loader_kwargs(workers, pin, False, device_stage))
 
 
-def eval_loader(dataset, batch_size: int, *, workers: int, pin: bool = False, persistent: Optional[bool] = None):
+def eval_loader(dataset, batch_size: int, *, workers: int, pin: bool = False, persistent: Optional[bool] = None,
+                device_stage=None):
     """Deterministic in-order batches (evaluation, feature extraction)."""
     # A worker only helps while the main process has a batch to work on: at most batches - 1
     # (a one-batch split is read in the main process; no start-up cost on small splits).
     workers = min(workers, max(0, -(-len(dataset) // batch_size) - 1))
     persistent = workers > 0 if persistent is None else persistent
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       **_loader_kwargs(workers, pin, persistent))
+                                       **_loader_kwargs(workers, pin, persistent, device_stage))
