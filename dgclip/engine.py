@@ -30,9 +30,9 @@ from .data.catalog import get_spec
 from .data.domainbed import DataError, ImageDataset, scan
 from .data.embedded import ensure_rotated_digits
 from .data.loader import StepSampler, collate, default_workers, eval_loader, train_loader
-from .data.transfer import split_device_stage, stage_in_loader
 from .data.sampling import DomainBalancedBatches, eval_order
 from .data.splits import make_protocol, seed_hash
+from .data.transfer import split_device_stage, stage_in_loader
 from .methods import Batch, get_method
 from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
 

@@ -124,8 +124,7 @@ def compute_features(backbone: CLIPBackbone, dataset, *, batch_size: int = 256, 
     """
     if cache_dir is None or not key:
         return _extract(backbone, dataset, batch_size=batch_size, patches=patches, layer_stats=layer_stats,
-                        workers=workers, pin=pin, progress=progress,
-                        device_stage=device_stage)
+                        workers=workers, pin=pin, progress=progress, device_stage=device_stage)
     folder = Path(cache_dir) / key
     if (folder / "meta.json").exists():
         return CachedFeatures(folder)

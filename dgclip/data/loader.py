@@ -15,6 +15,7 @@ already prefetching later steps still stores the state after the step being chec
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import deque
@@ -137,11 +138,8 @@ def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised batch tensor; in a worker in shared memory (see _stack)."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= int(n)
     out = torch.empty(0, dtype=dtype)
-    return out.set_(torch.UntypedStorage._new_shared(numel * out.element_size()), 0, shape)
+    return out.set_(torch.UntypedStorage._new_shared(math.prod(shape) * out.element_size()), 0, shape)
 
 
 def collate(items: list, shared: bool = True) -> tuple:
