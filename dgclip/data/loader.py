@@ -1,7 +1,9 @@
 """The input pipeline: DataLoaders for training, evaluation and feature extraction.
 
 Images are decoded and augmented in worker processes (`workers`), pinned when the run is on CUDA,
-prefetched, with persistent workers for loaders iterated more than once (evaluation).
+prefetched, with persistent workers for loaders iterated more than once (evaluation). The engine
+gives the loaders the host half of a split transform (uint8 pixels, dgclip.data.transfer); the
+device stage runs either here after collation (`device_stage=`, CPU runs) or in `Batch.to`.
 
 Reproducibility whatever the worker count: each training sample is augmented under its own seed,
 seed_hash(run seed, step, index), set on the CPU generator of torch, on `random` and on numpy
