@@ -365,6 +365,9 @@ def run_training(cfg: TrainConfig) -> dict:
         "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
         "transductive": bool(method.transductive),
         "feature_cache": {**plan.describe(), "keys": cache_keys}, "workers": workers,
+        "image_normalisation": ("in the per-image transform" if train.device_stage is None
+                                else "in the loader, per batch" if stage_in_loader(device)
+                                else f"on {device.type}, per batch"),  # dgclip.data.transfer
         "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
         "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,

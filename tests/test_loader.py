@@ -156,6 +156,7 @@ def test_training_identical_for_0_and_2_workers_and_resume_exact(data_root, cach
         u = run_training(_cfg(data_root, cache_dir, tmp_path / "u2", workers=2))
     assert set(shipped) == {(True, torch.uint8), (False, torch.uint8)}
     assert u["history"] == a["history"] and u["loss_last"] == a["loss_last"]
+    assert (a["image_normalisation"], u["image_normalisation"]) == ("in the loader, per batch", "on cpu, per batch")
 
     from dgclip.methods.gopro import GOPro
 
