@@ -47,7 +47,8 @@ class Batch:
 
     def _images(self) -> Optional[Images]:
         if self.device_stage is not None:
-            raise RuntimeError("batch images are still raw uint8 from the loader: call batch.to(device) first")
+            raise RuntimeError("batch images still need their device stage (raw pixels from the loader, "
+                               "dgclip.data.transfer): call batch.to(device) first")
         return self.images
 
     def original(self) -> torch.Tensor:
