@@ -226,3 +226,64 @@ def test_cache_budget_switches_to_on_the_fly(data_root, cache_dir, tmp_path, bac
     assert fly["feature_cache"]["mode"] == "on-the-fly" and not fly["feature_cache"]["keys"]
     # same training either way, up to the float16 storage of the cached features
     assert abs(cached["loss_first"] - fly["loss_first"]) < 1e-2
+
+
+# ---- recycled shared-memory batches (dgclip.data.shm_pool) -------------------------------------
+
+def _uint8_views(data_root, backbone, n=24):  # noqa: F811
+    ds = _gopro_dataset(data_root, backbone, n=n, uint8=True)
+    from dgclip.data.transfer import split_device_stage
+
+    return ds, split_device_stage(_gopro_dataset(data_root, backbone, n=2).transform)[1]
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["uint8", "finished-in-loader"])
+@pytest.mark.parametrize("slots", [2, 18], ids=["few-slots", "default-slots"])
+def test_held_batches_are_never_overwritten(data_root, backbone, monkeypatch, staged, slots):  # noqa: F811
+    """Every batch kept alive (a list of them, and a view into one) while 2 workers go on: a slot
+    is reused only once its batch is gone, so the kept batches equal the 0-worker ones; with
+    2 slots per worker the workers also fall back to fresh segments."""
+    import dgclip.data.loader as L
+
+    monkeypatch.setattr(L, "SLOTS_PER_WORKER", slots)
+    ds, stage = _uint8_views(data_root, backbone)
+    stage = stage if staged else None
+    ref, _ = _batches(ds, 0, steps=8, device_stage=stage)
+    got, _ = _batches(ds, 2, steps=8, device_stage=stage)
+    assert len(got) == 8
+    for (gi, gl, _), (ri, rl, _) in zip(got, ref):
+        assert all(torch.equal(gi[k], ri[k]) for k in ri) and torch.equal(gl, rl)
+
+
+def test_slots_are_recycled_once_batches_are_dropped(data_root, backbone, monkeypatch):  # noqa: F811
+    from dgclip.data.shm_pool import SlotPool
+
+    released, release = [], SlotPool.release
+    monkeypatch.setattr(SlotPool, "release", lambda self, token: (released.append(token), release(self, token)))
+    ds, _ = _uint8_views(data_root, backbone)
+    gen = torch.Generator().manual_seed(0)
+    sampler = StepSampler(lambda g: torch.randint(len(ds), (6,), generator=g), gen, 0, 16)
+    n = 0
+    for images, labels, _ in train_loader(ds, 0, sampler, workers=2):  # each batch dropped at once
+        assert images["moco"].dtype == torch.uint8 and len(labels) == 6
+        n += 1
+    assert len(released) == 15 * 3  # the last batch is still alive (the loop's variables) ...
+    del images, labels
+    assert n == 16 and len(released) == 16 * 3  # ... and now every view's slot came back
+    # 2 workers x 3 views, with the prefetched batches: far fewer slots than the 48 views sent
+    assert len(set(released)) < 48 / 2
+
+
+def test_persistent_eval_loader_repeats_its_batches(data_root, backbone):  # noqa: F811
+    """Two passes over a persistent 2-worker evaluation loader (its workers, and so their slots,
+    live on): the same batches as the whole transform in the main process."""
+    from dgclip.data.loader import eval_loader
+    from dgclip.data.transfer import split_device_stage
+
+    records = scan(str(data_root), get_spec("rotated-digits")).subset(np.arange(0, 1080, 54))
+    host, stage = split_device_stage(backbone.preprocess_val)
+    want = [b[0] for b in eval_loader(ImageDataset(records, backbone.preprocess_val), 4, workers=0)]
+    loader = eval_loader(ImageDataset(records, host), 4, workers=2, device_stage=stage)
+    for _ in range(2):
+        got = [b[0] for b in loader]
+        assert len(got) == len(want) == 5 and all(torch.equal(a, b) for a, b in zip(got, want))

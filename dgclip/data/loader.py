@@ -17,7 +17,6 @@ already prefetching later steps still stores the state after the step being chec
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from .shm_pool import ReleasingIterator, SlotPool, shared_empty
 from .splits import seed_hash
 
 __all__ = ["default_workers", "SeededItems", "StepSampler", "train_loader", "eval_loader", "collate", "Collate"]
@@ -136,14 +136,6 @@ def _stack(tensors: list, shared: bool = True) -> torch.Tensor:
     return torch.utils.data.default_collate(tensors) if shared else torch.stack(tensors)
 
 
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised batch tensor; in a worker in shared memory (see _stack)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    out = torch.empty(0, dtype=dtype)
-    return out.set_(torch.UntypedStorage._new_shared(math.prod(shape) * out.element_size()), 0, shape)
-
-
 def collate(items: list, shared: bool = True) -> tuple:
     """[(image or {view: image}, label, domain)] -> (images, labels [B], domains [B])."""
     first = items[0][0]
@@ -158,23 +150,64 @@ def collate(items: list, shared: bool = True) -> tuple:
 
 class Collate:
     """collate, then (when given) the device stage of the images (dgclip.data.transfer): the loader
-    finishes the images itself when the run's device is the CPU the workers run on."""
+    finishes the images itself when the run's device is the CPU the workers run on.
 
-    def __init__(self, device_stage=None):
-        self.device_stage = device_stage
+    In a worker with a SlotPool (dgclip.data.shm_pool) each view's batch is written into a
+    recycled shared-memory slot and the batch gets a 4th item, the slots' tokens, which the
+    loader's ReleasingIterator takes off again."""
+
+    def __init__(self, device_stage=None, pool: Optional[SlotPool] = None):
+        self.device_stage, self.pool = device_stage, pool
 
     def __call__(self, items: list) -> tuple:
-        from .transfer import finish_images
+        in_worker = torch.utils.data.get_worker_info() is not None
+        pool = self.pool if in_worker else None
+        tokens: dict = {}
 
-        # the uint8 stack stays private (reused memory); only the finished batch goes to shared
-        # memory, whose fresh pages cost ~0.4 ms per MB here
-        images, labels, domains = collate(items, shared=False)
-        return finish_images(images, self.device_stage, _empty), labels, domains
+        def out(view, shape, dtype):
+            if pool is None:
+                return shared_empty(shape, dtype) if in_worker else torch.empty(shape, dtype=dtype)
+            tensor, tokens[view] = pool.take(shape, dtype)
+            return tensor
+
+        def batch(view, tensors):
+            if self.device_stage is None:
+                return torch.stack(tensors, out=out(view, (len(tensors), *tensors[0].shape), tensors[0].dtype))
+            # the uint8 stack stays private (reused memory); the finished batch goes to shared memory
+            x = torch.stack(tensors)
+            return self.device_stage(x, out(view, self.device_stage.output_shape(x), torch.float32))
+
+        first = items[0][0]
+        if isinstance(first, dict):
+            images = {k: batch(k, [it[0][k] for it in items]) for k in first}
+        else:
+            images = batch(None, [it[0] for it in items])
+        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+        domains = torch.tensor([it[2] for it in items], dtype=torch.long)
+        return (images, labels, domains) if self.pool is None else (images, labels, domains, tokens)
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers hand their batches over in recycled shared memory."""
+
+    def __init__(self, *args, slot_pool: Optional[SlotPool] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot_pool = slot_pool
+
+    def __iter__(self):
+        it = super().__iter__()
+        return ReleasingIterator(it, self.slot_pool) if self.slot_pool is not None else it
 
 
 def _worker_init(_worker_id: int) -> None:
     # One intra-op thread per worker: the workers are the parallelism (no oversubscription).
     torch.set_num_threads(1)
+
+
+PREFETCH = 4
+# slots per worker: every view of the PREFETCH batches in flight and of the one being copied out,
+# for up to 3 views (GOPro); beyond that a worker falls back to fresh segments
+SLOTS_PER_WORKER = 3 * (PREFETCH + 2)
 
 
 def _loader_kwargs(workers: int, pin: bool, persistent: bool, device_stage) -> dict:
@@ -183,15 +216,16 @@ def _loader_kwargs(workers: int, pin: bool, persistent: bool, device_stage) -> d
     kw = {"num_workers": workers, "pin_memory": pin, "collate_fn": Collate(device_stage) if device_stage else collate,
           "generator": torch.Generator().manual_seed(0)}
     if workers > 0:
-        kw.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_worker_init)
+        pool = SlotPool(workers, SLOTS_PER_WORKER)
+        kw.update(persistent_workers=persistent, prefetch_factor=PREFETCH, worker_init_fn=_worker_init,
+                  collate_fn=Collate(device_stage, pool), slot_pool=pool)
     return kw
 
 
 def train_loader(dataset, seed: int, sampler: StepSampler, *, workers: int, pin: bool = False, device_stage=None):
     """Batches (images, labels, domains) of the sampler's steps, augmented in `workers` processes
     (and finished by `device_stage` after collation, when given)."""
-    return torch.utils.data.DataLoader(SeededItems(dataset, seed), batch_sampler=sampler,
-                                       **_loader_kwargs(workers, pin, False, device_stage))
+    return _Loader(SeededItems(dataset, seed), batch_sampler=sampler, **_loader_kwargs(workers, pin, False, device_stage))
 
 
 def eval_loader(dataset, batch_size: int, *, workers: int, pin: bool = False, persistent: Optional[bool] = None,
@@ -201,5 +235,4 @@ def eval_loader(dataset, batch_size: int, *, workers: int, pin: bool = False, pe
     # (a one-batch split is read in the main process; no start-up cost on small splits).
     workers = min(workers, max(0, -(-len(dataset) // batch_size) - 1))
     persistent = workers > 0 if persistent is None else persistent
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       **_loader_kwargs(workers, pin, persistent, device_stage))
+    return _Loader(dataset, batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, pin, persistent, device_stage))

@@ -150,16 +150,11 @@ def split_device_stage(transform: Callable) -> tuple[Callable, Optional[DeviceNo
     return T.Compose(steps[:-1] + [host]), stage
 
 
-def finish_images(images, stage: Optional[DeviceNormalize], empty: Optional[Callable] = None):
-    """Apply the device stage to a batch's images (a tensor or a dict of views), where they are;
-    empty(shape, dtype) -> the output tensor, when given (the loader's shared-memory batches)."""
+def finish_images(images, stage: Optional[DeviceNormalize]):
+    """Apply the device stage to a batch's images (a tensor or a dict of views), where they are."""
     if stage is None or images is None:
         return images
-
-    def one(x):
-        return stage(x, empty(stage.output_shape(x), torch.float32) if empty is not None else None)
-
-    return {k: one(v) for k, v in images.items()} if isinstance(images, dict) else one(images)
+    return {k: stage(v) for k, v in images.items()} if isinstance(images, dict) else stage(images)
 
 
 def stage_in_loader(device) -> bool:
