@@ -4,6 +4,7 @@ Images are decoded and augmented in worker processes (`workers`), pinned when th
 prefetched, with persistent workers for loaders iterated more than once (evaluation). The engine
 gives the loaders the host half of a split transform (uint8 pixels, dgclip.data.transfer); the
 device stage runs either here after collation (`device_stage=`, CPU runs) or in `Batch.to`.
+Workers write their batches into recycled shared-memory slots (dgclip.data.shm_pool).
 
 Reproducibility whatever the worker count: each training sample is augmented under its own seed,
 seed_hash(run seed, step, index), set on the CPU generator of torch, on `random` and on numpy
