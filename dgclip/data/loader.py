@@ -129,33 +129,33 @@ class StepSampler(torch.utils.data.Sampler):
         return self._states[0][1]
 
 
-def _stack(tensors: list, shared: bool = True) -> torch.Tensor:
-    """torch.stack; in a worker (shared=True) straight into shared memory (default_collate's way),
-    which the batch must reach anyway to cross to the main process: one copy of the images less
-    per batch (a 32-image 224 px float batch is 19 MB; its move to shared memory was ~8% of a
-    worker's time). shared=False: ordinary memory (a batch the device stage turns into another)."""
-    return torch.utils.data.default_collate(tensors) if shared else torch.stack(tensors)
-
-
-def collate(items: list, shared: bool = True) -> tuple:
-    """[(image or {view: image}, label, domain)] -> (images, labels [B], domains [B])."""
+def _collate_with(items: list, stack) -> tuple:
+    """[(image or {view: image}, label, domain)] -> (images, labels [B], domains [B]), each
+    view's images batched by stack(view, tensors)."""
     first = items[0][0]
     if isinstance(first, dict):
-        images = {k: _stack([it[0][k] for it in items], shared) for k in first}
+        images = {k: stack(k, [it[0][k] for it in items]) for k in first}
     else:
-        images = _stack([it[0] for it in items], shared)
+        images = stack(None, [it[0] for it in items])
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
     domains = torch.tensor([it[2] for it in items], dtype=torch.long)
     return images, labels, domains
+
+
+def collate(items: list) -> tuple:
+    """[(image or {view: image}, label, domain)] -> (images, labels [B], domains [B]), in this
+    process's memory (the loaders with workers use Collate)."""
+    return _collate_with(items, lambda _view, tensors: torch.stack(tensors))
 
 
 class Collate:
     """collate, then (when given) the device stage of the images (dgclip.data.transfer): the loader
     finishes the images itself when the run's device is the CPU the workers run on.
 
-    In a worker with a SlotPool (dgclip.data.shm_pool) each view's batch is written into a
-    recycled shared-memory slot and the batch gets a 4th item, the slots' tokens, which the
-    loader's ReleasingIterator takes off again."""
+    In a worker each view's batch is written straight into shared memory, which it must reach
+    anyway to cross to the main process (one copy of the images less per batch); with a
+    SlotPool (dgclip.data.shm_pool) into a recycled slot, and the batch gets a 4th item, the
+    slots' tokens, which the loader's ReleasingIterator takes off again."""
 
     def __init__(self, device_stage=None, pool: Optional[SlotPool] = None):
         self.device_stage, self.pool = device_stage, pool
@@ -178,13 +178,7 @@ class Collate:
             x = torch.stack(tensors)
             return self.device_stage(x, out(view, self.device_stage.output_shape(x), torch.float32))
 
-        first = items[0][0]
-        if isinstance(first, dict):
-            images = {k: batch(k, [it[0][k] for it in items]) for k in first}
-        else:
-            images = batch(None, [it[0] for it in items])
-        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-        domains = torch.tensor([it[2] for it in items], dtype=torch.long)
+        images, labels, domains = _collate_with(items, batch)
         return (images, labels, domains) if self.pool is None else (images, labels, domains, tokens)
 
 
@@ -206,7 +200,7 @@ def _worker_init(_worker_id: int) -> None:
 
 
 PREFETCH = 4
-# slots per worker: every view of the PREFETCH batches in flight and of the one being copied out,
+# slots per worker: every view of the PREFETCH batches in flight and of one or two in use,
 # for up to 3 views (GOPro); beyond that a worker falls back to fresh segments
 SLOTS_PER_WORKER = 3 * (PREFETCH + 2)
 
