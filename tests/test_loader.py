@@ -287,3 +287,16 @@ def test_persistent_eval_loader_repeats_its_batches(data_root, backbone):  # noq
     for _ in range(2):
         got = [b[0] for b in loader]
         assert len(got) == len(want) == 5 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_unread_releases_do_not_block_exit():
+    """Tokens nobody will read (the workers are gone) fill the queue's pipe: the process must
+    still exit (a plain multiprocessing queue joins its feeder thread at exit and hangs here)."""
+    import subprocess
+    import sys
+
+    code = ("from dgclip.data.shm_pool import SlotPool\n"
+            "p = SlotPool(1, 4)\n"
+            "for i in range(20000):\n"
+            "    p.release((0, 1, i))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

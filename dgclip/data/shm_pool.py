@@ -54,6 +54,8 @@ class SlotPool:
         ctx = context or torch.multiprocessing.get_context()
         self.cap = int(cap)
         self.queues = [ctx.Queue() for _ in range(workers)]
+        for q in self.queues:  # tokens still unread when the workers are gone may be dropped at exit
+            q.cancel_join_thread()
         self._mine: Optional[_WorkerSlots] = None
 
     def __getstate__(self):  # to a spawned worker: the queues (allowed while spawning), no slots
