@@ -5,7 +5,11 @@ images/s a training step consumes, on a generated 224 px DomainBed-layout datase
 
 The steady-state scaling (test_loader_steady_scaling; issue 13's target: >= 1.8x images/s at 2
 workers vs 0) prints a markdown table at the end; an idle machine is needed for a figure that
-means anything (the table states the load average). Knobs: DGCLIP_BENCH_LOADER_ROUNDS (5),
+means anything (the table states the load average). It also measures this machine's ceiling in
+the same rounds: the batches' work with no loader around it (one thread, no transport), one copy
+alone and two at once. Two copies at once are what 2 workers could deliver if handing batches
+between processes were free, so (2 bare loops / 0 workers) bounds the 2-worker speedup here, and
+(2 workers / 2 bare loops) is the loader's own efficiency. Knobs: DGCLIP_BENCH_LOADER_ROUNDS (5),
 DGCLIP_BENCH_LOADER_BATCHES (40 timed batches per round), DGCLIP_BENCH_LOADER_STEPS (8, the
 start-up-inclusive test). With the defaults the whole file takes about 10 minutes on 2 cores.
 
@@ -129,6 +133,45 @@ def _steady_round(ds, workers, stage=None):
     return n / wall, 1e3 * cpu / TIMED
 
 
+def _bare_loop(ds, stage, ready, go, rates):
+    """A worker's batches without a DataLoader around them (no transport, no shared memory): the
+    seeded samples, collation and the device stage, on one thread, in a fresh forked process."""
+    from dgclip.data.loader import Collate, SeededItems
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    keys = [[(step, i) for i in torch.randint(len(ds), (BATCH,), generator=gen).tolist()]
+            for step in range(WARM + TIMED)]
+    items, collate = SeededItems(ds, 0), Collate(stage)
+    for k in keys[:WARM]:
+        collate(items.__getitems__(k))
+    ready.release()
+    go.wait()
+    t0 = time.perf_counter()
+    for k in keys[WARM:]:
+        collate(items.__getitems__(k))
+    rates.put(TIMED * BATCH / (time.perf_counter() - t0))
+
+
+def _bare_round(ds, stage, copies):
+    """Images/s of `copies` bare loops run at once (summed): with 2, the most 2 workers could
+    deliver on this machine if moving batches between processes cost nothing."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    ready, go, rates = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_bare_loop, args=(ds, stage, ready, go, rates)) for _ in range(copies)]
+    for p in procs:
+        p.start()
+    for _ in procs:  # every copy warmed up before any is timed
+        ready.acquire()
+    go.set()
+    total = sum(rates.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return total
+
+
 @pytest.fixture(scope="module")
 def steady_table():
     """Rows filled by test_loader_steady_scaling, printed as one markdown table at the end."""
@@ -136,52 +179,87 @@ def steady_table():
     yield rows
     if not rows:
         return
-    head = ("| pipeline | workers | images/s median | min - max | main CPU ms/batch | vs 0 workers "
-            "(median of per-round ratios, min - max) |")
+    head = ("| pipeline | case | images/s median | min - max | main CPU ms/batch | vs 0 workers "
+            "(median of per-round ratios, min - max) | 2 workers vs 2 bare loops |")
     lines = [f"Steady state, {ROUNDS} rounds x {TIMED} timed batches of {BATCH} after {WARM} untimed; "
-             f"{len(os.sched_getaffinity(0))} CPUs; load average {rows.pop('_load')}", "", head,
-             "|---|---|---|---|---|---|"]
-    for (pipeline, workers), r in rows.items():
-        ratio = "-" if workers == 0 else f"{r['speedup']:.2f}x ({r['speedup_min']:.2f} - {r['speedup_max']:.2f})"
-        lines.append(f"| {pipeline} | {workers} | {r['median']:.1f} | {r['min']:.1f} - {r['max']:.1f} | "
-                     f"{r['main_cpu_ms']:.1f} | {ratio} |")
+             f"{len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}); load average {rows.pop('_load')}", "", head,
+             "|---|---|---|---|---|---|---|"]
+    for (pipeline, case), r in rows.items():
+        ratio = "-" if case == 0 else f"{r['speedup']:.2f}x ({r['speedup_min']:.2f} - {r['speedup_max']:.2f})"
+        eff = (f"{r['vs_bare']:.2f} ({r['vs_bare_min']:.2f} - {r['vs_bare_max']:.2f})" if "vs_bare" in r else "")
+        main_cpu = "" if r["main_cpu_ms"] is None else f"{r['main_cpu_ms']:.1f}"
+        lines.append(f"| {pipeline} | {_case_name(case)} | {r['median']:.1f} | {r['min']:.1f} - {r['max']:.1f} | "
+                     f"{main_cpu} | {ratio} | {eff} |")
     print("\n\n" + "\n".join(lines))
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (scaling across cores differs between hosts: say which one ran)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown CPU"
+
+
+def _case_name(case) -> str:
+    return {BARE1: "1 bare loop", BARE2: "2 bare loops at once"}.get(case, f"{case} workers")
+
+
+# The machine's own ceiling, measured in the same rounds: the batches' work without a loader (see
+# _bare_loop), once alone and twice at once. Two copies at once is what 2 workers would deliver if
+# moving the batches cost nothing; (2 bare loops / 0 workers) bounds the 2-worker speedup here.
+BARE1, BARE2 = "bare1", "bare2"
+CASES = WORKERS + (BARE1, BARE2)
+
+
+def _ratios(num, den):
+    r = [a / b for a, b in zip(num, den)]
+    return float(np.median(r)), min(r), max(r)
 
 
 @pytest.mark.parametrize("pipeline", ["clip", "clip-uint8", "clip-float", "gopro"])
 def test_loader_steady_scaling(benchmark, pacs_root, pipeline, steady_table):
     """Images/s with the workers already running, as in a training run (one loader for all steps),
-    for 0, 1 and 2 workers measured in the same rounds; the scaling is the median over rounds of
-    (rate at w workers / rate at 0 workers in the same round)."""
+    for 0, 1 and 2 workers and the bare loops, measured in the same rounds; each scaling is the
+    median over rounds of the same-round ratio."""
     ds, stage = _dataset(pacs_root, pipeline)
-    rates = {w: [] for w in WORKERS}
-    cpu = {w: [] for w in WORKERS}
+    rates = {c: [] for c in CASES}
+    cpu = {c: [] for c in CASES}
     load0 = os.getloadavg()[0]
 
     def run():
         for r in range(ROUNDS):
-            for w in WORKERS[r % len(WORKERS):] + WORKERS[:r % len(WORKERS)]:
-                rate, ms = _steady_round(ds, w, stage)
-                rates[w].append(rate)
-                cpu[w].append(ms)
+            for c in CASES[r % len(CASES):] + CASES[:r % len(CASES)]:
+                if c in (BARE1, BARE2):
+                    rates[c].append(_bare_round(ds, stage, 1 if c == BARE1 else 2))
+                else:
+                    rate, ms = _steady_round(ds, c, stage)
+                    rates[c].append(rate)
+                    cpu[c].append(ms)
 
     benchmark.group = f"input pipeline {pipeline}, steady state"
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     load = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     steady_table["_load"] = load
-    for w in WORKERS:
-        row = {"median": float(np.median(rates[w])), "min": min(rates[w]), "max": max(rates[w]),
-               "main_cpu_ms": float(np.median(cpu[w])), "rates": rates[w]}
-        if w:
-            ratios = [a / b for a, b in zip(rates[w], rates[0])]
-            row.update(speedup=float(np.median(ratios)), speedup_min=min(ratios), speedup_max=max(ratios))
-        steady_table[(pipeline, w)] = row
-        benchmark.extra_info[f"workers_{w}"] = row
+    for c in CASES:
+        row = {"median": float(np.median(rates[c])), "min": min(rates[c]), "max": max(rates[c]),
+               "main_cpu_ms": float(np.median(cpu[c])) if cpu[c] else None, "rates": rates[c]}
+        if c != 0:
+            row["speedup"], row["speedup_min"], row["speedup_max"] = _ratios(rates[c], rates[0])
+        if c == 2:
+            row["vs_bare"], row["vs_bare_min"], row["vs_bare_max"] = _ratios(rates[2], rates[BARE2])
+        steady_table[(pipeline, c)] = row
+        benchmark.extra_info[_case_name(c).replace(" ", "_")] = row
     benchmark.extra_info.update({"pipeline": pipeline, "batch": BATCH, "rounds": ROUNDS, "timed_batches": TIMED,
                                  "untimed_batches": WARM, "load_average": load})
-    print(f"\n{pipeline}: " + ", ".join(f"{w} workers {steady_table[(pipeline, w)]['median']:.1f} img/s"
-                                        for w in WORKERS)
-          + f"; 2 vs 0: {steady_table[(pipeline, 2)]['speedup']:.2f}x")
+    row2 = steady_table[(pipeline, 2)]
+    print(f"\n{pipeline}: " + ", ".join(f"{_case_name(c)} {steady_table[(pipeline, c)]['median']:.1f} img/s"
+                                        for c in CASES)
+          + f"; 2 workers vs 0: {row2['speedup']:.2f}x; 2 bare loops vs 0 workers: "
+          f"{steady_table[(pipeline, BARE2)]['speedup']:.2f}x; 2 workers vs 2 bare loops: {row2['vs_bare']:.2f}")
 
 
 def test_training_step_images_per_second(benchmark):
