@@ -11,7 +11,7 @@ alone and two at once. Two copies at once are what 2 workers could deliver if ha
 between processes were free, so (2 bare loops / 0 workers) bounds the 2-worker speedup here, and
 (2 workers / 2 bare loops) is the loader's own efficiency. Knobs: DGCLIP_BENCH_LOADER_ROUNDS (5),
 DGCLIP_BENCH_LOADER_BATCHES (40 timed batches per round), DGCLIP_BENCH_LOADER_STEPS (8, the
-start-up-inclusive test). With the defaults the whole file takes about 10 minutes on 2 cores.
+start-up-inclusive test). With the defaults the whole file takes about 20 minutes on 2 cores.
 
 Dataset: PACS layout (4 domains x 7 classes), 227 x 227 JPEGs (quality 90) of smooth random
 colour fields plus noise, generated once per session. Pipelines (dgclip.data.loader.train_loader,
@@ -157,16 +157,31 @@ def _bare_round(ds, stage, copies):
     """Images/s of `copies` bare loops run at once (summed): with 2, the most 2 workers could
     deliver on this machine if moving batches between processes cost nothing."""
     import multiprocessing as mp
+    import queue
 
     ctx = mp.get_context("fork")
     ready, go, rates = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_bare_loop, args=(ds, stage, ready, go, rates)) for _ in range(copies)]
     for p in procs:
         p.start()
+
+    def wait(get):  # without hanging on a copy that died (its traceback is on stderr)
+        while True:
+            try:
+                return get()
+            except (queue.Empty, TimeoutError):
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a bare loop exited with code {dead[0]}")
+
+    def acquire():
+        if not ready.acquire(timeout=1):
+            raise TimeoutError
+
     for _ in procs:  # every copy warmed up before any is timed
-        ready.acquire()
+        wait(acquire)
     go.set()
-    total = sum(rates.get(timeout=600) for _ in procs)
+    total = sum(wait(lambda: rates.get(timeout=1)) for _ in procs)
     for p in procs:
         p.join()
     return total
@@ -205,7 +220,7 @@ def _cpu_model() -> str:
 
 
 def _case_name(case) -> str:
-    return {BARE1: "1 bare loop", BARE2: "2 bare loops at once"}.get(case, f"{case} workers")
+    return {BARE1: "1 bare loop", BARE2: "2 bare loops at once"}.get(case, f"{case} worker" + "s" * (case != 1))
 
 
 # The machine's own ceiling, measured in the same rounds: the batches' work without a loader (see
