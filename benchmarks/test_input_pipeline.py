@@ -82,12 +82,18 @@ def _dataset(root, pipeline):
     return ImageDataset(records, host), None if pipeline == "clip-uint8" else stage
 
 
-def _loader(ds, workers, steps=STEPS, device_stage=None):
-    from dgclip.data.loader import StepSampler, train_loader
+def _sampler(ds, steps):
+    """The batches' keys: the same steps for every loader and bare loop."""
+    from dgclip.data.loader import StepSampler
 
     gen = torch.Generator().manual_seed(0)
-    sampler = StepSampler(lambda g: torch.randint(len(ds), (BATCH,), generator=g), gen, 0, steps)
-    return train_loader(ds, 0, sampler, workers=workers, device_stage=device_stage)
+    return StepSampler(lambda g: torch.randint(len(ds), (BATCH,), generator=g), gen, 0, steps)
+
+
+def _loader(ds, workers, steps=STEPS, device_stage=None):
+    from dgclip.data.loader import train_loader
+
+    return train_loader(ds, 0, _sampler(ds, steps), workers=workers, device_stage=device_stage)
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
@@ -133,24 +139,23 @@ def _steady_round(ds, workers, stage=None):
     return n / wall, 1e3 * cpu / TIMED
 
 
-def _bare_loop(ds, stage, ready, go, rates):
+def _bare_loop(ds, stage, go, results):
     """A worker's batches without a DataLoader around them (no transport, no shared memory): the
-    seeded samples, collation and the device stage, on one thread, in a fresh forked process."""
+    seeded samples, collation and the device stage, on one thread, in a fresh forked process.
+    Puts None once warmed up, then (after `go`) its images/s."""
     from dgclip.data.loader import Collate, SeededItems
 
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    keys = [[(step, i) for i in torch.randint(len(ds), (BATCH,), generator=gen).tolist()]
-            for step in range(WARM + TIMED)]
+    keys = list(_sampler(ds, WARM + TIMED))
     items, collate = SeededItems(ds, 0), Collate(stage)
     for k in keys[:WARM]:
         collate(items.__getitems__(k))
-    ready.release()
+    results.put(None)
     go.wait()
     t0 = time.perf_counter()
     for k in keys[WARM:]:
         collate(items.__getitems__(k))
-    rates.put(TIMED * BATCH / (time.perf_counter() - t0))
+    results.put(TIMED * BATCH / (time.perf_counter() - t0))
 
 
 def _bare_round(ds, stage, copies):
@@ -160,28 +165,25 @@ def _bare_round(ds, stage, copies):
     import queue
 
     ctx = mp.get_context("fork")
-    ready, go, rates = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_bare_loop, args=(ds, stage, ready, go, rates)) for _ in range(copies)]
+    go, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_bare_loop, args=(ds, stage, go, results)) for _ in range(copies)]
     for p in procs:
         p.start()
 
-    def wait(get):  # without hanging on a copy that died (its traceback is on stderr)
-        while True:
+    def collect():  # one message per copy, without hanging on a copy that died (traceback on stderr)
+        out = []
+        while len(out) < copies:
             try:
-                return get()
-            except (queue.Empty, TimeoutError):
+                out.append(results.get(timeout=1))
+            except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"a bare loop exited with code {dead[0]}")
+        return out
 
-    def acquire():
-        if not ready.acquire(timeout=1):
-            raise TimeoutError
-
-    for _ in procs:  # every copy warmed up before any is timed
-        wait(acquire)
+    collect()  # every copy warmed up before any is timed
     go.set()
-    total = sum(wait(lambda: rates.get(timeout=1)) for _ in procs)
+    total = sum(collect())
     for p in procs:
         p.join()
     return total
