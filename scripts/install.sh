@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PIP:-python -m pip}"
 $PIP install "torch>=2.4" "setuptools>=69" wheel ninja pybind11
-MAX_JOBS="${MAX_JOBS:-2}" $PIP install --no-build-isolation -e ".[dgclip,test]"
+MAX_JOBS="${MAX_JOBS:-2}" $PIP install --no-build-isolation -e ".[dgclip,test,docs]"
 python -c "import dgkernels; [print(f'  {k:9s} {\"yes\" if v.available else \"no: \" + v.reason}') for k, v in dgkernels.backends().items()]"
