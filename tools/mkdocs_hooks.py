@@ -65,19 +65,41 @@ def on_files(files, config):
     return files
 
 
-def _rewrite_results_links(markdown: str, src_uri: str) -> str:
-    """A link written as the repository path of a results file (relative to docs/<src_uri>) points
-    to its generated page instead."""
-    page_dir = posixpath.dirname(posixpath.join("docs", src_uri))
+def _repo_path(src_uri: str) -> str:
+    """Where the page's Markdown lives in the repository."""
+    if src_uri == "changelog.md":
+        return "CHANGELOG.md"
+    if src_uri.startswith("results/"):
+        return "benchmarks/results/" + src_uri[len("results/"):]
+    return "docs/" + src_uri
+
+
+def _site_path(repo_path: str) -> str | None:
+    """The docs-relative path of a repository file that the site contains, else None."""
+    if repo_path.startswith("docs/"):
+        return repo_path[len("docs/"):]
+    if repo_path.startswith("benchmarks/results/"):
+        return "results/" + repo_path[len("benchmarks/results/"):]
+    if repo_path == "CHANGELOG.md":
+        return "changelog.md"
+    return None
+
+
+def _rewrite_repo_links(markdown: str, src_uri: str) -> str:
+    """Links are written as repository paths relative to the Markdown file (so they work on GitHub);
+    the site places results files and the changelog elsewhere, so such links are rewritten to the
+    generated pages. Links to files the site does not contain are left alone (strict mode fails)."""
+    real_dir = posixpath.dirname(_repo_path(src_uri))
+    site_dir = posixpath.dirname(src_uri)
 
     def fix(m: re.Match) -> str:
         target = m.group(2)
-        if "://" in target:
+        if "://" in target or target.startswith(("/", "mailto:")):
             return m.group(0)
-        repo_path = posixpath.normpath(posixpath.join(page_dir, target))
-        if not repo_path.startswith("benchmarks/results/"):
+        site = _site_path(posixpath.normpath(posixpath.join(real_dir, target)))
+        if site is None:
             return m.group(0)
-        new = posixpath.relpath(posixpath.join("docs/results", repo_path[len("benchmarks/results/"):]), page_dir)
+        new = posixpath.relpath(site, site_dir or ".")
         return f"{m.group(1)}{new}{m.group(3) or ''}{m.group(4) or ''})"
 
     return _LINK.sub(fix, markdown)
@@ -119,8 +141,7 @@ def _render_cli() -> str:
 
 def on_page_markdown(markdown, page, config, files):
     src = page.file.src_uri
-    if not src.startswith("results/") and src != "changelog.md":
-        markdown = _rewrite_results_links(markdown, src)
+    markdown = _rewrite_repo_links(markdown, src)
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, _render_cli())
     if src.startswith("api/"):
