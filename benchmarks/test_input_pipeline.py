@@ -3,7 +3,7 @@ images/s a training step consumes, on a generated 224 px DomainBed-layout datase
 
     python -m pytest benchmarks/test_input_pipeline.py --benchmark-only -s
 
-The steady-state scaling (test_loader_steady_scaling; issue 13's target: >= 1.8x images/s at 2
+The steady-state scaling (test_loader_steady_scaling; target: >= 1.8x images/s at 2
 workers vs 0) prints a markdown table at the end; an idle machine is needed for a figure that
 means anything (the table states the load average). It also measures this machine's ceiling in
 the same rounds: the batches' work with no loader around it (one thread, no transport), one copy

@@ -12,7 +12,7 @@ __all__ = ["main", "QUICKSTART"]
 
 # quickstart: 200 steps per run (eval every 50) so 4 methods x 6 held-out domains stay within
 # minutes on a 2-core CPU, each method with its defaults (methods carry their embedded-default
-# settings themselves: `Method.embedded_hparams`, documented in the README).
+# settings themselves: `Method.embedded_hparams`, documented on the method pages).
 QUICKSTART = {
     "methods": ["zero-shot", "coop", "cocoop", "dpl"],
     "dataset": "rotated-digits",

@@ -74,7 +74,7 @@ def test_unreachable_hub_loads_from_the_cache_only(tmp_path, monkeypatch):
 
 
 def test_backbone_and_tiny_clip_import_in_one_direction():
-    """Issue 12.8: tiny_clip.py never imports backbone.py (no import cycle, not even inside a
+    """tiny_clip.py never imports backbone.py (no import cycle, not even inside a
     function); backbone.py imports tiny_clip at module level."""
     import ast
     from pathlib import Path

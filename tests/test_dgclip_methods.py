@@ -96,7 +96,7 @@ def test_prompt_encoder_matches_encode_text(backbone):
 
 
 def test_hparam_draws_are_seeded_per_name():
-    """Issue 12.8 (DomainBed): each hyper-parameter is drawn from a generator seeded by its own
+    """DomainBed's per-name seeding: each hyper-parameter is drawn from a generator seeded by its own
     name, so a subclass that draws an extra option first leaves every other draw unchanged."""
     coop = get_method("coop")
 

@@ -181,7 +181,7 @@ def test_gopro_original_view_without_mirroring_keeps_full_image():
 
 
 def test_gopro_augmix_uses_tpt_ops_after_crop_and_flip(monkeypatch):
-    """Issue 12.6: TPT's AugMix list has no colour/contrast/brightness/sharpness ops, and the
+    """TPT's AugMix list has no colour/contrast/brightness/sharpness ops, and the
     AugMix view is cropped/flipped like the original view first."""
     from torchvision import transforms as T
 

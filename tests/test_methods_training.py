@@ -131,7 +131,7 @@ def test_gopro_projector_option(backbone):
 
 
 def test_gopro_defaults_start_from_zero_shot(backbone):
-    """Issue 12.1: P_v feeds the logits by default, so it must start as the identity: GOPro's
+    """P_v feeds the logits by default, so it must start as the identity: GOPro's
     first predictions are zero-shot CLIP's ("a photo of a {}."), in train and eval mode."""
     from dgclip.methods import get_method
 

@@ -1,4 +1,4 @@
-"""No host read of the logit scale / temperature per call (issue 13).
+"""No host read of the logit scale / temperature per call.
 
 A learnable logit scale lives on the GPU; reading it on the host (`float(t)`, `t.item()`) is a
 device->host copy that waits for the stream, once per fused call. The fused backends take the

@@ -36,8 +36,8 @@ _SCRIPT = ("import json, sys; from dgkernels._triton_compile import compile_all;
            "json.dump(compile_all(resources=True), sys.stdout)")
 
 # Known sm_90 defects, by spec name. Each set must EQUAL what the compile finds: a new defect fails,
-# and so does a fixed one that is still listed (delete it), so these lists only shrink (issue 11:
-# zero spills, every half-precision GEMM kernel on wgmma).
+# and so does a fixed one that is still listed (delete it), so these lists only shrink (the
+# goal: zero spills, every half-precision GEMM kernel on wgmma).
 # Register allocation depends on the toolchain: the lists were read with this Triton (and the
 # ptxas in its wheel); under another one a new defect still fails, a vanished one is only reported.
 KNOWN_TOOLCHAIN = "3.8.0"

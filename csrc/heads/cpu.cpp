@@ -1,4 +1,4 @@
-// Head ops (issue 4): schemas and CPU kernels. Orchestration (row blocks, GEMMs) in heads.h; here
+// Head ops: schemas and CPU kernels. Orchestration (row blocks, GEMMs) in heads.h; here
 // the fused per-row passes, parallel over rows with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,6 +1,6 @@
-// Head ops (issue 4): CUDA kernels (the GPU fallback where Triton is missing). Orchestration is
+// Head ops: CUDA kernels (the GPU fallback where Triton is missing). Orchestration is
 // shared with the CPU (csrc/heads/heads.h: cuBLAS GEMMs on row tiles); here the fused per-row
-// passes, one thread block per row. GEMMs (issue 11): fp16/bf16 inputs stay in their dtype on the
+// passes, one thread block per row. GEMMs: fp16/bf16 inputs stay in their dtype on the
 // tensor cores with fp32 accumulation and output (CudaRows::kHalfGemm; gradient factors scaled by
 // powers of two before their cast, heads.h grad_mm); domain_fanout's GEMMs were already cuBLAS in
 // the input dtype (its output and gradients are in the input dtype, as torch's). The per-sample

@@ -1,4 +1,4 @@
-// Head ops (issue 4): device-generic orchestration shared by the CPU and CUDA kernels.
+// Head ops: device-generic orchestration shared by the CPU and CUDA kernels.
 //
 // The GEMMs run through ATen (at::mm / addmm on row blocks: MKL/oneDNN on CPU, cuBLAS on CUDA);
 // the per-row work that a composition would spread over many passes (log-sum-exp, cross-entropy

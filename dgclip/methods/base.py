@@ -138,7 +138,7 @@ class Method(nn.Module):
       embedded_hparams     overrides of default_hparams on the embedded default (tiny 64-d CLIP,
                            200-step schedule), as DomainBed's SMALL_IMAGES defaults: the papers'
                            settings are for ViT-B/16 and thousands of steps; picked by
-                           training-domain validation on seed 0 (README)
+                           training-domain validation on seed 0 (benchmarks/results/embedded_default.md)
     """
 
     name: str = "base"

@@ -77,11 +77,9 @@ class GOPro(Method):
     batch_sizes = (4, 8, 16, 32)
 
     # embedded default (32 px digits, 200 steps): mirroring changes a digit and a random crop of a
-    # 32 px digit cuts strokes (scale 0.6 lost ~3 points), so both are off; the paper's lr 0.002 is
-    # for 50 epochs, far too little for 200 steps. Picked by mean SOURCE-validation accuracy over the
-    # six leave-one-out runs of seed 0 (target numbers never looked at for the choice):
-    #   lr 0.001 b4 61.2 | 0.01 b4 63.7 | 0.05 b4 71.1 | 0.1 b4 73.2 | 0.05 b8 73.8 | 0.1 b8 75.5
-    # (b = images per source domain per step; consistency_weight 0.1 at lr 0.01: the same 63.7).
+    # 32 px digit cuts strokes, so both are off; the paper's lr 0.002 is for 50 epochs, far too
+    # little for 200 steps. lr and batch picked by source validation (never the target); the
+    # candidates and their scores: benchmarks/results/embedded_default.md.
     embedded_hparams = {"hflip": False, "crop_scale_min": 1.0, "lr": 0.1, "batch_size": 8}
 
     @classmethod

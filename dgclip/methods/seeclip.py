@@ -11,7 +11,7 @@ Loss = L_ali + rep_weight * L_rep + coh_weight * L_coh + reg_weight * L_reg (1.0
           the known ones (the paper's sign; the released code has it reversed: rep_sign=-1);
   L_coh = MSE(u_b, centroid) on L2-normalised text features (the unknown prompt stays near the
           known ones): coh_centroid="image" (mean over image b's C known prompts) or "batch" (one
-          centroid over the batch); the released code's exact form was not available here;
+          centroid over the batch); the released code's exact form is not known, hence the option;
   L_reg = sum_k ||Psi_k||_1 over the Psi weights (reg_reduction="sum", as the paper writes it;
           "mean" divides by the number of weights). Its EFFECTIVE weight is 1e-4: the paper's
           lambda = 0.01 (Eq. 7) sits inside gamma = 0.01 (Eq. 11), as in the released code; at

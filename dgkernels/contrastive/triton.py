@@ -46,7 +46,7 @@ per SM) read the same K block within a short window and share it in L2; K itself
 D = 512, bf16: 64 MiB) does not fit in an H100/H200 L2 (50 MiB) in any order. Grouped ordering
 pays for GEMMs whose programs each own one output tile of a 2-D grid and would otherwise walk the
 operands out of step; a persistent loop would save only the launch of N / BLOCK_M programs.
-Unmeasured on a GPU (no GPU in this project's sessions).
+GPU speed: measured by benchmarks/gpu_bench.py (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ but a window's suffix tile is [64, ~96] of which ~L/2 keys per row are visible, 
 block pads 17 keys to 32, so ~17% of the fwd/dq score tile is useful (the 16-row per-sequence
 blocks this replaces: ~22%, on mma.sync, with 4-8x more programs); the dk/dv prefix programs pad
 17 prefix keys to a 64-row tile (27% useful). fp32 keeps 16-row windows (no wgmma needed; 64-row
-fp32 tiles spill). Speed is unmeasured (no GPU in the sessions that wrote this); the sm_90
+fp32 tiles spill). GPU speed: benchmarks/gpu_bench.py; the sm_90
 compile's registers, spills and wgmma are in benchmarks/results/triton_sm90_resources.md.
 
 Float64 is not a Triton path here (the cpp/cuda and reference backends take it). Head dims up to
