@@ -1,9 +1,10 @@
 """MkDocs hooks: pages generated from the repository at build time, so they cannot go stale.
 
 - `results/<name>.md`: every measurement file in benchmarks/results/ (the data lives there, next to
-  the benchmarks that write it), plus `results/index.md` listing them. A docs page links to a
-  results file by its path in the repository (`../../benchmarks/results/x.md` from docs/<dir>/),
-  which works on GitHub; the link is rewritten here to the generated page.
+  the benchmarks that write it), plus `results/index.md` listing them.
+- Links are written as repository paths relative to the Markdown file, so they work on GitHub too
+  (`../../benchmarks/results/x.md` from docs/<dir>/); links into benchmarks/results/ or to
+  CHANGELOG.md are rewritten to the generated pages.
 - `changelog.md`: CHANGELOG.md at the repository root.
 - The `<!-- dgclip-cli-help -->` marker: replaced by the argparse help of `dgclip` and of each
   subcommand, rendered from `dgclip.cli.build_parser()` (needs dgclip's dependencies installed).
