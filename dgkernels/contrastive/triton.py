@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_compile import CompileSpec
+from .._triton_signature import CompileSpec
 
 LOG2E = math.log2(math.e)
 _COL_HEADROOM = 88.0  # A: terms <= 2^88, so sums of up to 2^39 rows stay below fp32 max (2^128)

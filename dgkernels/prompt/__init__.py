@@ -16,7 +16,7 @@ a fixed ~1.1 GB float32 (~0.6 GB bfloat16): the chunk in flight (~1.9 MiB x 512)
 suffix inputs (T x W) and the G prefixes' per-layer keys/values; the price is one extra suffix
 forward (about +30% time).
 """
-from .. import _dispatch, _triton_compile
+from .. import _dispatch, _triton_signature
 from . import compiled as _compiled
 from . import reference as _reference
 from .api import OP_ASSEMBLE, OP_ATTENTION, OP_HEAD, encode_prompts, encode_text
@@ -27,7 +27,7 @@ for _op in (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD):
     _dispatch.register(_op, "cpp", _compiled)  # torch.ops dispatch on device: CPU and CUDA kernels
     _dispatch.register(_op, "cuda", _compiled)
     _dispatch.register(_op, "triton", _dispatch.LazyModule("dgkernels.prompt.triton"))
-_triton_compile.register_module("dgkernels.prompt.triton")
+_triton_signature.register_module("dgkernels.prompt.triton")
 _compiled.register_fakes()
 
 __all__ = ["encode_text", "encode_prompts", "PromptEncoder"]

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_compile import CompileSpec
+from .._triton_signature import CompileSpec
 from .._triton_signature import param_names, signature
 from .autograd import backend_ops
 from .packing import Windows, cached_windows
