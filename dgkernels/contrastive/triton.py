@@ -363,14 +363,6 @@ def _launch(kernel: str, n: int, args: tuple, dtype):
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
 
 
-def refusal(op: str, call) -> str:
-    """What these kernels run: float32/bfloat16/float16 (fp32 accumulation), any N, M, D."""
-    bad = call.unsupported_dtype(_TL)
-    if bad is not None:
-        return f"the triton contrastive kernels run float32/bfloat16/float16, got {bad}"
-    return ""
-
-
 _MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)
 
 
