@@ -22,15 +22,17 @@ CUSTOM_OPS: dict[str, object] = {}
 
 
 def define(name: str, schema: str, fake: Callable, *, backward: Callable | None = None,
-           setup_context: Callable | None = None):
-    """The custom op dgkernels::<name> running the selected backend's primitive `name`."""
+           setup_context: Callable | None = None, compute: Callable | None = None):
+    """The custom op dgkernels::<name> running the selected backend's primitive `name`, or with
+    `compute`, computing that function of other primitives (e.g. the fused forward + backward of a
+    reduced loss), registered here for the same checks."""
 
     def run(*args):
         *args, backend = args
         out = _dispatch.impl_of(name, backend).primitive(name)(*args)
         return tuple(_fresh(out, args)) if isinstance(out, (tuple, list)) else _fresh((out,), args)[0]
 
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", compute or run, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
@@ -53,21 +55,3 @@ def _fresh(outputs, inputs) -> list:
                 taken.add(t.untyped_storage().data_ptr())
         fresh.append(t)
     return fresh
-
-
-def composite(name: str, schema: str, fn: Callable, fake: Callable, *, backward: Callable | None = None,
-              setup_context: Callable | None = None):
-    """A custom op dgkernels::<name> computing `fn` over other primitives (e.g. a fused
-    forward + backward of a reduced loss); registered beside the primitives for the same checks."""
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=(), schema=schema)
-    op.register_fake(fake)
-    if backward is not None:
-        op.register_autograd(backward, setup_context=setup_context)
-    CUSTOM_OPS[name] = op
-    return op
-
-
-def grads_needed(ctx, grads, *, first: int = 0):
-    """`grads` with None where the input (counted from `first`) needs no gradient."""
-    need = ctx.needs_input_grad[first:]
-    return tuple(g if i < len(need) and need[i] else None for i, g in enumerate(grads))

@@ -171,7 +171,10 @@ def test_graph_calls_the_custom_ops(case):
         pytest.skip("needs the compiled cpp backend; " + dgkernels.backends()["cpp"].reason)
     fn, build = CASES[case]
     calls = _dgkernels_calls(fn, build(torch.float32, "cpu"))
-    assert calls["forward"] and calls["backward"], calls
+    # a reduced head loss runs its fused forward + backward op in the forward (dgkernels.heads.ops):
+    # its backward graph only scales the gradients that op returned
+    fused = any(c.endswith("_fused") for c in calls["forward"])
+    assert calls["forward"] and (calls["backward"] or fused), calls
     from dgkernels import _primitives
 
     assert set.union(*calls.values()) <= set(_primitives.CUSTOM_OPS), \

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._primitives import composite, define
+from .._primitives import define
 from .._validate import acc_dtype
 
 KINDS = {"kl": 0, "sym_kl": 1}
@@ -70,11 +70,11 @@ class _Loss:
                                lambda rows, *a: (*grad_fakes(*a[:3]), _per(a[0])))
         self.rows = define(f"{name}_rows", f"({args_schema}, str backend) -> Tensor", lambda *a: _per(a[0]),
                            backward=self._rows_backward, setup_context=self._rows_setup)
-        self.fused = composite(f"{name}_fused",
-                               f"({args_schema}, str reduction, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
-                               self._fused_impl,
-                               lambda *a: (a[0].new_empty((), dtype=acc_dtype(a[0].dtype)), *grad_fakes(*a[:3])),
-                               backward=self._fused_backward, setup_context=self._fused_setup)
+        self.fused = define(f"{name}_fused",
+                            f"({args_schema}, str reduction, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+                            lambda *a: (a[0].new_empty((), dtype=acc_dtype(a[0].dtype)), *grad_fakes(*a[:3])),
+                            backward=self._fused_backward, setup_context=self._fused_setup,
+                            compute=self._fused_impl)
 
     def _fused_impl(self, *a):
         *args, reduction, backend = a
