@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import _extension
+from ._triton_signature import interpreting
 from ._validate import FLOAT_DTYPES
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
@@ -101,7 +102,7 @@ class BackendStatus:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)

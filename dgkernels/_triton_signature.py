@@ -8,6 +8,7 @@ launch; the kernels cast offsets to int64 themselves), every constexpr parameter
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 # Modules holding Triton kernels; each defines COMPILE_SPECS (a list of CompileSpec) at import.
@@ -25,6 +26,11 @@ class CompileSpec:
     # Specialisation the JIT applies at launch, e.g. {(i,): [["tt.divisibility", 16]]} for argument i
     # (16-byte aligned pointers, sizes and strides divisible by 16): compile what will run.
     attrs: dict | None = None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter (TRITON_INTERPRET=1: CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def register_module(module_name: str) -> None:

@@ -8,7 +8,7 @@ import dgkernels
 from dgkernels import _dispatch, _primitives
 from dgkernels.prompt import ops as prompt_ops
 from dgkernels.prompt import reference
-from dgkernels.prompt.api import OP_ASSEMBLE, OP_ATTENTION, OP_HEAD
+from dgkernels.prompt.api import OP_ATTENTION
 from dgkernels.prompt.reference import naive_encode_prompts
 from dgkernels.testing import assert_close_to_fp64, rel_error
 

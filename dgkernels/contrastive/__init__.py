@@ -12,8 +12,10 @@ from .api import InfoNCE, clip_loss, info_nce, multiview_info_nce
 
 OPS = ("info_nce", "clip_loss", "multiview_info_nce")
 BACKENDS = (
-    Backend("contrastive", "reference", "dgkernels.contrastive.reference", "plain PyTorch, the N x M logits materialised"),
-    Backend("contrastive", "cpp", "dgkernels.contrastive.tiled_gemm", "csrc/contrastive/cpu.cpp: tiled GEMM + ATen per tile"),
+    Backend("contrastive", "reference", "dgkernels.contrastive.reference",
+            "plain PyTorch, the N x M logits materialised"),
+    Backend("contrastive", "cpp", "dgkernels.contrastive.tiled_gemm",
+            "csrc/contrastive/cpu.cpp: tiled GEMM + ATen per tile"),
     Backend("contrastive", "cuda", "dgkernels.contrastive.tiled_gemm",
             "csrc/contrastive/cuda.cu: cuBLAS GEMM + ATen per tile, not a fused kernel"),
     Backend("contrastive", "triton", "dgkernels.contrastive.triton", "fused Triton log-sum-exp",

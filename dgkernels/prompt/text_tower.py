@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._validate import compiling
+from .._validate import acc_dtype, compiling
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 LN for 16-bit
+        acc = acc_dtype(x.dtype)  # float32 LN for 16-bit
         w = None if self.weight is None else self.weight.to(acc)
         b = None if self.bias is None else self.bias.to(acc)
         return F.layer_norm(x.to(acc), (x.shape[-1],), w, b, self.eps).to(x.dtype)

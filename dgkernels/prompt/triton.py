@@ -35,14 +35,13 @@ Float64 is not a Triton path here (the cpp/cuda and reference backends take it).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._triton_signature import CompileSpec
-from .._triton_signature import param_names, signature
+from .._triton_signature import interpreting, param_names, signature
 from .packing import Windows, cached_windows
 
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
@@ -587,7 +586,7 @@ def _block_d(dim: int) -> int:
 
 
 def _attn_meta(dtype, dim, kernel) -> dict:
-    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    widen = dtype == torch.bfloat16 and interpreting()
     block_m, block_n = _attn_blocks(dtype)
     block_d = _block_d(dim)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_prec(dtype), WIDEN=widen,
