@@ -19,6 +19,7 @@ import contextlib
 import functools
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -339,7 +340,16 @@ def explain(op: str, device: torch.device | str = "cpu", dtype=None, **sizes) ->
     inputs of `dtype` (a dtype or a sequence of them; None: not stated) and the op-specific
     `sizes` (e.g. D=, K= for head_agreement, head_dim= for prefix_attention), else the reasons it
     would not, read from the backends' declarations."""
+    if op in _RENAMED:
+        warnings.warn(f"dgkernels.explain({op!r}): the primitive is now named {_RENAMED[op]!r}", DeprecationWarning,
+                      stacklevel=2)
+        op = _RENAMED[op]
     call = call_facts(device, dtype, **sizes)
     primitive = _PUBLIC.get(op, op)
     return {b: _refusal(primitive, b, call) for b in BACKENDS}
+
+
+# primitive names explain() took before the primitives became the dgkernels custom ops
+_RENAMED = {"prompt_assemble": "assemble_tokens", "prompt_prefix_attention": "prefix_attention",
+            "prompt_eot_head": "eot_head"}
 

@@ -128,7 +128,7 @@ def _cast(args, dtype, device, *, grad=False, noncontig=False):
     out = []
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            t = a.to(dtype if a.dim() else (F64 if dtype == F64 else torch.float32))
+            t = a.detach().to(dtype if a.dim() else (F64 if dtype == F64 else torch.float32))
             if noncontig and t.dim() >= 1:
                 t = torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]  # stride 2, poisoned gaps
             t = t.to(device)
@@ -225,3 +225,35 @@ def test_primitive_non_contiguous_and_small_gradient(name, backend):
 def test_primitive_matches_reference_gpu(name, backend, dtype):
     _check_against_reference(name, backend, dtype, "cuda")
     _check_against_reference(name, backend, dtype, "cuda", noncontig=True, scale=1e-3)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("name,backend", [c for c in _cases("cpu") if c[0] in COMPOSITE])
+def test_fused_loss_matches_reference(name, backend, dtype):
+    """A reduced loss's fused forward + backward op: the mean loss and the gradients it returns
+    against autograd of the reference's per-sample primitive."""
+    gen = torch.Generator().manual_seed(2)
+    base = FORWARD[COMPOSITE[name]][0](gen)
+    reference = _dispatch.impl_of(COMPOSITE[name], "reference").primitive(COMPOSITE[name])
+
+    def ref_loss(*args):
+        per = reference(*args)
+        count = (args[3] != args[6]).sum() if name.startswith("cosine") else per.shape[0]
+        return per.sum() / count
+
+    def grads(fn, args):
+        leaves = [a for a in args[:3] if isinstance(a, torch.Tensor) and a.requires_grad]
+        loss = fn(*args)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    exact = grads(ref_loss, _cast(base, F64, "cpu", grad=True))
+    torch_low = grads(ref_loss, _cast(base, dtype, "cpu", grad=True))
+    got = list(_primitives.CUSTOM_OPS[name](*_cast(base, dtype, "cpu"), "mean", backend))
+    for i, (g, w, b) in enumerate(zip(got, exact, torch_low)):
+        assert_close_to_fp64(g, w, b, dtype=dtype, name=f"{name}[{backend}] loss/grad {i}")
+
+
+def test_explain_takes_the_public_ops_and_the_old_primitive_names():
+    assert dgkernels.explain("encode_prompts", "cpu") == dgkernels.explain("prefix_attention", "cpu")
+    with pytest.deprecated_call():
+        assert dgkernels.explain("prompt_prefix_attention", "cpu") == dgkernels.explain("prefix_attention", "cpu")

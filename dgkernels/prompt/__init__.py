@@ -31,6 +31,8 @@ BACKENDS = (
 )
 for _backend in BACKENDS:  # the reference implements the forward primitives (its backward: autograd)
     _dispatch.register(_backend, (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD) if _backend.name == "reference" else ops.PRIMITIVES)
+for _op in ("encode_text", "encode_prompts", "PromptEncoder"):  # one backend runs all three; the attention limits most
+    _dispatch.register_public(_op, OP_ATTENTION)
 _triton_signature.register_module("dgkernels.prompt.triton")
 
 __all__ = ["encode_text", "encode_prompts", "PromptEncoder"]
