@@ -283,11 +283,11 @@ def _facts(device: torch.device, call: CallFacts | None) -> CallFacts:
 
 
 def select(op: str, device: torch.device, backend: str | None = None,
-           call: CallFacts | None = None) -> tuple[str, object]:
-    """Pick the backend for one call of `op` on tensors living on `device`, described by `call`
-    (dtypes, sizes; None: the device alone).
+           call: CallFacts | None = None) -> tuple[str, Backend]:
+    """Pick the backend for one call of primitive `op` on tensors living on `device`, described by
+    `call` (dtypes, sizes; None: the device alone).
 
-    Returns (backend name, implementation). Raises BackendUnavailableError when a named backend
+    Returns (backend name, its Backend declaration). Raises BackendUnavailableError when a named backend
     cannot run the call; in automatic mode falls through the order above, ending at reference.
     """
     name, impls = select_all((op,), device, backend, call)
@@ -295,7 +295,7 @@ def select(op: str, device: torch.device, backend: str | None = None,
 
 
 def select_all(ops: tuple[str, ...], device: torch.device, backend: str | None = None,
-               call: CallFacts | None = None) -> tuple[str, tuple[object, ...]]:
+               call: CallFacts | None = None) -> tuple[str, tuple[Backend, ...]]:
     """One backend that runs every primitive of `ops` for `call` (primitives that work together,
     as the three of one prompt encoding): (name, the Backend of each)."""
     call = _facts(device, call)
