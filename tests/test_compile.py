@@ -365,3 +365,16 @@ def test_prompt_graphs_call_the_custom_ops():
     tokens = pm.random_tokens(3, [1, 4, 6], context=8)
     calls = _dgkernels_calls(lambda t: dgkernels.encode_text(text_model, t, normalize=True), (tokens,))
     assert {"assemble_tokens", "eot_head"} <= calls["forward"] and "eot_head_backward" in calls["backward"], calls
+
+
+def test_fullgraph_encode_prompts_triton_backend(triton_device):
+    if not dgkernels.backends()["triton"]:
+        pytest.skip(dgkernels.backends()["triton"].reason)
+    pm = _prompt_models()
+    model = pm.model("tiny").to(triton_device)
+    prefix = (torch.randn(2, 3, 32, device=triton_device) * 0.5).requires_grad_()
+    suffix = (torch.randn(3, 5, 32, device=triton_device) * 0.5).requires_grad_()
+    fn = lambda p, s: dgkernels.encode_prompts(model, p, s, [5, 2, 3], backend="triton")  # noqa: E731
+    want = _values_and_grads(fn, (prefix, suffix), prefix, suffix)
+    got = _values_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), (prefix, suffix), prefix, suffix)
+    _assert_rel(got, want, 0.0)  # the same kernels on the same layout: equal to the bit
