@@ -7,12 +7,11 @@ Overrides: the `backend=` keyword of each op, then the DGKERNELS_BACKEND environ
 at every call), then `use_backend(...)` as a context manager. Asking for a backend that cannot
 run the call raises BackendUnavailableError naming the reason.
 
-What a backend supports is declared by the backend itself: every registered implementation has
-`refusal(op, call) -> str` ('' = it runs the call), where `call` is a CallFacts (device type,
-dtypes, a few op-specific sizes). This module adds what no backend module can know on its own:
-whether the backend is installed and usable on this machine, and which device types it runs.
-`select` alone combines the two, for an explicit request (refused: BackendUnavailableError with
-the backend's reason) and for the automatic order (refusals are skipped).
+The contract (xformers' operators and their `not_supported_reasons`): each op family registers one
+`Backend` per backend name, a declaration of what it runs (device types, dtypes, size limits) and
+of the module implementing the family's primitives under the reference's names. Dispatch is keyed
+on the primitive; `select` asks the backends in order and `explain` / BackendUnavailableError
+report each declaration's reasons. A call is described by CallFacts (device type, dtypes, sizes).
 """
 from __future__ import annotations
 
@@ -20,18 +19,22 @@ import contextlib
 import functools
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from . import _extension
+from ._triton_signature import interpreting
+from ._validate import FLOAT_DTYPES
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 _ENV = "DGKERNELS_BACKEND"
 _override: list[str] = []
-# op name -> backend -> implementation object (module or namespace with the backend's functions)
-_REGISTRY: dict[str, dict[str, object]] = {}
+# primitive -> backend name -> Backend; public op name -> the primitive it dispatches on
+_REGISTRY: dict[str, dict[str, "Backend"]] = {}
+_PUBLIC: dict[str, str] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,7 +43,7 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class CallFacts:
-    """What a backend's `refusal` may look at: hashable, so the torch.compile path can hand its
+    """What a backend's declaration may look at: hashable, so the torch.compile path can hand its
     fields to a function whose result is a trace-time constant (build it with `call_facts`, which
     turns sizes into Python ints).
 
@@ -100,7 +103,7 @@ class BackendStatus:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,58 +157,101 @@ def use_backend(name: str) -> Iterator[None]:
         _override.pop()
 
 
-def register(op: str, backend: str, impl: object) -> None:
-    """Declare that `impl` runs `op` on `backend` (called by each op family at import). `impl`
-    declares what it supports with `refusal(op, call: CallFacts) -> str` (a LazyModule's is
-    checked when it is first imported)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-    if not isinstance(impl, LazyModule):
-        _declaration(impl)
-    _REGISTRY.setdefault(op, {})[backend] = impl
+_DEVICES = {"cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "reference": None}
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel here runs
+_RUNS = {"cpp": "CPU tensors", "cuda": "CUDA tensors",
+         "triton": "CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"}
 
 
-def _declaration(impl: object) -> Callable[[str, CallFacts], str]:
-    refusal = getattr(impl, "refusal", None)
-    if not callable(refusal):
-        raise TypeError(f"backend implementation {impl!r} must define refusal(op, call) -> str")
-    return refusal
+@dataclass(frozen=True)
+class Backend:
+    """One backend of one op family: what it runs and where its primitives live.
+
+    family: "contrastive", "heads", "prompt"; name: one of BACKENDS (its device types follow from
+    it: cpp CPU, cuda CUDA, triton CUDA or CPU under TRITON_INTERPRET=1, reference any);
+    module: the module implementing the family's primitives, imported on first use (Triton stays
+    out of `import dgkernels`); kernels: what computes (shown by `explain`); dtypes: the floating
+    dtypes it runs; names: primitive -> the module's function where the names differ (launchers
+    keep their own names); limits: a function of the module `(primitive, call) -> reason or ''`
+    for size limits, which live beside the kernels' block sizes.
+    """
+
+    family: str
+    name: str
+    module: str
+    kernels: str
+    dtypes: tuple = FLOAT_DTYPES
+    names: tuple = ()  # (primitive, function) pairs: hashable, as a frozen dataclass field must be
+    limits: str | None = None
+
+    def _module(self):
+        import importlib
+
+        return importlib.import_module(self.module)
+
+    def primitive(self, name: str) -> Callable:
+        """The function computing primitive `name` (imports the module on first use)."""
+        return getattr(self._module(), dict(self.names).get(name, name))
+
+    def not_supported_reasons(self, primitive: str, call: CallFacts) -> list[str]:
+        """Why this backend cannot run `primitive` for `call` ([] if it can): device type, dtype,
+        then the size limits (the module is imported only for a call that passes the first two)."""
+        reasons = []
+        devices = _DEVICES[self.name]
+        if self.name == "triton" and not triton_interpret():
+            devices = ("cuda",)
+        if devices is not None and call.device not in devices:
+            reasons.append(f"the {self.name} backend runs {_RUNS[self.name]}, got {call.device} tensors")
+        bad = call.unsupported_dtype(self.dtypes)
+        if bad is not None:
+            names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"the {self.name} {self.family} kernels ({self.kernels}) run {names}, got {bad}")
+        if not reasons and self.limits is not None:
+            why = getattr(self._module(), self.limits)(primitive, call)
+            if why:
+                reasons.append(why)
+        return reasons
 
 
-def implemented(op: str) -> tuple[str, ...]:
-    return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
+def register(backend: Backend, primitives: tuple[str, ...]) -> None:
+    """Declare that `backend` runs each of `primitives` (called by each op family at import)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend declarations must be Backend objects, got {backend!r}")
+    if backend.name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend.name!r}")
+    for prim in primitives:
+        _REGISTRY.setdefault(prim, {})[backend.name] = backend
 
 
-def registered_ops() -> tuple[str, ...]:
-    """Every op with at least one registered backend."""
+def register_public(op: str, primitive: str) -> None:
+    """The primitive a public op dispatches on (what `explain(op)` reports)."""
+    _PUBLIC[op] = primitive
+
+
+def implemented(primitive: str) -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS if b in _REGISTRY.get(primitive, {}))
+
+
+def registered_primitives() -> tuple[str, ...]:
+    """Every primitive with at least one registered backend."""
     return tuple(_REGISTRY)
 
 
-def _device_refusal(backend: str, device_type: str) -> str:
-    """Which device types each backend runs (a property of the backend name: one compiled module
-    serves both cpp and cuda)."""
-    if backend == "cpp" and device_type != "cpu":
-        return f"the cpp backend runs CPU tensors, got {device_type} tensors"
-    if backend == "cuda" and device_type != "cuda":
-        return f"the cuda backend runs CUDA tensors, got {device_type} tensors"
-    if backend == "triton" and device_type != "cuda" and not (device_type == "cpu" and triton_interpret()):
-        return f"the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device_type} tensors"
-    return ""
+def impl_of(primitive: str, name: str) -> Backend:
+    """The Backend registered for (primitive, backend name); the custom ops call it at run time."""
+    return _REGISTRY[primitive][name]
 
 
-def _refusal(op: str, backend: str, call: CallFacts) -> str:
-    """Why `backend` cannot run `op` for `call` ('' if it can): registration, availability on this
-    machine, device type, then the backend's own declaration."""
-    impl = _REGISTRY.get(op, {}).get(backend)
+def _refusal(primitive: str, backend: str, call: CallFacts) -> str:
+    """Why `backend` cannot run `primitive` for `call` ('' if it can): registration, availability on
+    this machine, then the backend's declaration."""
+    impl = _REGISTRY.get(primitive, {}).get(backend)
     if impl is None:
-        return f"{op} has no {backend} implementation"
+        return f"{primitive} has no {backend} implementation"
     status = _status(backend)
     if not status.available:
         return status.reason
-    why = _device_refusal(backend, call.device)
-    if why:
-        return why
-    return _declaration(impl)(op, call)
+    return "; ".join(impl.not_supported_reasons(primitive, call))
 
 
 def requested_backend(backend: str | None) -> str | None:
@@ -237,11 +283,11 @@ def _facts(device: torch.device, call: CallFacts | None) -> CallFacts:
 
 
 def select(op: str, device: torch.device, backend: str | None = None,
-           call: CallFacts | None = None) -> tuple[str, object]:
-    """Pick the backend for one call of `op` on tensors living on `device`, described by `call`
-    (dtypes, sizes; None: the device alone).
+           call: CallFacts | None = None) -> tuple[str, Backend]:
+    """Pick the backend for one call of primitive `op` on tensors living on `device`, described by
+    `call` (dtypes, sizes; None: the device alone).
 
-    Returns (backend name, implementation). Raises BackendUnavailableError when a named backend
+    Returns (backend name, its Backend declaration). Raises BackendUnavailableError when a named backend
     cannot run the call; in automatic mode falls through the order above, ending at reference.
     """
     name, impls = select_all((op,), device, backend, call)
@@ -249,9 +295,9 @@ def select(op: str, device: torch.device, backend: str | None = None,
 
 
 def select_all(ops: tuple[str, ...], device: torch.device, backend: str | None = None,
-               call: CallFacts | None = None) -> tuple[str, tuple[object, ...]]:
-    """One backend that runs every op of `ops` for `call` (ops that work together, as the three
-    prompt ops of one encoding): (name, the implementation of each op)."""
+               call: CallFacts | None = None) -> tuple[str, tuple[Backend, ...]]:
+    """One backend that runs every primitive of `ops` for `call` (primitives that work together,
+    as the three of one prompt encoding): (name, the Backend of each)."""
     call = _facts(device, call)
     name = requested_backend(backend)
     for op in ops:
@@ -289,39 +335,21 @@ def select_name(op: str | tuple[str, ...], device: torch.device, backend: str | 
     return _select_name(ops, call.device, call.dtypes, call.sizes, backend)
 
 
-def impl_of(op: str, name: str) -> object:
-    """The implementation registered for (op, backend name); called by the custom ops at run time."""
-    return _REGISTRY[op][name]
-
-
 def explain(op: str, device: torch.device | str = "cpu", dtype=None, **sizes) -> dict[str, str]:
-    """For each backend, '' if it would run `op` on `device` for inputs of `dtype` (a dtype or a
-    sequence of them; None: not stated) and the op-specific `sizes` (e.g. D=, K= for
-    head_agreement, head_dim= for prompt_prefix_attention), else the reason it would not."""
+    """For each backend, '' if it would run `op` (a public op or a primitive) on `device` for
+    inputs of `dtype` (a dtype or a sequence of them; None: not stated) and the op-specific
+    `sizes` (e.g. D=, K= for head_agreement, head_dim= for prefix_attention), else the reasons it
+    would not, read from the backends' declarations."""
+    if op in _RENAMED:
+        warnings.warn(f"dgkernels.explain({op!r}): the primitive is now named {_RENAMED[op]!r}", DeprecationWarning,
+                      stacklevel=2)
+        op = _RENAMED[op]
     call = call_facts(device, dtype, **sizes)
-    return {b: _refusal(op, b, call) for b in BACKENDS}
+    primitive = _PUBLIC.get(op, op)
+    return {b: _refusal(primitive, b, call) for b in BACKENDS}
 
 
-Impl = Callable[..., object]
+# primitive names explain() took before the primitives became the dgkernels custom ops
+_RENAMED = {"prompt_assemble": "assemble_tokens", "prompt_prefix_attention": "prefix_attention",
+            "prompt_eot_head": "eot_head"}
 
-
-class LazyModule:
-    """A backend implementation module imported on first use (keeps Triton out of `import dgkernels`)."""
-
-    def __init__(self, module_name: str):
-        self._name = module_name
-        self._module = None
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        if self._module is None:
-            import importlib
-
-            module = importlib.import_module(self._name)
-            _declaration(module)
-            self._module = module
-        return getattr(self._module, attr)
-
-    def __repr__(self) -> str:
-        return f"LazyModule({self._name!r})"

@@ -36,6 +36,11 @@ def _device_assert(cond: torch.Tensor, msg: str) -> None:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every kernel and statistic: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_tensor(name: str, t, *, dims: int | Iterable[int] | None = None, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -71,20 +76,20 @@ def check_index(name: str, t, size: int, *, length: int | None = None, ignore_in
         raise ValueError(f"{name} values must lie in [0, {size}), got min {int(valid.min())}, max {int(valid.max())}")
 
 
+def _check_same(attr: str, error: type, what: str, tensors: dict):
+    values = {n: getattr(t, attr) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(values.values())) > 1:
+        raise error(f"{what}, got " + ", ".join(f"{n} {sep}{v}" for n, v in values.items()
+                                                for sep in ["on " if attr == "device" else ""]))
+    return next(iter(values.values()))
+
+
 def check_same_device(**tensors) -> torch.device:
-    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {desc}")
-    return next(iter(devices.values()))
+    return _check_same("device", ValueError, "all tensors must be on one device", tensors)
 
 
 def check_same_dtype(**tensors) -> torch.dtype:
-    dtypes = {n: t.dtype for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(dtypes.values())) > 1:
-        desc = ", ".join(f"{n} {d}" for n, d in dtypes.items())
-        raise TypeError(f"all float inputs must share one dtype, got {desc}")
-    return next(iter(dtypes.values()))
+    return _check_same("dtype", TypeError, "all float inputs must share one dtype", tensors)
 
 
 def host_readable(t: torch.Tensor) -> bool:

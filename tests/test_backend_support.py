@@ -1,4 +1,5 @@
-"""Each backend declares what it supports (`refusal(op, call)`); `_dispatch` alone decides and explains.
+"""Each backend is one declaration per (family, backend) (`_dispatch.Backend`: devices, dtypes, size
+limits, each refusal with its reason); `_dispatch` alone decides and explains from them.
 
 No GPU needed: the dispatch decisions for CUDA tensors are checked with every backend's machine
 availability forced on (`_dispatch._status`), which leaves the backends' own declarations to decide.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import dgkernels
-from dgkernels import _dispatch
+from dgkernels import _dispatch, _extension
 from dgkernels._dispatch import BackendStatus, BackendUnavailableError, CallFacts, call_facts
 
 PACKAGE = pathlib.Path(dgkernels.__file__).parent
@@ -36,66 +37,71 @@ def all_available(monkeypatch):
 # ---- the declarations -----------------------------------------------------------------------
 
 def _registered():
-    return [(op, name) for op in _dispatch.registered_ops() for name in _dispatch.implemented(op)]
+    return [(p, name) for p in _dispatch.registered_primitives() for name in _dispatch.implemented(p)]
 
 
 def test_every_op_family_registers_every_backend():
-    ops = set(_dispatch.registered_ops())
-    assert {"clip_loss", "info_nce", "multiview_info_nce", "domain_fanout", "head_agreement", "cosine_cross_entropy",
-            "prompt_assemble", "prompt_prefix_attention", "prompt_eot_head"} <= ops
-    for op in ops:
-        if op.startswith("_"):  # probes of other tests
+    prims = set(_dispatch.registered_primitives())
+    assert {"contrastive_lse", "domain_fanout", "head_agreement_rows", "cosine_cross_entropy_rows",
+            "assemble_tokens", "prefix_attention", "eot_head"} <= prims
+    for p in prims:
+        if p.startswith("_"):  # probes of other tests
             continue
-        assert set(_dispatch.implemented(op)) == set(dgkernels.BACKENDS), op
+        want = set(dgkernels.BACKENDS) - ({"reference"} if p.endswith("_backward") or p == "index_add_rows" else set())
+        assert set(_dispatch.implemented(p)) == want, p  # the reference's backward is autograd
 
 
-@pytest.mark.parametrize("op,name", _registered())
-def test_each_backend_defines_its_declaration(op, name):
-    if op.startswith("_"):
+@pytest.mark.parametrize("prim,name", _registered())
+def test_each_backend_is_a_declaration_implementing_the_primitive(prim, name):
+    if prim.startswith("_"):
         pytest.skip("a probe op of another test")
-    impl = _dispatch.impl_of(op, name)
-    if isinstance(impl, _dispatch.LazyModule) and not _triton_importable():
-        pytest.skip("the lazily imported triton module needs triton")
-    refusal = getattr(impl, "refusal")  # a LazyModule imports its module here
+    backend = _dispatch.impl_of(prim, name)
+    assert isinstance(backend, _dispatch.Backend) and backend.name == name
+    if name == "triton" and not _triton_importable():
+        pytest.skip("the triton module needs triton")
+    if name in ("cpp", "cuda") and not _extension.load()[0]:
+        pytest.skip("dgkernels._C is not built")
+    assert callable(backend.primitive(prim)), f"{backend.module} does not implement {prim}"
     for call in (call_facts("cuda", F32), call_facts("cpu", (F64, F32), D=3, K=5, head_dim=64)):
-        why = refusal(op, call)
-        assert isinstance(why, str)
-    assert refusal(op, call_facts("cuda", F32)) == "", f"{name} refuses a plain float32 call of {op}"
+        assert all(isinstance(why, str) and why for why in backend.not_supported_reasons(prim, call))
+    if name != "cpp":
+        assert backend.not_supported_reasons(prim, call_facts("cuda", F32)) == [], f"{name} refuses float32 {prim}"
 
 
 def test_register_requires_a_declaration():
-    with pytest.raises(TypeError, match="refusal"):
-        _dispatch.register("_probe_undeclared", "cpp", SimpleNamespace(run=lambda: None))
+    with pytest.raises(TypeError, match="Backend"):
+        _dispatch.register(SimpleNamespace(name="cpp"), ("_probe_undeclared",))
+
+
+def _reasons(prim, name, call):
+    return "; ".join(_dispatch.impl_of(prim, name).not_supported_reasons(prim, call))
 
 
 @needs_triton_import
 def test_triton_declarations_give_their_reasons():
-    from dgkernels.contrastive import triton as ct
-    from dgkernels.heads import triton as ht
-    from dgkernels.prompt import triton as pt
-
-    assert "float64" in ct.refusal("clip_loss", call_facts("cuda", F64))
+    assert "float64" in _reasons("contrastive_lse", "triton", call_facts("cuda", F64))
     for dt in (F32, torch.bfloat16, torch.float16):
-        assert ct.refusal("clip_loss", call_facts("cuda", dt)) == ""
-    assert "float64" in ht.refusal("domain_fanout", call_facts("cuda", F64))
-    assert "D x K" in ht.refusal("head_agreement", call_facts("cuda", F32, D=64, K=1000))
-    assert ht.refusal("head_agreement", call_facts("cuda", F32, D=4, K=1000)) == ""  # 4 x 1024: the limit
-    assert ht.refusal("domain_fanout", call_facts("cuda", F32, D=64, K=1000)) == ""  # no tile limit there
+        assert _reasons("contrastive_lse", "triton", call_facts("cuda", dt)) == ""
+    assert "float64" in _reasons("domain_fanout", "triton", call_facts("cuda", F64))
+    assert "D x K" in _reasons("head_agreement_rows", "triton", call_facts("cuda", F32, D=64, K=1000))
+    assert _reasons("head_agreement_rows", "triton", call_facts("cuda", F32, D=4, K=1000)) == ""  # the limit
+    assert _reasons("domain_fanout", "triton", call_facts("cuda", F32, D=64, K=1000)) == ""  # no tile limit there
     # The prompt kernels look at both dtypes (activations, embeddings) and the attention's head size.
-    assert "float64" in pt.refusal("prompt_assemble", call_facts("cuda", (F32, F64)))
-    assert "head dims up to 128" in pt.refusal("prompt_prefix_attention", call_facts("cuda", F32, head_dim=160))
-    assert pt.refusal("prompt_eot_head", call_facts("cuda", F32, head_dim=160)) == ""
-    assert pt.refusal("prompt_prefix_attention", call_facts("cuda", F32, head_dim=128)) == ""
+    assert "float64" in _reasons("assemble_tokens", "triton", call_facts("cuda", (F32, F64)))
+    assert "head dims up to 128" in _reasons("prefix_attention", "triton", call_facts("cuda", F32, head_dim=160))
+    assert _reasons("eot_head", "triton", call_facts("cuda", F32, head_dim=160)) == ""
+    assert _reasons("prefix_attention", "triton", call_facts("cuda", F32, head_dim=128)) == ""
+    # the device types follow from the backend's name
+    assert "CPU tensors" in _reasons("domain_fanout", "cpp", call_facts("cuda", F32))
+    assert "CUDA tensors" in _reasons("domain_fanout", "cuda", call_facts("cpu", F32))
 
 
 def test_compiled_prompt_declaration():
-    from dgkernels.prompt import compiled
-
     long = call_facts("cuda", F64, head_dim=64, prefix_len=5, suffix_len=200)
-    assert "128 tokens" in compiled.refusal("prompt_prefix_attention", long)
-    assert compiled.refusal("prompt_eot_head", long) == ""
-    assert compiled.refusal("prompt_prefix_attention", call_facts("cpu", F64, prefix_len=5, suffix_len=200)) == ""
-    assert compiled.refusal("prompt_prefix_attention", call_facts("cuda", F32, prefix_len=5, suffix_len=200)) == ""
+    assert "128 tokens" in _reasons("prefix_attention", "cuda", long)
+    assert _reasons("eot_head", "cuda", long) == ""
+    assert _reasons("prefix_attention", "cpp", call_facts("cpu", F64, prefix_len=5, suffix_len=200)) == ""
+    assert _reasons("prefix_attention", "cuda", call_facts("cuda", F32, prefix_len=5, suffix_len=200)) == ""
 
 
 # ---- what _dispatch decides from the declarations -------------------------------------------
@@ -104,7 +110,12 @@ def test_compiled_prompt_declaration():
 def probe(monkeypatch, all_available):
     """An op whose triton refuses float64 and whose cuda refuses K > 8 (reference runs everything)."""
     def backend(name, refusal):
-        return SimpleNamespace(name=name, refusal=refusal)
+        declared = _dispatch.Backend("_probe", name, "dgkernels.contrastive.reference", "a probe")  # device types
+
+        def reasons(p, c):
+            return declared.not_supported_reasons(p, c) + [r for r in [refusal(p, c)] if r]
+
+        return SimpleNamespace(name=name, not_supported_reasons=reasons)
 
     impls = {"triton": backend("triton", lambda op, c: "no float64 here" if F64 in c.dtypes else ""),
              "cuda": backend("cuda", lambda op, c: "K too large" if (c.size("K") or 0) > 8 else ""),
@@ -133,7 +144,7 @@ def test_explicit_request_a_backend_refuses_raises_its_reason(probe, monkeypatch
 
 
 def test_select_all_picks_one_backend_every_op_accepts(probe, monkeypatch):
-    other = dict(probe, triton=SimpleNamespace(refusal=lambda op, c: "not this op"))
+    other = dict(probe, triton=SimpleNamespace(not_supported_reasons=lambda p, c: ["not this op"]))
     monkeypatch.setitem(_dispatch._REGISTRY, "_probe_support2", other)
     name, impls = _dispatch.select_all(("_probe_support", "_probe_support2"), CUDA, None, call_facts("cuda", F32))
     assert name == "cuda" and impls == (probe["cuda"], other["cuda"])
@@ -185,14 +196,14 @@ def test_sizes_are_trace_time_constants_under_compile():
 @needs_triton_import
 def test_real_families_fall_through_on_cuda(all_available):
     # float64: triton refuses, the compiled CUDA kernels take it (no hand-off inside a backend)
-    for op in ("clip_loss", "info_nce", "multiview_info_nce", "domain_fanout", "cosine_cross_entropy"):
+    for op in ("contrastive_lse", "domain_fanout", "cosine_cross_entropy_rows"):
         assert _dispatch.select(op, CUDA, None, call_facts("cuda", F64))[0] == "cuda", op
         assert _dispatch.select(op, CUDA, None, call_facts("cuda", F32))[0] == "triton", op
     big = call_facts("cuda", F32, D=64, K=1000)
-    assert _dispatch.select("head_agreement", CUDA, None, big)[0] == "cuda"
+    assert _dispatch.select("head_agreement_rows", CUDA, None, big)[0] == "cuda"
     with pytest.raises(BackendUnavailableError, match="D x K"):
-        _dispatch.select("head_agreement", CUDA, "triton", big)
-    prompt_ops = ("prompt_assemble", "prompt_prefix_attention", "prompt_eot_head")
+        _dispatch.select("head_agreement_rows", CUDA, "triton", big)
+    prompt_ops = ("assemble_tokens", "prefix_attention", "eot_head")
     wide = call_facts("cuda", F32, head_dim=256)
     assert _dispatch.select_all(prompt_ops, CUDA, None, wide)[0] == "cuda"  # one backend for all three
     long64 = call_facts("cuda", F64, head_dim=64, prefix_len=5, suffix_len=300)
@@ -223,7 +234,7 @@ def test_prompt_calls_state_activation_and_embedding_dtypes(triton_device):
     twin = prompt_models.fp64_twin("tiny").to(triton_device)  # float64 activations
     prefix, suffix = torch.randn(1, 2, 32, dtype=F64), torch.randn(3, 4, 32, dtype=F64)
     prefix, suffix = prefix.to(triton_device), suffix.to(triton_device)
-    with pytest.raises(BackendUnavailableError, match="prompt_assemble: backend 'triton'.*float64"):
+    with pytest.raises(BackendUnavailableError, match="assemble_tokens.*: backend 'triton'.*float64"):
         dgkernels.encode_prompts(twin, prefix, suffix, [4, 1, 2], backend="triton")
     model = prompt_models.model("tiny").to(triton_device)  # float32 activations, float64 embeddings given
     with pytest.raises(BackendUnavailableError, match="float64"):
@@ -247,8 +258,10 @@ def test_no_module_reaches_into_dispatch_internals():
 
 def test_backend_modules_do_not_dispatch_or_hand_off():
     # A backend says what it refuses; it never asks _dispatch or calls another backend.
-    backends = [p for p in _sources() if p.stem in ("reference", "compiled", "triton") or p.parent.name == "triton"]
+    backends = [p for p in _sources()
+                if p.stem in ("reference", "extension", "tiled_gemm", "triton") or p.parent.name == "triton"]
     assert len(backends) >= 9
     offenders = [str(p.relative_to(PACKAGE)) for p in backends
-                 if re.search(r"\b_dispatch\b|from \. import compiled|from \.compiled import", p.read_text())]
+                 if re.search(r"\b_dispatch\b|from \. import (extension|tiled_gemm)|from \.(extension|tiled_gemm) import",
+                              p.read_text())]
     assert not offenders, offenders

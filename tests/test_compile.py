@@ -1,12 +1,16 @@
 """Every public dgkernels op under torch.compile(fullgraph=True): forward and backward trace
-without a graph break and match eager (values and gradients). The prompt encoders (encode_text,
-encode_prompts, PromptEncoder) take a dense path under compile: they match eager to rounding.
+without a graph break, the graphs call the fused backend's custom ops (torch.ops.dgkernels.*, the
+same ops eager calls) and match eager (values and gradients). The prompt encoders (encode_text,
+encode_prompts, PromptEncoder) included: under compile they size their work on the host while
+tracing (all L token positions; the packed layout at host-known lengths), so they match eager to
+rounding.
 
 The default compiler backend here is "aot_eager" (dynamo + AOTAutograd: the whole trace, fake
 kernels, custom-op autograd; no code generation, so the module stays fast); the ops marked
 INDUCTOR also go through inductor's C++ code generation on CPU (Triton on CUDA).
 DGKERNELS_TEST_COMPILE_BACKEND=inductor runs every op through inductor.
 """
+import copy
 import functools
 import os
 
@@ -121,6 +125,60 @@ def test_fullgraph_triton_backend(case, triton_device):
         pytest.skip(dgkernels.backends()["triton"].reason)
     # aot_eager runs the traced PyTorch as eager does and the same kernels: equal to the bit.
     _check(case, "aot_eager", torch.float32, device=triton_device, backend="triton", tol=0.0)
+
+
+def _dgkernels_calls(fn, inputs):
+    """The torch.ops.dgkernels ops in the forward and the backward graph of fn under fullgraph."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = {"forward": set(), "backward": set()}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            seen[kind] |= {str(n.target).split(".")[1] for n in gm.graph.nodes
+                           if n.op == "call_function" and str(n.target).startswith("dgkernels.")}
+            return gm
+        return compiler
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=capture("forward"),
+                                                                      bw_compiler=capture("backward")))
+    out = compiled(*inputs)
+    (_prompt_loss(out) if out.dim() else out).backward()  # gradients of the inputs and any weights
+    return seen
+
+
+def _public_ops():
+    return {n for n in dgkernels.__all__ if n[0].islower() and n not in ("backends", "explain", "use_backend")} | {
+        "InfoNCE", "PromptEncoder"}
+
+
+# public op -> the cases below (or in the prompt section) that compile it
+COVERED = {"clip_loss": "clip_loss", "info_nce": "info_nce", "InfoNCE": "info_nce", "multiview_info_nce":
+           "multiview_info_nce", "domain_fanout": "domain_fanout", "domain_cross_entropy": "domain_cross_entropy",
+           "head_agreement": "head_agreement", "mapper_project": "mapper_project",
+           "cosine_cross_entropy": "cosine_cross_entropy", "encode_text": "encode_text",
+           "encode_prompts": "encode_prompts", "PromptEncoder": "PromptEncoder"}
+
+
+def test_every_public_op_has_a_compile_case():
+    assert _public_ops() == set(COVERED), "a public op without a compile case: add it to CASES and COVERED"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_graph_calls_the_custom_ops(case):
+    if not dgkernels.backends()["cpp"]:
+        pytest.skip("needs the compiled cpp backend; " + dgkernels.backends()["cpp"].reason)
+    fn, build = CASES[case]
+    calls = _dgkernels_calls(fn, build(torch.float32, "cpu"))
+    # a reduced head loss runs its fused forward + backward op in the forward (dgkernels.heads.ops):
+    # its backward graph only scales the gradients that op returned
+    fused = any(c.endswith("_fused") for c in calls["forward"])
+    assert calls["forward"] and (calls["backward"] or fused), calls
+    from dgkernels import _primitives
+
+    assert set.union(*calls.values()) <= set(_primitives.CUSTOM_OPS), \
+        f"an extension kernel traced directly instead of a primitive's custom op: {calls}"
 
 
 def test_compiled_index_check_raises_at_run_time():
@@ -288,3 +346,35 @@ def test_compiled_prompt_checks():
     long_prefix, wide = torch.randn(1, 75, 32), torch.randn(3, 4, 32)
     with pytest.raises(RuntimeError, match="exceeds the model's context length 77"):
         prompts(long_prefix, wide, torch.tensor([1, 3, 2]))
+
+
+def test_prompt_graphs_call_the_custom_ops():
+    if not dgkernels.backends()["cpp"]:
+        pytest.skip("needs the compiled cpp backend; " + dgkernels.backends()["cpp"].reason)
+    pm = _prompt_models()
+    model = pm.model("tiny")
+    prefix, suffix = torch.randn(2, 3, 32).requires_grad_(), torch.randn(3, 4, 32).requires_grad_()
+    for lengths in ([4, 1, 2], torch.tensor([4, 1, 2])):
+        calls = _dgkernels_calls(lambda p, s, n=lengths: dgkernels.encode_prompts(model, p, s, n), (prefix, suffix))
+        assert {"assemble_tokens", "prefix_attention", "eot_head"} <= calls["forward"], calls
+        assert {"index_add_rows", "prefix_attention_backward", "eot_head_backward"} <= calls["backward"], calls
+    enc = dgkernels.PromptEncoder(pm.model("tiny"), ["dog", "alarm_clock"])
+    ctx = enc.initial_context(n_ctx=2).requires_grad_()
+    assert "prefix_attention" in _dgkernels_calls(enc, (ctx,))["forward"]
+    text_model = copy.deepcopy(pm.model("tiny")).requires_grad_(True)
+    tokens = pm.random_tokens(3, [1, 4, 6], context=8)
+    calls = _dgkernels_calls(lambda t: dgkernels.encode_text(text_model, t, normalize=True), (tokens,))
+    assert {"assemble_tokens", "eot_head"} <= calls["forward"] and "eot_head_backward" in calls["backward"], calls
+
+
+def test_fullgraph_encode_prompts_triton_backend(triton_device):
+    if not dgkernels.backends()["triton"]:
+        pytest.skip(dgkernels.backends()["triton"].reason)
+    pm = _prompt_models()
+    model = pm.model("tiny").to(triton_device)
+    prefix = (torch.randn(2, 3, 32, device=triton_device) * 0.5).requires_grad_()
+    suffix = (torch.randn(3, 5, 32, device=triton_device) * 0.5).requires_grad_()
+    fn = lambda p, s: dgkernels.encode_prompts(model, p, s, [5, 2, 3], backend="triton")  # noqa: E731
+    want = _values_and_grads(fn, (prefix, suffix), prefix, suffix)
+    got = _values_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), (prefix, suffix), prefix, suffix)
+    _assert_rel(got, want, 0.0)  # the same kernels on the same layout: equal to the bit

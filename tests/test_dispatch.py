@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,9 +51,10 @@ def test_unknown_backend_is_rejected(monkeypatch):
 
 
 def test_selection_order_and_overrides(monkeypatch):
-    cpp_impl, ref_impl = (SimpleNamespace(refusal=lambda op, call: "") for _ in range(2))
-    _dispatch.register("_probe", "cpp", cpp_impl)
-    _dispatch.register("_probe", "reference", ref_impl)
+    cpp_impl, ref_impl = (_dispatch.Backend("_probe", name, "dgkernels.contrastive.reference", "a probe")
+                          for name in ("cpp", "reference"))
+    _dispatch.register(cpp_impl, ("_probe",))
+    _dispatch.register(ref_impl, ("_probe",))
     cpu = torch.device("cpu")
     monkeypatch.delenv("DGKERNELS_BACKEND", raising=False)
     expect_auto = "cpp" if dgkernels.backends()["cpp"] else "reference"

@@ -1,5 +1,5 @@
 """Head ops: every backend against the float64 reference (values and gradients), the reference
-against F.cross_entropy, gradcheck, opcheck and bad-input errors."""
+against F.cross_entropy, gradcheck, opcheck of the custom-op variants and bad-input errors."""
 import math
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dgkernels
+from dgkernels import _primitives
 from dgkernels.heads import reference as ref
 from dgkernels.testing import assert_close_to_fp64
 
@@ -297,6 +298,8 @@ def test_gradcheck_float64(op, case, backend):
 
 
 def _opcheck_samples():
+    """Variants beyond tests/test_op_registry.py's samples: no bias, all heads, per-domain maps,
+    per-sample class embeddings, a one-element scale, another ignore_index."""
     x, w, b = _heads(6, 3, 5, 7)
     dom = torch.tensor([0, 2, 1, 1, 0, 2])
     t = torch.tensor([4, 0, 1, 3, 2, 0])
@@ -305,29 +308,26 @@ def _opcheck_samples():
     cs = torch.randn(6, 5, 7)
     s = torch.tensor(3.0)
     g6 = torch.randn(6)
-    ops = torch.ops.dgkernels
-    out, norm = ops.heads_mapper_forward(x, m, None, None, True, True)
-    outd, normd = ops.heads_mapper_forward(x, torch.randn(3, 7, 7), torch.randn(3, 7), dom, False, True)
+    ops = _primitives.CUSTOM_OPS
+    out, norm = ops["mapper_project_rows"](x, m, None, None, True, True, "cpp")
+    outd, normd = ops["mapper_project_rows"](x, torch.randn(3, 7, 7), torch.randn(3, 7), dom, False, True, "cpp")
     return [
-        (ops.heads_fanout, (x, w, b)), (ops.heads_fanout, (x, w, None)),
-        (ops.heads_fanout_backward, (torch.randn(6, 3, 5), x, w, True)),
-        (ops.heads_dce_forward, (x, w, b, dom, t, False, 0.1)),
-        (ops.heads_dce_backward, (g6, x, w, b, dom, t, False, 0.1)),
-        (ops.heads_dce_backward, (g6, x, w, None, None, t, True, 0.0)),
-        (ops.heads_agree_forward, (x, w, b, 0)), (ops.heads_agree_backward, (g6, x, w, None, 1)),
-        (ops.heads_mapper_forward, (x, m, None, None, True, True)),
-        (ops.heads_mapper_backward, (torch.randn(6, 7), x, m, None, out, norm, True, True)),
-        (ops.heads_mapper_backward, (torch.randn(6, 7), x, torch.randn(3, 7, 7), dom, outd, normd, False, True)),
-        (ops.heads_cosce_forward, (x, c, s, t, True, 0.1, -100)),
-        (ops.heads_cosce_backward, (g6, x, c, s, t, True, 0.1, -100)),
-        (ops.heads_cosce_backward, (g6, x, cs, s.reshape(1), t, False, 0.0, 2)),
+        ("domain_fanout", (x, w, None)),
+        ("domain_cross_entropy_rows_backward", (g6, x, w, None, None, t, True, 0.0)),
+        ("head_agreement_rows", (x, w, b, 0)), ("head_agreement_rows_backward", (g6, x, w, None, 1)),
+        ("mapper_project_rows", (x, m, None, None, True, True)),
+        ("mapper_project_rows_backward", (torch.randn(6, 7), x, m, None, out, norm, True, True)),
+        ("mapper_project_rows_backward", (torch.randn(6, 7), x, torch.randn(3, 7, 7), dom, outd, normd, False, True)),
+        ("cosine_cross_entropy_rows", (x, c, s, t, True, 0.1, -100)),
+        ("cosine_cross_entropy_rows_backward", (g6, x, cs, s.reshape(1), t, False, 0.0, 2)),
+        ("domain_cross_entropy_fused", (x, w, b, dom, t, False, 0.1, "sum")),
     ]
 
 
-def test_opcheck_compiled_ops():
+def test_opcheck_custom_op_variants():
     _skip_unless("cpp")
-    for op, args in _opcheck_samples():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    for name, args in _opcheck_samples():
+        torch.library.opcheck(_primitives.CUSTOM_OPS[name], (*args, "cpp"))
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------

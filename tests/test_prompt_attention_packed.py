@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dgkernels import _dispatch
+from dgkernels.prompt import ops as prompt_ops
 from dgkernels.prompt import packing, reference
 from dgkernels.prompt.api import OP_ATTENTION
 from dgkernels.testing import assert_close_to_fp64
@@ -20,7 +21,7 @@ def _triton_impl(device):
     why = _dispatch.explain(OP_ATTENTION, device)["triton"]
     if why:
         pytest.skip(why)
-    return _dispatch.select(OP_ATTENTION, torch.device(device), "triton")[1]
+    return prompt_ops.bound("triton")
 
 
 def _problem(lengths, groups, heads, dim, lp, n_groups=None, fused=False, seed=0):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import dgkernels
-from dgkernels import _dispatch
+from dgkernels import _dispatch, _primitives
+from dgkernels.prompt import ops as prompt_ops
 from dgkernels.prompt import reference
-from dgkernels.prompt.api import OP_ASSEMBLE, OP_ATTENTION, OP_HEAD
+from dgkernels.prompt.api import OP_ATTENTION
 from dgkernels.prompt.reference import naive_encode_prompts
 from dgkernels.testing import assert_close_to_fp64, rel_error
 
@@ -148,7 +149,7 @@ def _attention_inputs(dtype=torch.float64):
 def test_attention_gradcheck_fp64(backend):
     if backend != "reference":
         _available(backend)
-    impl = _dispatch.select(OP_ATTENTION, torch.device("cpu"), backend)[1]
+    impl = prompt_ops.bound(backend)
     q, k, v, kp, vp, *rest = _attention_inputs()
     tensors = [t.clone().requires_grad_() for t in (q, k, v, kp, vp)]
     assert torch.autograd.gradcheck(lambda *x: impl.prefix_attention(*x, *rest), tensors)
@@ -160,7 +161,7 @@ def test_attention_gradcheck_fp64(backend):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_head_and_assemble_gradcheck_fp64(normalize):
     _available("cpp")
-    impl = _dispatch.select(OP_HEAD, torch.device("cpu"), "cpp")[1]
+    impl = prompt_ops.bound("cpp")
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     rows = torch.tensor([6, 0, 3])
     ln_w = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -170,31 +171,26 @@ def test_head_and_assemble_gradcheck_fp64(normalize):
                                     (x, ln_w, ln_b, proj))
     torch.testing.assert_close(impl.eot_head(x, rows, ln_w, ln_b, 1e-5, proj, None, normalize),
                                reference.eot_head(x, rows, ln_w, ln_b, 1e-5, proj, None, normalize))
-    asm = _dispatch.select(OP_ASSEMBLE, torch.device("cpu"), "cpp")[1]
+    asm = prompt_ops.bound("cpp")
     src = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     si, pi = torch.tensor([3, 0, 3, 1]), torch.tensor([0, 1, 4, 4])
     assert torch.autograd.gradcheck(lambda s, p: asm.assemble(s, si, p, pi, torch.float64), (src, pos))
 
 
-def test_opcheck_compiled_ops():
+def test_opcheck_custom_op_variants():
+    """Variants beyond tests/test_op_registry.py's samples: strided q/k/v views of one packed
+    tensor, a head without projection bias, float32 embeddings assembled to bfloat16."""
     _available("cpp")
-    ops = torch.ops.dgkernels
+    ops = _primitives.CUSTOM_OPS
     q, k, v, kp, vp, st, ln, gr, max_len, scale = _attention_inputs(torch.float32)
-    q, k, v, kp, vp = (t.contiguous() for t in (q, k, v, kp, vp))
-    torch.library.opcheck(ops.prompt_prefix_attention, (q, k, v, kp, vp, st, ln, gr, max_len, scale))
-    out, lse = ops.prompt_prefix_attention(q, k, v, kp, vp, st, ln, gr, max_len, scale)
-    torch.library.opcheck(ops.prompt_prefix_attention_backward,
-                          (torch.randn_like(out), q, k, v, kp, vp, out, lse, st, ln, gr, max_len, scale))
+    torch.library.opcheck(ops["prefix_attention"], (q, k, v, kp, vp, st, ln, gr, max_len, scale, "cpp"))
     x, rows = torch.randn(7, 6), torch.tensor([6, 0, 3])
     w, b, p = torch.randn(6), torch.randn(6), torch.randn(6, 5)
-    torch.library.opcheck(ops.prompt_eot_head, (x, rows, w, b, 1e-5, p, None, True))
-    res = ops.prompt_eot_head(x, rows, w, b, 1e-5, p, None, True)
-    torch.library.opcheck(ops.prompt_eot_head_backward,
-                          (torch.randn(3, 5), x, rows, w, 1e-5, p, res[1], res[2], res[3], res[4], True))
-    torch.library.opcheck(ops.prompt_assemble, (torch.randn(4, 6), torch.tensor([3, 0]), torch.randn(5, 6),
-                                                torch.tensor([1, 4]), torch.bfloat16))
-    torch.library.opcheck(ops.prompt_index_add_rows, (torch.randn(4, 6), torch.tensor([3, 0, 3, 1]), 5))
+    torch.library.opcheck(ops["eot_head"], (x, rows, w, b, 1e-5, p, None, True, "cpp"))
+    torch.library.opcheck(ops["eot_head"], (x, rows, None, None, 1e-5, None, None, False, "cpp"))
+    torch.library.opcheck(ops["assemble_tokens"], (torch.randn(4, 6), torch.tensor([3, 0]), torch.randn(5, 6),
+                                                   torch.tensor([1, 4]), torch.bfloat16, "cpp"))
 
 
 def test_named_backend_refusals_say_why():
@@ -259,7 +255,7 @@ ATTENTION_CASES = [
 def test_cuda_attention_op_matches_reference(precision, case):
     _available("cuda", "cuda")
     dtype = DTYPE_OF[precision]
-    impl = _dispatch.select(OP_ATTENTION, torch.device("cuda"), "cuda")[1]
+    impl = prompt_ops.bound("cuda")
     tensors, rest = _attention_problem(**case)
     exact = _attention_run(reference.prefix_attention, tensors, rest, torch.float64, "cpu")
     base = _attention_run(reference.prefix_attention, tensors, rest, dtype, "cuda")
@@ -272,7 +268,7 @@ def test_cuda_attention_op_matches_reference(precision, case):
 @pytest.mark.gpu
 def test_cuda_attention_op_float64_keeps_scalar_kernel():
     _available("cuda", "cuda")
-    impl = _dispatch.select(OP_ATTENTION, torch.device("cuda"), "cuda")[1]
+    impl = prompt_ops.bound("cuda")
     tensors, rest = _attention_problem(**ATTENTION_CASES[0])
     exact = _attention_run(reference.prefix_attention, tensors, rest, torch.float64, "cpu")
     out = _attention_run(impl.prefix_attention, tensors, rest, torch.float64, "cuda")

@@ -6,7 +6,8 @@ The compile runs once per session in a subprocess without TRITON_INTERPRET (the 
 the test suite uses on machines without a GPU, accepts code that real compilation rejects), in up to
 two processes (DGKERNELS_COMPILE_WORKERS overrides), started right after collection (see
 start_compile) and cached: Triton's cache and the ptxas results beside it (TRITON_CACHE_DIR). The same data is the committed table
-benchmarks/results/triton_sm90_resources.md (`python -m dgkernels._triton_compile --report`).
+benchmarks/results/triton_sm90_resources.md (`python tools/triton_resources.py --report`), written by the
+resource tool tools/triton_resources.py, which lives outside the installed package.
 """
 import atexit
 import importlib
@@ -26,13 +27,12 @@ triton = pytest.importorskip("triton")
 # one xdist worker for the whole file: the compile fixture is per worker and costs minutes
 pytestmark = pytest.mark.xdist_group("triton_compile")
 
-from dgkernels import _triton_compile  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPABILITIES = _triton_compile.CAPABILITIES
-# `python -m dgkernels._triton_compile` would run the module as __main__, a second copy whose
-# registry the package never fills; calling compile_all from the imported module avoids that.
-_SCRIPT = ("import json, sys; from dgkernels._triton_compile import compile_all; "
+TOOLS = os.path.join(ROOT, "tools")
+sys.path.insert(0, TOOLS)
+import triton_resources as resources  # noqa: E402
+CAPABILITIES = resources.CAPABILITIES
+_SCRIPT = (f"import json, sys; sys.path.insert(0, {TOOLS!r}); from triton_resources import compile_all; "
            "json.dump(compile_all(resources=True), sys.stdout)")
 
 # Known sm_90 defects, by spec name. Each set must EQUAL what the compile finds: a new defect fails,
@@ -46,12 +46,12 @@ KNOWN_NO_WGMMA = frozenset()
 # sm_80 (A100: 163 KiB per block): configurations that compile but could not launch there.
 KNOWN_SM80_OVER_SHARED = frozenset()
 # Modules that launch kernels through triton.autotune without declaring autotune_launches() (see
-# dgkernels/_triton_compile.py): their autotune configs cannot be checked against COMPILE_SPECS.
+# tools/triton_resources.py): their autotune configs cannot be checked against COMPILE_SPECS.
 AUTOTUNED_WITHOUT_HOOK = frozenset()
 
 
 def _spec_names():
-    return [spec.name for spec in _triton_compile.all_specs()]
+    return [spec.name for spec in resources.all_specs()]
 
 
 SPEC_NAMES = _spec_names()
@@ -100,7 +100,7 @@ def compiled():
 
 
 def _sm90(compiled):
-    return [ccs[_triton_compile.RESOURCE_CC] for ccs in compiled.values() if _triton_compile.RESOURCE_CC in ccs]
+    return [ccs[resources.RESOURCE_CC] for ccs in compiled.values() if resources.RESOURCE_CC in ccs]
 
 
 def _exact(found: set, known: frozenset, what: str, toolchain_bound: bool = False) -> None:
@@ -116,8 +116,8 @@ def _exact(found: set, known: frozenset, what: str, toolchain_bound: bool = Fals
 
 
 def test_spec_list_is_not_empty_once_a_module_registers(compiled):
-    assert _triton_compile.TRITON_MODULES, "no Triton module registered with dgkernels._triton_compile"
-    assert SPEC_NAMES, f"Triton modules {_triton_compile.TRITON_MODULES} registered but list no COMPILE_SPECS"
+    assert resources.TRITON_MODULES, "no Triton module registered in dgkernels._triton_signature"
+    assert SPEC_NAMES, f"Triton modules {resources.TRITON_MODULES} registered but list no COMPILE_SPECS"
     assert sorted(compiled) == sorted(SPEC_NAMES), "the subprocess compiled a different spec list"
     assert len(set(SPEC_NAMES)) == len(SPEC_NAMES), "spec names must be unique"
 
@@ -129,13 +129,13 @@ def test_spec_compiles_for_sm80_and_sm90_within_hopper_shared_memory(compiled, n
         r = compiled[name].get(cc)
         assert r is not None, f"{name}: no result for sm_{cc}"
         assert r["ok"], f"{name} sm_{cc}: {r['error']}"
-    r90 = compiled[name][_triton_compile.RESOURCE_CC]
-    assert not _triton_compile.problems(r90), f"{name} sm_90: {_triton_compile.problems(r90)}"
+    r90 = compiled[name][resources.RESOURCE_CC]
+    assert not resources.problems(r90), f"{name} sm_90: {resources.problems(r90)}"
 
 
 def test_sm80_shared_memory_overruns_are_exactly_the_known_ones(compiled):
     found = {name for name, ccs in compiled.items()
-             if 80 in ccs and ccs[80]["ok"] and _triton_compile.problems(ccs[80])}
+             if 80 in ccs and ccs[80]["ok"] and resources.problems(ccs[80])}
     _exact(found, KNOWN_SM80_OVER_SHARED, "configurations over sm_80's 163 KiB of shared memory per block",
            toolchain_bound=True)
 
@@ -154,11 +154,11 @@ def test_half_precision_gemm_kernels_use_wgmma_except_the_known_ones(compiled):
 
 def test_autotune_configs_are_compile_specs():
     unhooked = set()
-    for mod_name in _triton_compile.TRITON_MODULES:
+    for mod_name in resources.TRITON_MODULES:
         mod = importlib.import_module(mod_name)
         if hasattr(mod, "autotune_launches"):
-            expected, kernels = _triton_compile.expected_autotune_specs(mod)
-            listed = _triton_compile.listed_specs(mod, kernels)
+            expected, kernels = resources.expected_autotune_specs(mod)
+            listed = resources.listed_specs(mod, kernels)
             assert expected == listed, (f"{mod_name}: autotune configs not in COMPILE_SPECS: "
                                         f"{sorted(expected - listed)[:5]}; specs no autotuner launches: "
                                         f"{sorted(listed - expected)[:5]}")
@@ -174,17 +174,17 @@ def test_parse_ptxas_reads_registers_and_spills():
             536 bytes stack frame, 610 bytes spill stores, 704 bytes spill loads
         ptxas info    : Used 255 registers, used 1 barriers, 536 bytes cumulative stack size
         """)
-    assert _triton_compile.parse_ptxas(log) == {"stack": 536, "spill_stores": 610, "spill_loads": 704,
+    assert resources.parse_ptxas(log) == {"stack": 536, "spill_stores": 610, "spill_loads": 704,
                                                 "registers": 255}
     with pytest.raises(ValueError):
-        _triton_compile.parse_ptxas("ptxas info    : 0 bytes gmem\n")
+        resources.parse_ptxas("ptxas info    : 0 bytes gmem\n")
 
 
 _PROBE = '''
 import json, sys
 import triton
 import triton.language as tl
-from dgkernels._triton_compile import CompileSpec, compile_spec, problems
+from triton_resources import CompileSpec, compile_spec, problems
 
 
 @triton.jit
@@ -215,7 +215,7 @@ json.dump({name: [problems(r), r] for name, r in results.items()}, sys.stdout)
 def test_a_config_that_fails_to_compile_or_exceeds_shared_memory_is_flagged(tmp_path):
     (tmp_path / "probe.py").write_text(_PROBE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, TOOLS, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(tmp_path / "probe.py")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -225,6 +225,6 @@ def test_a_config_that_fails_to_compile_or_exceeds_shared_memory_is_flagged(tmp_
     # a 64 x 64 fp16 dot with 4 warps is Hopper's wgmma; ptxas reports its registers
     assert small["half_gemm"] and small["dot_types"] == ["f16"] and small["mma"] == "wgmma", small
     assert 0 < small["registers"] <= 255 and small["spill_stores"] == 0, small
-    assert out["huge_smem"][1]["shared"] > _triton_compile.SHARED_LIMIT[90]
+    assert out["huge_smem"][1]["shared"] > resources.SHARED_LIMIT[90]
     assert any("shared memory" in p for p in out["huge_smem"][0]), out["huge_smem"]
     assert any("compile failed" in p for p in out["broken"][0]), out["broken"]

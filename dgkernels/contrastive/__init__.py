@@ -1,20 +1,31 @@
 """Fused contrastive losses (InfoNCE, CLIP, multi-view SupCon) that never hold the N x M logits.
 
-Backends of the one primitive (row/column log-sum-exp of scale * Q K^T):
-  reference: .reference (materialises S); cpp + cuda: torch.ops.dgkernels.contrastive_lse_* from
-  csrc/contrastive (via .compiled); triton: .triton (imported lazily).
+Every loss is composed around one primitive, `contrastive_lse` (the row/column log-sum-exp of
+scale * Q K^T; .ops). Its backends, declared here:
+  reference: .reference (materialises S); cpp + cuda: .tiled_gemm (csrc/contrastive: a library GEMM
+  and ATen reductions per tile); triton: .triton (fused kernels, imported on first use).
 """
-from .. import _dispatch, _triton_compile
-from . import compiled, reference
+from .. import _dispatch, _triton_signature
+from .._dispatch import Backend
+from . import ops
 from .api import InfoNCE, clip_loss, info_nce, multiview_info_nce
 
 OPS = ("info_nce", "clip_loss", "multiview_info_nce")
-_triton = _dispatch.LazyModule("dgkernels.contrastive.triton")
+BACKENDS = (
+    Backend("contrastive", "reference", "dgkernels.contrastive.reference",
+            "plain PyTorch, the N x M logits materialised"),
+    Backend("contrastive", "cpp", "dgkernels.contrastive.tiled_gemm",
+            "csrc/contrastive/cpu.cpp: tiled GEMM + ATen per tile"),
+    Backend("contrastive", "cuda", "dgkernels.contrastive.tiled_gemm",
+            "csrc/contrastive/cuda.cu: cuBLAS GEMM + ATen per tile, not a fused kernel"),
+    Backend("contrastive", "triton", "dgkernels.contrastive.triton", "fused Triton log-sum-exp",
+            dtypes=_dispatch.TRITON_DTYPES,
+            names=((ops.LSE, "lse_forward"), (ops.LSE_BACKWARD, "lse_backward"))),
+)
+for _backend in BACKENDS:  # the reference implements the forward primitives (its backward: autograd)
+    _dispatch.register(_backend, (ops.LSE,) if _backend.name == "reference" else ops.PRIMITIVES)
 for _op in OPS:
-    _dispatch.register(_op, "reference", reference)
-    _dispatch.register(_op, "cpp", compiled)
-    _dispatch.register(_op, "cuda", compiled)
-    _dispatch.register(_op, "triton", _triton)
-_triton_compile.register_module("dgkernels.contrastive.triton")
+    _dispatch.register_public(_op, ops.LSE)
+_triton_signature.register_module("dgkernels.contrastive.triton")
 
 __all__ = ["InfoNCE", "clip_loss", "info_nce", "multiview_info_nce"]

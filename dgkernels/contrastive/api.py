@@ -2,7 +2,8 @@
 
 Every loss is composed in plain differentiable PyTorch around ONE primitive, the row (and
 column) log-sum-exp of S = scale * Q @ K^T, which the non-reference backends compute tile by tile
-without ever holding S (dgkernels.contrastive.autograd.FusedLSE). Positive logits, normalisation,
+without ever holding S (the custom op dgkernels::contrastive_lse, .ops; eager and torch.compile
+call the same op). Positive logits, normalisation,
 label sums and reductions are O(N * D) PyTorch around it. All statistics are accumulated in
 float32 (float64 for float64 inputs); losses are returned in the input dtype.
 
@@ -15,17 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dispatch
-from .._validate import (check_choice, check_positive_scalar, check_same_device, check_same_dtype, check_tensor,
-                         compiling)
-from . import compile_ops
-from .autograd import fused_lse
+from .._validate import acc_dtype as _acc
+from .._validate import check_choice, check_positive_scalar, check_same_device, check_same_dtype, check_tensor
+from . import ops, reference
 
 REDUCTIONS = ("none", "mean", "sum")
 NEGATIVE_MODES = ("unpaired", "paired")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scale(value, *, invert: bool, acc: torch.dtype, device: torch.device):
@@ -47,16 +43,14 @@ def _facts(q):
     return _dispatch.call_facts(q.device, q.dtype)
 
 
-def _lse(op: str, q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):
-    if compiling():  # torch.compile: backend by name, fused kernels behind custom ops (compile_ops)
-        name = _dispatch.select_name(op, q.device, backend, _facts(q))
-        if name == "reference":
-            return _dispatch.impl_of(op, name).lse(q, k, scale, exclude_diag, want_cols)
-        return compile_ops.fused_lse(q, k, scale, exclude_diag, want_cols, op, name)
-    name, impl = _dispatch.select(op, q.device, backend, _facts(q))
+def _lse(q, k, scale, *, exclude_diag=False, want_cols=False, backend=None):
+    """(lse_r, lse_c or None) from the selected backend (a constant while torch.compile traces)."""
+    name = _dispatch.select_name(ops.LSE, q.device, backend, _facts(q))
     if name == "reference":
-        return impl.lse(q, k, scale, exclude_diag, want_cols)
-    return fused_lse(q, k, scale, exclude_diag, want_cols, impl)
+        lse_r, lse_c = reference.contrastive_lse(q, k, scale, exclude_diag, want_cols)
+    else:
+        lse_r, lse_c = ops.lse(q, k, scale, exclude_diag, want_cols, name)
+    return lse_r, (lse_c if want_cols else None)
 
 
 def _vecdot(a, b, acc):
@@ -143,17 +137,17 @@ def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction
     s = _scale(temperature, invert=True, acc=acc, device=q.device)
     pos = s * _vecdot(q, p, acc)
     if negative_keys is None:
-        lse_r, lse_c = _lse("info_nce", q, p, s, want_cols=symmetric, backend=backend)
+        lse_r, lse_c = _lse(q, p, s, want_cols=symmetric, backend=backend)
         loss = lse_r - pos
         if symmetric:
             loss = 0.5 * (loss + (lse_c - pos))
         return _reduce(loss, reduction, dtype)
     n = F.normalize(negative_keys, dim=-1)
     if negative_mode == "unpaired":
-        lse_neg, _ = _lse("info_nce", q, n, s, backend=backend)
+        lse_neg, _ = _lse(q, n, s, backend=backend)
     else:
         # [N, M] negative logits are no larger than the [N, M, D] input: plain batched matmul.
-        _dispatch.select_name("info_nce", q.device, backend, _facts(q))  # same backend errors in every mode
+        _dispatch.select_name(ops.LSE, q.device, backend, _facts(q))  # same backend errors in every mode
         neg = torch.bmm(n, q.unsqueeze(2)).squeeze(2).to(acc) * s
         lse_neg = torch.logsumexp(neg, dim=1)
     loss = torch.logaddexp(pos, lse_neg) - pos
@@ -217,7 +211,7 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize: bool = T
     s = _scale(logit_scale, invert=False, acc=acc, device=x.device)
     pos = s * _vecdot(x, y, acc)
     if group is None:
-        lse_r, lse_c = _lse("clip_loss", x, y, s, want_cols=True, backend=backend)
+        lse_r, lse_c = _lse(x, y, s, want_cols=True, backend=backend)
         return (0.5 * ((lse_r - pos).mean() + (lse_c - pos).mean())).to(dtype)
     return _clip_loss_distributed(x, y, s, pos, group, backend).to(dtype)
 
@@ -235,8 +229,8 @@ def _clip_loss_distributed(x, y, s, pos, group, backend):
     all_x = torch.cat(dist_nn.all_gather(x, group=group))
     all_y = torch.cat(dist_nn.all_gather(y, group=group))
     n_global = all_x.shape[0]
-    lse_img, _ = _lse("clip_loss", x, all_y, s, backend=backend)  # local images vs every text
-    lse_txt, _ = _lse("clip_loss", y, all_x, s, backend=backend)  # local texts vs every image
+    lse_img, _ = _lse(x, all_y, s, backend=backend)  # local images vs every text
+    lse_txt, _ = _lse(y, all_x, s, backend=backend)  # local texts vs every image
     local = ((lse_img - pos).sum() + (lse_txt - pos).sum()) / (2 * n_global)
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
@@ -286,7 +280,7 @@ def multiview_info_nce(views, temperature=0.1, labels=None, reduction="mean", *,
     if normalize:
         z = F.normalize(z, dim=-1)
     s = _scale(temperature, invert=True, acc=acc, device=z.device)
-    lse, _ = _lse("multiview_info_nce", z, z, s, exclude_diag=True, backend=backend)
+    lse, _ = _lse(z, z, s, exclude_diag=True, backend=backend)
     # Groups of equal labels, numbered without reading data on the host (no torch.unique, no
     # .max(): both would stop torch.compile): at most n groups, an unused group's row stays zero.
     n_groups = n

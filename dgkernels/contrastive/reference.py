@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import torch
 
-
-def refusal(op: str, call) -> str:
-    """The reference runs every call (any floating dtype, any device, any size)."""
-    return ""
+from .._validate import acc_dtype
 
 
-def lse(q: torch.Tensor, k: torch.Tensor, scale, exclude_diag: bool, want_cols: bool):
-    """(lse_r [N], lse_c [M] or None) in float32 (float64 for float64 inputs).
+def contrastive_lse(q: torch.Tensor, k: torch.Tensor, scale, exclude_diag: bool, want_cols: bool):
+    """(lse_r [N], lse_c [M] or [0] without want_cols) in float32 (float64 for float64 inputs).
 
     lse_r[i] = logsumexp_j scale * q_i.k_j ; lse_c[j] = logsumexp_i scale * q_i.k_j ;
     exclude_diag drops the entries i == j (requires N == M).
@@ -24,7 +21,7 @@ def lse(q: torch.Tensor, k: torch.Tensor, scale, exclude_diag: bool, want_cols: 
     if exclude_diag:
         eye = torch.eye(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
         logits = logits.masked_fill(eye, float("-inf"))
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     lse_r = torch.logsumexp(logits, dim=1).to(acc)
-    lse_c = torch.logsumexp(logits, dim=0).to(acc) if want_cols else None
+    lse_c = torch.logsumexp(logits, dim=0).to(acc) if want_cols else lse_r.new_empty(0)
     return lse_r, lse_c

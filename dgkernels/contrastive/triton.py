@@ -38,7 +38,8 @@ wgmma figures of the compile check are those of what runs.
 Cost model (why dQ is read-modified-written, not held in registers): a [BLOCK_M, D] fp32
 accumulator is 128 KB at BLOCK_M = 64, D = 512 - beyond the register file of one program - so
 the backward streams dQ through L2 per tile (8 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops),
-like the dK atomics. float64 is refused (`refusal`): dispatch picks the next backend (cuda).
+like the dK atomics. float64 is refused (the backend's declaration in dgkernels.contrastive):
+dispatch picks the next backend (cuda).
 
 Program order (why no persistent / grouped "swizzled" launch): every program owns a row block and
 sweeps all of K in the same order, so the programs resident at one time (a wave: SMs x programs
@@ -52,13 +53,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_compile import CompileSpec
+from .._triton_signature import CompileSpec
+from .._triton_signature import interpreting as _interpret
 
 LOG2E = math.log2(math.e)
 _COL_HEADROOM = 88.0  # A: terms <= 2^88, so sums of up to 2^39 rows stay below fp32 max (2^128)
@@ -309,10 +310,6 @@ def _specs() -> list[CompileSpec]:
 COMPILE_SPECS: list[CompileSpec] = _specs()
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, dclass: str):
     """The kernel wrapped in triton.autotune over its configs (GPU only)."""
@@ -361,14 +358,6 @@ def _launch(kernel: str, n: int, args: tuple, dtype):
         return
     tuned = _tuned(kernel, _dclass(dtype))
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
-
-
-def refusal(op: str, call) -> str:
-    """What these kernels run: float32/bfloat16/float16 (fp32 accumulation), any N, M, D."""
-    bad = call.unsupported_dtype(_TL)
-    if bad is not None:
-        return f"the triton contrastive kernels run float32/bfloat16/float16, got {bad}"
-    return ""
 
 
 _MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)

@@ -4,7 +4,8 @@ Index checks (`domain`, `target` in range) run on the host before any kernel lau
 mode: one min/max reduction per index tensor plus a device->host copy, i.e. one synchronisation
 per call on GPU. That is the price of turning an out-of-range index into a ValueError instead of
 garbage or a device-side assert. Under torch.compile the checks are traced device-side asserts
-instead (see dgkernels._validate) and the fused kernels run behind custom ops (compile_ops).
+instead (see dgkernels._validate). The fused backends run behind the custom ops of .ops, the same
+calls in eager and compiled code; the reference is plain PyTorch.
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import torch
 
 from .. import _dispatch
 from .._validate import (check_choice, check_index, check_positive_scalar, check_same_device, check_same_dtype,
-                         check_tensor, compiling)
-from . import autograd as _ag
-from . import compile_ops as _cops
+                         check_tensor)
+from . import ops
 from . import reference as _ref
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -43,19 +43,9 @@ def _check_fanout(features, weight, bias):
 
 
 def _select(op, device, backend, dtype, **sizes):
-    """(backend name, implementation) from _dispatch for inputs of `dtype` and the op's `sizes`
-    (each backend declares its own limits). Under torch.compile: (name, None), the name chosen
-    once at trace time."""
-    call = _dispatch.call_facts(device, dtype, **sizes)
-    if compiling():
-        return _dispatch.select_name(op, device, backend, call), None
-    return _dispatch.select(op, device, backend, call)
-
-
-def _precompute(reduction, *tensors):
-    """Run the fused forward+backward in the forward (see autograd._FusedLoss)?"""
-    return (reduction != "none" and torch.is_grad_enabled()
-            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+    """The backend name for inputs of `dtype` and the op's `sizes` (each backend declares its own
+    limits); a constant while torch.compile traces."""
+    return _dispatch.select_name(op, device, backend, _dispatch.call_facts(device, dtype, **sizes))
 
 
 def domain_fanout(features, weight, bias=None, *, backend=None):
@@ -64,12 +54,10 @@ def domain_fanout(features, weight, bias=None, *, backend=None):
     features [B, F], weight [D, K, F], bias [D, K] or None -> [B, D, K].
     """
     device = _check_fanout(features, weight, bias)
-    name, impl = _select("domain_fanout", device, backend, features.dtype)
+    name = _select("domain_fanout", device, backend, features.dtype)
     if name == "reference":
         return _ref.domain_fanout(features, weight, bias)
-    if impl is None:
-        return _cops.domain_fanout(features, weight, bias, name)
-    return _ag.DomainFanout.apply(impl, features, weight, bias)
+    return ops.domain_fanout(features, weight, bias, name)
 
 
 def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=False, reduction="mean",
@@ -93,18 +81,12 @@ def domain_cross_entropy(features, weight, bias, domain, target, *, all_heads=Fa
         check_index("domain", domain, D, length=B)
     check_index("target", target, K, length=B)
     check_same_device(features=features, domain=domain, target=target)
-    name, impl = _select("domain_cross_entropy", device, backend, features.dtype)
+    name = _select("domain_cross_entropy_rows", device, backend, features.dtype)
     if name == "reference":
         return _ref.domain_cross_entropy(features, weight, bias, domain, target, all_heads=all_heads,
                                          reduction=reduction, label_smoothing=label_smoothing)
-    if impl is None:
-        return _cops.dce((features, weight, bias, None if all_heads else domain, target, bool(all_heads),
-                          float(label_smoothing)), reduction, _precompute(reduction, features, weight, bias),
-                         name).to(features.dtype)
-    loss = _ag.DomainCrossEntropy.apply(impl, features, weight, bias, None if all_heads else domain, target,
-                                        bool(all_heads), float(label_smoothing), reduction,
-                                        _precompute(reduction, features, weight, bias))
-    return loss.to(features.dtype)
+    args = (features, weight, bias, None if all_heads else domain, target, bool(all_heads), float(label_smoothing))
+    return ops.domain_cross_entropy(args, reduction, name).to(features.dtype)
 
 
 def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", backend=None):
@@ -119,20 +101,15 @@ def head_agreement(features, weight, bias=None, *, kind="kl", reduction="mean", 
     backward recomputes the logits block by block instead of keeping [B, D, K].
     """
     device = _check_fanout(features, weight, bias)
-    check_choice("kind", kind, tuple(_ag.KINDS))
+    check_choice("kind", kind, tuple(ops.KINDS))
     check_choice("reduction", reduction, REDUCTIONS)
     if kind == "sym_kl" and weight.shape[0] < 2:
         raise ValueError(f"kind='sym_kl' needs at least 2 heads, got weight {tuple(weight.shape)}")
     D, K, _ = weight.shape
-    name, impl = _select("head_agreement", device, backend, features.dtype, D=D, K=K)
+    name = _select("head_agreement_rows", device, backend, features.dtype, D=D, K=K)
     if name == "reference":
         return _ref.head_agreement(features, weight, bias, kind=kind, reduction=reduction)
-    if impl is None:
-        return _cops.agree((features, weight, bias, _ag.KINDS[kind]), reduction,
-                           _precompute(reduction, features, weight, bias), name).to(features.dtype)
-    loss = _ag.HeadAgreement.apply(impl, features, weight, bias, _ag.KINDS[kind], reduction,
-                                   _precompute(reduction, features, weight, bias))
-    return loss.to(features.dtype)
+    return ops.head_agreement((features, weight, bias, ops.KINDS[kind]), reduction, name).to(features.dtype)
 
 
 def mapper_project(features, weight, bias=None, *, domain=None, residual=True, normalize=True, backend=None):
@@ -165,13 +142,10 @@ def mapper_project(features, weight, bias=None, *, domain=None, residual=True, n
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1]):
         raise ValueError(f"bias must have shape {tuple(weight.shape[:-1])} for weight {tuple(weight.shape)}, "
                          f"got {tuple(bias.shape)}")
-    name, impl = _select("mapper_project", device, backend, features.dtype)
+    name = _select("mapper_project_rows", device, backend, features.dtype)
     if name == "reference":
         return _ref.mapper_project(features, weight, bias, domain=domain, residual=residual, normalize=normalize)
-    if impl is None:
-        return _cops.mapper_project(features, weight, bias, domain, bool(residual), bool(normalize), name)
-    out, _ = _ag.MapperProject.apply(impl, features, weight, bias, domain, bool(residual), bool(normalize))
-    return out
+    return ops.mapper_project(features, weight, bias, domain, bool(residual), bool(normalize), name)[0]
 
 
 def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normalize=True, label_smoothing=0.0,
@@ -202,7 +176,7 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_index("target", target, K, length=B, ignore_index=ignore_index)
-    name, impl = _select("cosine_cross_entropy", device, backend, features.dtype)
+    name = _select("cosine_cross_entropy_rows", device, backend, features.dtype)
     if name == "reference":
         return _ref.cosine_cross_entropy(features, class_embeds, logit_scale, target, normalize=normalize,
                                          label_smoothing=label_smoothing, reduction=reduction,
@@ -212,14 +186,8 @@ def cosine_cross_entropy(features, class_embeds, logit_scale, target, *, normali
     else:
         # a fill kernel (torch.full): no host->device copy, which on CUDA waits for the stream
         scale = torch.full((), float(logit_scale), dtype=torch.float32, device=device)
-    if impl is None:
-        return _cops.cosce((features, class_embeds, scale, target, bool(normalize), float(label_smoothing),
-                            int(ignore_index)), reduction, _precompute(reduction, features, class_embeds, scale),
-                           name).to(features.dtype)
-    loss = _ag.CosineCrossEntropy.apply(impl, features, class_embeds, scale, target, bool(normalize),
-                                        float(label_smoothing), int(ignore_index), reduction,
-                                        _precompute(reduction, features, class_embeds, scale))
-    return loss.to(features.dtype)
+    args = (features, class_embeds, scale, target, bool(normalize), float(label_smoothing), int(ignore_index))
+    return ops.cosine_cross_entropy(args, reduction, name).to(features.dtype)
 
 
 def _check_smoothing(value):

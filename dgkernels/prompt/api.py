@@ -9,14 +9,10 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from .. import _dispatch
 from .._validate import _device_assert, check_same_dtype, check_tensor, compiling
-from . import reference
+from . import ops, reference
 from .text_tower import Ops, PackedLayout, TextTower, dense_forward, prefix_stack, resolve, suffix_stack
 
-OP_ASSEMBLE = "prompt_assemble"
-OP_ATTENTION = "prompt_prefix_attention"
-OP_HEAD = "prompt_eot_head"
-
-
+OP_ASSEMBLE, OP_ATTENTION, OP_HEAD = "assemble_tokens", "prefix_attention", "eot_head"
 _OPS = (OP_ASSEMBLE, OP_ATTENTION, OP_HEAD)
 
 
@@ -25,36 +21,17 @@ def call_facts(tower: TextTower, device: torch.device, src_dtype: torch.dtype, *
     """What the backends decide on: the activation dtype (first) and the embeddings' dtype, the
     attention head size, and (encode_prompts) the prefix length and the longest suffix."""
     sizes = {"head_dim": tower.width // tower.heads}
-    if compiling():  # shapes may be symbolic there, and a compiled call runs plain PyTorch anyway
-        prefix_len = suffix_len = None
     if prefix_len is not None:
-        sizes["prefix_len"] = int(prefix_len)
+        sizes["prefix_len"] = prefix_len
     if suffix_len is not None:
-        sizes["suffix_len"] = int(suffix_len)
+        sizes["suffix_len"] = suffix_len
     return _dispatch.call_facts(device, (tower.dtype, src_dtype), **sizes)
 
 
-def select_ops(device: torch.device, backend: Optional[str], call: Optional[_dispatch.CallFacts] = None
-               ) -> tuple[str, Ops]:
-    """One backend that runs all three prompt ops for `call` (see dgkernels._dispatch.select_all)."""
-    name, (assemble, attention, head) = _dispatch.select_all(_OPS, device, backend, call)
-    return name, Ops(name, assemble, attention, head)
-
-
-# What a compiled call runs: plain PyTorch, traced whole (inductor generates its own kernels).
-_REFERENCE_OPS = Ops("reference", reference, reference, reference)
-
-
-def compiled_ops(device: torch.device, backend: Optional[str], call: Optional[_dispatch.CallFacts] = None) -> Ops:
-    """Under torch.compile: the backend is still resolved (at trace time, so a named backend that
-    cannot run still raises), but the call runs plain PyTorch, traced whole."""
-    _dispatch.select_name(_OPS, device, backend, call)
-    return _REFERENCE_OPS
-
-
 def prompt_ops(device: torch.device, backend: Optional[str], call: _dispatch.CallFacts) -> Ops:
-    """The ops one call runs: compiled_ops under torch.compile, else those of select_ops."""
-    return compiled_ops(device, backend, call) if compiling() else select_ops(device, backend, call)[1]
+    """The ops of the one backend that runs all three prompt primitives for `call` (the backend is
+    a constant while torch.compile traces: the graph calls its custom ops)."""
+    return ops.bound(_dispatch.select_name(_OPS, device, backend, call))
 
 
 def _check_model_device(tower: TextTower, device: torch.device, what: str) -> None:
@@ -75,9 +52,9 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
     default 'argmax' pooling), so the positions after the last pooled one are never computed.
 
     Under torch.compile the truncation length would be data (the longest EOT), so a compiled
-    call runs the reference algorithm on all L positions in plain PyTorch (exact: nothing after
-    the pooled token reaches it), whatever the backend; pass `tokens[:, :n]` to bound the work.
-    The token-range check is then a device-side assert.
+    call runs all L positions (exact: nothing after the pooled token reaches it) through the
+    selected backend's ops; pass `tokens[:, :n]` to bound the work. The token-range check is then
+    a device-side assert.
     """
     tower = resolve(model)
     if not isinstance(tokens, torch.Tensor):
@@ -90,37 +67,35 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False, *, backend
         raise ValueError(f"tokens has {tokens.shape[1]} positions; the model's context length is {tower.context_length}")
     _check_model_device(tower, tokens.device, "tokens")
     vocab = tower.token_embedding.shape[0]
-    call = call_facts(tower, tokens.device, tower.token_embedding.dtype)
+    fns = prompt_ops(tokens.device, backend, call_facts(tower, tokens.device, tower.token_embedding.dtype))
     if compiling():
-        ops = compiled_ops(tokens.device, backend, call)
         _device_assert((tokens >= 0) & (tokens < vocab), f"tokens values must lie in [0, {vocab})")
     else:
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"tokens values must lie in [0, {vocab}), got min {lo}, max {hi}")
-        _, ops = select_ops(tokens.device, backend, call)
 
     n = tokens.shape[0]
     pooled = tower.pool_index(tokens)
     # The reference backend is the plain computation: every one of the L positions, as open_clip.
-    length = tokens.shape[1] if ops.name == "reference" else int(pooled.max()) + 1
+    length = tokens.shape[1] if fns.name == "reference" or compiling() else int(pooled.max()) + 1
     dev = tokens.device
     ids = tokens[:, :length].reshape(-1).long()
     pos_index = torch.arange(length, device=dev).repeat(n)
-    x = ops.assemble.assemble(tower.token_embedding, ids, tower.positional_embedding, pos_index, tower.dtype)
+    x = fns.assemble(tower.token_embedding, ids, tower.positional_embedding, pos_index, tower.dtype)
     x = dense_forward(tower, x.view(n, length, tower.width))
     rows = torch.arange(n, device=dev) * length + pooled
     ln = tower.ln_final
-    return ops.head.eot_head(x.reshape(n * length, tower.width), rows, ln.weight, ln.bias, ln.eps,
+    return fns.eot_head(x.reshape(n * length, tower.width), rows, ln.weight, ln.bias, ln.eps,
                              tower.projection, tower.projection_bias, bool(normalize))
 
 
 # ---------------------------------------------------------------------------------------------
 # encode_prompts
 # ---------------------------------------------------------------------------------------------
-def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> tuple[torch.Tensor, Optional[int]]:
-    """(lengths as int64 on `device`, the longest when known on the host: always in eager; under
-    torch.compile only for lengths given as Python ints, a tensor's values being data)."""
+def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> tuple[torch.Tensor, Optional[tuple]]:
+    """(lengths as int64 on `device`, the same as a tuple of host ints when known there: always in
+    eager; under torch.compile only for lengths given as Python ints, a tensor's values being data)."""
     if isinstance(suffix_lengths, (list, tuple)) and compiling():  # host values: checked here, static in the trace
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in suffix_lengths):
             raise TypeError("suffix_lengths given as a list must hold ints under torch.compile")
@@ -129,7 +104,7 @@ def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> t
         lo, hi = min(suffix_lengths), max(suffix_lengths)
         if lo < 1 or hi > max_len:
             raise ValueError(f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions), got min {lo}, max {hi}")
-        return torch.tensor(list(suffix_lengths), dtype=torch.long, device=device), hi
+        return torch.tensor(list(suffix_lengths), dtype=torch.long, device=device), tuple(suffix_lengths)
     if isinstance(suffix_lengths, (list, tuple)):
         suffix_lengths = torch.tensor(suffix_lengths, dtype=torch.long)
     if not isinstance(suffix_lengths, torch.Tensor):
@@ -142,16 +117,19 @@ def _as_lengths(suffix_lengths, k: int, max_len: int, device: torch.device) -> t
         _device_assert((suffix_lengths >= 1) & (suffix_lengths <= max_len),
                        f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions)")
         return suffix_lengths.to(device=device, dtype=torch.long), None
-    lo, hi = int(suffix_lengths.min()), int(suffix_lengths.max())
+    host = tuple(suffix_lengths.tolist())  # the one host read of an eager encode (the layout's sizes)
+    lo, hi = min(host), max(host)
     if lo < 1 or hi > max_len:
         raise ValueError(f"suffix_lengths must lie in [1, {max_len}] (suffix holds {max_len} positions), got min {lo}, max {hi}")
-    return suffix_lengths.to(device=device, dtype=torch.long), hi
+    return suffix_lengths.to(device=device, dtype=torch.long), host
 
 
 def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths,
-                     chunk_size) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+                     chunk_size) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Checks of encode_prompts; returns (suffix as [K, Ls, W] or [G, K, Ls, W], lengths int64,
-    the longest length when known on the host, else None).
+    the lengths the packed layout is built for, as host ints: the lengths themselves when known on
+    the host, else (under torch.compile, a lengths tensor) min(Ls, context - Lp) for every class,
+    a static bound of each length: exact, since nothing after a prompt's EOT reaches it).
 
     Under torch.compile, checks on the values of a lengths tensor are device-side asserts."""
     check_tensor("prefix", prefix, dims=3)
@@ -171,7 +149,8 @@ def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths,
     k, ls = suffix.shape[-3], suffix.shape[-2]
     if k < 1 or ls < 1:
         raise ValueError(f"suffix must hold K >= 1 classes of Ls >= 1 tokens, got shape {tuple(suffix.shape)}")
-    lengths, longest = _as_lengths(suffix_lengths, k, ls, prefix.device)
+    lengths, host = _as_lengths(suffix_lengths, k, ls, prefix.device)
+    longest = None if host is None else max(host)
     too_long = (f"prefix length {lp} + longest suffix length {{}} exceeds the model's context length "
                 f"{tower.context_length}")
     if longest is None:  # compiling, lengths are data
@@ -180,40 +159,24 @@ def validate_prompts(tower: TextTower, prefix, suffix, suffix_lengths,
         raise ValueError(too_long.format(f"{longest} = {lp + longest}"))
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    return suffix, lengths, longest
-
-
-def dense_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor, span: int,
-                 normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
-    """Every [prefix | suffix] prompt cut or zero-padded to `span` positions and run densely -> [G, K, E]:
-    the reference backend's algorithm at a length known on the host (exact for any span >= Lp + the
-    longest length: the tower is causal and pools the EOT)."""
-    return reference.full_context_encode(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, span=span)
+    return suffix, lengths, host or (min(ls, tower.context_length - lp),) * k
 
 
 def encode_prompts_tower(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
                          normalize: bool, chunk_size: Optional[int], checkpoint: bool, ops: Ops,
-                         longest: Optional[int] = None) -> torch.Tensor:
-    """encode_prompts on validated inputs with a resolved tower (used by PromptEncoder).
-
-    Under torch.compile: `dense_encode` over Lp + `longest` positions (when known on the host) or
-    Lp + Ls (the suffix tensor's width, a static bound of every length), at most the context."""
-    if compiling():
-        lp, ls = prefix.shape[1], suffix.shape[-2]
-        span = min(tower.context_length, lp + (ls if longest is None else longest))
-        return dense_encode(tower, prefix, suffix, lengths, span, normalize, chunk_size, checkpoint)
+                         host_lengths: tuple) -> torch.Tensor:
+    """encode_prompts on validated inputs (validate_prompts) with a resolved tower and the ops of
+    one backend (used by PromptEncoder)."""
     if ops.name == "reference":
         return reference.full_context_encode(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint)
     g, lp, w = prefix.shape
     k, ls = suffix.shape[-3], suffix.shape[-2]
     dev = prefix.device
     pos = tower.positional_embedding
-    # Pad width of the packed layout: the longest suffix, not the suffix tensor's own width.
-    max_len = int(lengths.max())
-    layout = PackedLayout.build(g, lengths, lp, max_len, ls, suffix.dim() == 4)
-    xs = ops.assemble.assemble(suffix.reshape(-1, w), layout.token_src, pos, layout.token_pos, tower.dtype)
-    xp = ops.assemble.assemble(prefix.reshape(g * lp, w), torch.arange(g * lp, device=dev), pos,
-                               torch.arange(lp, device=dev).repeat(g), tower.dtype).view(g, lp, w)
+    layout = PackedLayout.build(g, host_lengths, lengths, lp, ls, suffix.dim() == 4)
+    xs = ops.assemble(suffix.reshape(-1, w), layout.token_src, pos, layout.token_pos, tower.dtype)
+    xp = ops.assemble(prefix.reshape(g * lp, w), torch.arange(g * lp, device=dev), pos,
+                      torch.arange(lp, device=dev).repeat(g), tower.dtype).view(g, lp, w)
     kv_flat = tuple(t for pair in prefix_stack(tower, xp) for t in pair)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     outs = []
@@ -256,15 +219,14 @@ def encode_prompts(model, prefix: torch.Tensor, suffix: torch.Tensor,
     computed once per group, and positions after each EOT are never computed. Gradients flow to
     prefix, suffix and any text-tower weight that requires grad.
 
-    Under torch.compile the packed layout would be sized by data (the lengths), so a compiled call
-    runs the reference algorithm in plain PyTorch, whatever the backend: every prompt densely at
-    Lp + max(suffix_lengths) positions when the lengths are a Python list/tuple (checked while
-    tracing), else at Lp + Ls (a lengths tensor's values are then checked by device-side asserts),
-    at most the context length. Exact as the eager path (causal tower, EOT pooling), no prefix
-    sharing.
+    Under torch.compile the same backend's custom ops run (the packed layout is sized on the host
+    while tracing): with the lengths as a Python list/tuple (checked while tracing) the layout is
+    the eager one; with a lengths tensor (its values then checked by device-side asserts) every
+    class is packed at min(Ls, context - Lp) tokens and pooled at its own EOT, exact as well
+    (causal tower, EOT pooling).
     """
     tower = resolve(model)
-    suffix, lengths, longest = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
-    call = call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=longest)
+    suffix, lengths, host = validate_prompts(tower, prefix, suffix, suffix_lengths, chunk_size)
+    call = call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=max(host))
     ops = prompt_ops(prefix.device, backend, call)
-    return encode_prompts_tower(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, ops, longest)
+    return encode_prompts_tower(tower, prefix, suffix, lengths, normalize, chunk_size, checkpoint, ops, host)

@@ -81,8 +81,8 @@ class PromptEncoder(nn.Module):
     tokenizer, imported on first use). template: formats each class name ("{}." as CoOp).
     normalize / chunk_size / checkpoint / backend: as in `dgkernels.encode_prompts`.
 
-    Under torch.compile, forward runs the dense path of `encode_prompts` at 1 + M + the longest
-    class suffix positions (known when the encoder is built), in plain PyTorch.
+    Under torch.compile, forward runs the same backend's custom ops over the packed layout of the
+    class suffix lengths (known on the host when the encoder is built).
     """
 
     def __init__(self, model, classnames: Sequence[str], tokenizer: Optional[Callable] = None, *,
@@ -184,11 +184,11 @@ class PromptEncoder(nn.Module):
             prefix = torch.cat([sos, ctx3], 1)
             suffix = self.suffix_embedding.to(ctx.dtype)
             lengths = self._host_lengths if compiling() else self.suffix_lengths
-        suffix, lengths, longest = api.validate_prompts(tower, prefix, suffix, lengths, self.chunk_size)
-        call = api.call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=longest)
+        suffix, lengths, host = api.validate_prompts(tower, prefix, suffix, lengths, self.chunk_size)
+        call = api.call_facts(tower, prefix.device, prefix.dtype, prefix_len=prefix.shape[1], suffix_len=max(host))
         ops = api.prompt_ops(prefix.device, self.backend, call)
         return api.encode_prompts_tower(tower, prefix, suffix, lengths, self.normalize, self.chunk_size,
-                                        self.checkpoint, ops, longest)
+                                        self.checkpoint, ops, host)
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes}, width={self.width}, normalize={self.normalize}, "

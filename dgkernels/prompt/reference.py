@@ -2,7 +2,7 @@
 
 `full_context_encode` is what `encode_prompts(..., backend="reference")` runs: every prompt at the
 model's full context length, no prefix sharing, no truncation (the plain computation, as CoOp's
-TextEncoder does it). The three sub-op references (assemble, prefix_attention, eot_head) are
+TextEncoder does it). The three primitive references (assemble_tokens, prefix_attention, eot_head) are
 differentiable PyTorch and the oracle the compiled and Triton kernels of those sub-ops are
 tested against. `naive_encode_prompts` runs the same prompts through the model's own open_clip
 modules: the independent oracle the whole optimised path must equal.
@@ -19,14 +19,9 @@ from .text_tower import Norm, TextTower, dense_forward, resolve, text_module
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend ops (the same signatures in cpp / triton)
+# The primitives (dgkernels.prompt.ops: the fused backends return extra outputs for their backward)
 # ---------------------------------------------------------------------------------------------
-def refusal(op: str, call) -> str:
-    """The reference runs every call (any floating dtype, any device, any size)."""
-    return ""
-
-
-def assemble(src: torch.Tensor, src_index: torch.Tensor, pos: torch.Tensor, pos_index: torch.Tensor,
+def assemble_tokens(src: torch.Tensor, src_index: torch.Tensor, pos: torch.Tensor, pos_index: torch.Tensor,
              dtype: torch.dtype) -> torch.Tensor:
     """out[t] = src[src_index[t]].to(dtype) + pos[pos_index[t]].to(dtype)   -> [T, W]."""
     return src.index_select(0, src_index).to(dtype) + pos.index_select(0, pos_index).to(dtype)
@@ -81,21 +76,18 @@ def eot_head(x: torch.Tensor, rows: torch.Tensor, ln_weight, ln_bias, eps: float
 # The reference backend of encode_prompts
 # ---------------------------------------------------------------------------------------------
 def full_context_encode(tower: TextTower, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor,
-                        normalize: bool, chunk_size: Optional[int], checkpoint: bool,
-                        span: Optional[int] = None) -> torch.Tensor:
+                        normalize: bool, chunk_size: Optional[int], checkpoint: bool) -> torch.Tensor:
     """Every [prefix | suffix] prompt padded to the context length and run densely -> [G, K, E].
 
-    Inputs as validated by encode_prompts. Positions past the suffix tensor hold zeros; nothing
-    after a prompt's EOT can reach its pooled token (the mask is causal), so any `span` >= Lp +
-    the longest length gives the same result (the compiled path passes a span known when
-    tracing; default: the context length). chunk_size bounds the prompts run at once;
-    checkpoint recomputes each chunk's activations in backward.
+    Inputs as validated by encode_prompts. Positions past the suffix tensor hold zeros (nothing
+    after a prompt's EOT can reach its pooled token: the mask is causal). chunk_size bounds the
+    prompts run at once; checkpoint recomputes each chunk's activations in backward.
     """
     g, lp, w = prefix.shape
     if suffix.dim() == 3:
         suffix = suffix.unsqueeze(0).expand(g, -1, -1, -1)
     k = suffix.shape[1]
-    ctx = tower.context_length if span is None else span
+    ctx = tower.context_length
     seqs = torch.cat([prefix.unsqueeze(1).expand(g, k, lp, w), suffix[:, :, :ctx - lp]], 2).reshape(g * k, -1, w)
     seqs = F.pad(seqs, (0, 0, 0, ctx - seqs.shape[1]))
     eot = (lp + lengths - 1).repeat(g)

@@ -17,11 +17,14 @@ float32 models identical to its LayerNorm). Two passes are provided:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .._validate import acc_dtype, compiling
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 LN for 16-bit
+        acc = acc_dtype(x.dtype)  # float32 LN for 16-bit
         w = None if self.weight is None else self.weight.to(acc)
         b = None if self.bias is None else self.bias.to(acc)
         return F.layer_norm(x.to(acc), (x.shape[-1],), w, b, self.eps).to(x.dtype)
@@ -239,7 +242,8 @@ class PackedLayout:
     """Where each of the N = G*K suffix sequences lives in the packed token matrix.
 
     Sequence n = g*K + k (group g, class k) owns rows seq_start[n] .. seq_start[n] + seq_len[n]
-    (no padding). Its pooled (EOT) token is the last of them.
+    (no padding); its pooled (EOT) token is row seq_start[n] + pool_len[n] - 1, the last of them in
+    eager (positions after it never reach it: the tower is causal).
     """
     groups: int
     classes: int
@@ -250,6 +254,8 @@ class PackedLayout:
     seq_group: torch.Tensor  # [N] int64
     token_src: torch.Tensor  # [T] row of the flattened suffix input
     token_pos: torch.Tensor  # [T] absolute position (for the positional embedding)
+    pool_len: torch.Tensor  # [N] the pooled (EOT) token of sequence n is its row pool_len[n] - 1
+    host_len: tuple  # seq_len on the host
 
     @property
     def sequences(self) -> int:
@@ -260,39 +266,44 @@ class PackedLayout:
         return self.token_src.numel()
 
     @staticmethod
-    def build(groups: int, lengths: torch.Tensor, prefix_len: int, max_len: int, src_width: int,
+    def build(groups: int, host_lengths: tuple, lengths: torch.Tensor, prefix_len: int, src_width: int,
               suffix_per_group: bool) -> "PackedLayout":
-        """src_width: positions per sequence in the suffix input (token_src indexes it flattened)."""
-        k = lengths.numel()
+        """Sequences of `host_lengths` tokens (host ints: the sizes of the layout, static while
+        torch.compile traces), each pooled at its own length `lengths` [K] (a device tensor: the same
+        values, or under torch.compile possibly smaller ones). src_width: positions per sequence in
+        the suffix input (token_src indexes it flattened)."""
+        k = len(host_lengths)
         dev = lengths.device
-        seq_len = lengths.long().repeat(groups)
+        # eager: the lengths tensor itself (no host->device copy); traced: the host sizes, constants
+        sized = torch.tensor(host_lengths, dtype=torch.long, device=dev) if compiling() else lengths.long()
+        seq_len = sized.repeat(groups)
         seq_start = torch.cumsum(seq_len, 0) - seq_len
-        n = seq_len.numel()
-        seq_group = torch.arange(n, device=dev) // k
-        mask = torch.arange(max_len, device=dev).unsqueeze(0) < seq_len.unsqueeze(1)
-        seq_of, pos_of = mask.nonzero(as_tuple=True)  # row-major = packed order
+        n, total = seq_len.numel(), sum(host_lengths) * groups
+        seq_of = torch.repeat_interleave(torch.arange(n, device=dev), seq_len, output_size=total)  # packed order
+        pos_of = torch.arange(total, device=dev) - seq_start[seq_of]
         src_seq = seq_of if suffix_per_group else seq_of % k
-        return PackedLayout(groups, k, prefix_len, max_len, seq_start, seq_len, seq_group,
-                            src_seq * src_width + pos_of, pos_of + prefix_len)
+        return PackedLayout(groups, k, prefix_len, max(host_lengths), seq_start, seq_len, torch.arange(n, device=dev) // k,
+                            src_seq * src_width + pos_of, pos_of + prefix_len, lengths.long().repeat(groups),
+                            tuple(host_lengths) * groups)
 
     def chunks(self, chunk_size: Optional[int]):
         """(first sequence, end sequence, first row, end row) of each chunk of sequences."""
         n = self.sequences
         size = n if not chunk_size else chunk_size
-        ends = (self.seq_start + self.seq_len).tolist()
-        starts = self.seq_start.tolist()
+        ends = list(itertools.accumulate(self.host_len))
         for n0 in range(0, n, size):
             n1 = min(n, n0 + size)
-            yield n0, n1, starts[n0], ends[n1 - 1]
+            yield n0, n1, (ends[n0 - 1] if n0 else 0), ends[n1 - 1]
 
 
 @dataclass
 class Ops:
-    """The backend implementations used by one call (each: reference, cpp or triton functions)."""
+    """The three differentiable prompt ops of one backend (dgkernels.prompt.ops.bound), with the
+    reference's signatures."""
     name: str
-    assemble: object
-    attention: object
-    head: object
+    assemble: Callable
+    prefix_attention: Callable
+    eot_head: Callable
 
 
 def prefix_stack(tower: TextTower, xp: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -319,9 +330,9 @@ def suffix_stack(tower: TextTower, ops: Ops, layout: PackedLayout, n0: int, n1: 
     scale = dim ** -0.5
     for i, layer in enumerate(tower.layers):
         q, k, v = split_heads(layer.qkv(xs), tower.heads)
-        a = ops.attention.prefix_attention(q, k, v, kv_flat[2 * i], kv_flat[2 * i + 1], seq_start, seq_len,
+        a = ops.prefix_attention(q, k, v, kv_flat[2 * i], kv_flat[2 * i + 1], seq_start, seq_len,
                                            seq_group, layout.max_len, scale)
         xs = layer.finish(xs, a.reshape(tc, tower.width))
-    rows = seq_start + seq_len - 1
+    rows = seq_start + layout.pool_len[n0:n1] - 1
     ln = tower.ln_final
-    return ops.head.eot_head(xs, rows, ln.weight, ln.bias, ln.eps, tower.projection, tower.projection_bias, normalize)
+    return ops.eot_head(xs, rows, ln.weight, ln.bias, ln.eps, tower.projection, tower.projection_bias, normalize)

@@ -35,16 +35,13 @@ Float64 is not a Triton path here (the cpp/cuda and reference backends take it).
 """
 from __future__ import annotations
 
-import os
-from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_compile import CompileSpec
-from .._triton_signature import param_names, signature
-from .autograd import backend_ops
+from .._triton_signature import CompileSpec
+from .._triton_signature import interpreting, param_names, signature
 from .packing import Windows, cached_windows
 
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
@@ -535,16 +532,13 @@ COMPILE_SPECS: list[CompileSpec] = _specs()
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers (the primitives of autograd.backend_ops)
+# launchers (the primitives of dgkernels.prompt.ops)
 # ---------------------------------------------------------------------------------------------
-def refusal(op: str, call) -> str:
-    """What these kernels run: float32/bfloat16/float16 activations and embeddings; the attention
-    for head sizes up to BLOCK_DS[-1] (a head is one BLOCK_D block)."""
-    bad = call.unsupported_dtype(_TL)
-    if bad is not None:
-        return f"the triton prompt kernels run float32/bfloat16/float16, got {bad}"
+def refusal(primitive: str, call) -> str:
+    """The size limit of these kernels (devices and dtypes are declared in dgkernels.prompt): the
+    attention takes head sizes up to BLOCK_DS[-1] (a head is one BLOCK_D block)."""
     head_dim = call.size("head_dim")
-    if op == "prompt_prefix_attention" and head_dim is not None and head_dim > BLOCK_DS[-1]:
+    if primitive.startswith("prefix_attention") and head_dim is not None and head_dim > BLOCK_DS[-1]:
         return f"the triton prompt attention supports head dims up to {BLOCK_DS[-1]}, got {head_dim}"
     return ""
 
@@ -592,7 +586,7 @@ def _block_d(dim: int) -> int:
 
 
 def _attn_meta(dtype, dim, kernel) -> dict:
-    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    widen = dtype == torch.bfloat16 and interpreting()
     block_m, block_n = _attn_blocks(dtype)
     block_d = _block_d(dim)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_prec(dtype), WIDEN=widen,
@@ -701,9 +695,3 @@ def head_bwd(grad_out, x, rows, ln_w, eps, proj, y, z, mean, rstd, normalize):
     return dx, (gy * xhat).sum(0), gy.sum(0), dproj, gz.sum(0)
 
 
-PRIMS = SimpleNamespace(assemble=assemble_fwd, index_add_rows=index_add_rows, attention=attention_fwd,
-                        attention_backward=attention_bwd, head=head_fwd, head_backward=head_bwd)
-_OPS = backend_ops(PRIMS)
-assemble = _OPS.assemble
-prefix_attention = _OPS.prefix_attention
-eot_head = _OPS.eot_head

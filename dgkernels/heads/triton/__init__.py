@@ -9,8 +9,6 @@ bf16/fp16 (tensor cores), float32 gradient tiles cast row-scaled against them (s
 keep their precision), and float32 inputs multiply at torch.get_float32_matmul_precision().
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; float32/bfloat16/float16.
 """
-import torch
-
 from . import agreement, cosine, cosine_per_sample, cross_entropy_rows, mapper, matmul
 from .agreement import agree_backward, agree_forward
 from .cosine import cosce_backward, cosce_forward
@@ -22,16 +20,11 @@ from .mapper import mapper_backward, mapper_forward
 COMPILE_SPECS = [*matmul.SPECS, *cross_entropy_rows.SPECS, *agreement.SPECS, *mapper.SPECS, *cosine.SPECS,
                  *cosine_per_sample.SPECS]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-def refusal(op: str, call) -> str:
-    """What these kernels run: float32/bfloat16/float16 (float32 logits and accumulation); for
+def refusal(primitive: str, call) -> str:
+    """The size limit of these kernels (devices and dtypes are declared in dgkernels.heads): for
     head_agreement, one row's D x K logits within the register tile (agreement.MAX_TILE)."""
-    bad = call.unsupported_dtype(_DTYPES)
-    if bad is not None:
-        return f"the triton head kernels run float32/bfloat16/float16, got {bad}"
-    if op == "head_agreement":
+    if primitive.startswith("head_agreement"):
         return agreement.tile_refusal(call.size("D"), call.size("K"))
     return ""
 

@@ -1,16 +1,12 @@
 """Helpers shared by the head kernels' launchers."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from ..._triton_signature import interpreting  # noqa: F401 - the launchers' name for it
+
 TILE_ELEMS = 1 << 22  # logits exist only as row tiles of at most this many float32 elements
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def op_dtype(t):

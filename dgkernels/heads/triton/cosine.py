@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_compile import CompileSpec
+from ..._triton_signature import CompileSpec
 from ..._triton_signature import param_names, signature
 from ._common import check_fp64, interpreting, launch_prec, op_dtype, tile_rows
 from .cosine_per_sample import cos_per_sample

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._triton_compile import CompileSpec
+from ..._triton_signature import CompileSpec
 from ..._triton_signature import signature
 
 ROW_BLOCK_K = 256

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_compile import CompileSpec
+from ..._triton_signature import CompileSpec
 from ..._triton_signature import signature
 from ._common import check_fp64, groups, op_dtype, row_block
 from .matmul import mm

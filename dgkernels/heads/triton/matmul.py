@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_compile import CompileSpec
+from ..._triton_signature import CompileSpec
 from ..._triton_signature import signature
 from ._common import interpreting, launch_prec
 

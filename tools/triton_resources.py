@@ -1,7 +1,7 @@
 """Ahead-of-time compile check and resource report of every Triton kernel (no GPU needed).
 
-Each Triton module registers CompileSpecs: a kernel, its signature, and one entry per launch
-configuration it can use (each autotune config, each constexpr variant). `compile_all` compiles
+Each Triton module lists CompileSpecs (dgkernels._triton_signature): a kernel, its signature, and
+one entry per launch configuration it can use (each autotune config, each constexpr variant). `compile_all` compiles
 each to PTX and cubin with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`.
 The interpreter (TRITON_INTERPRET=1) accepts code that real compilation rejects, so both checks
 run. With `resources=True` each sm_90 result also carries what a launch would meet on Hopper:
@@ -10,11 +10,11 @@ passes), shared memory (the compiled metadata) and the kind of matrix instructio
 (`wgmma.mma_async` = Hopper tensor cores, `mma.sync` = the Ampere path, none = FMA loops).
 
 Command line (TRITON_INTERPRET must be unset):
-  python -m dgkernels._triton_compile                      JSON compile results, sm_80 and sm_90
-  python -m dgkernels._triton_compile --report [--markdown FILE] [--json FILE] [--workers N] [--only REGEX]
+  python tools/triton_resources.py                      JSON compile results, sm_80 and sm_90
+  python tools/triton_resources.py --report [--markdown FILE] [--json FILE] [--workers N] [--only REGEX]
 (--only: the specs whose name matches REGEX, e.g. while tuning one kernel's configurations.)
-Running the file as `python -m` makes it `__main__`, a second copy of this module whose registry
-(TRITON_MODULES) the package never fills: the entry point therefore calls the package's copy.
+The kernel modules list their CompileSpecs and register themselves in dgkernels._triton_signature
+(TRITON_MODULES) when the package is imported; this tool is not part of the installed package.
 
 Autotuned kernels: a module that launches a kernel through `triton.autotune` also defines
 `autotune_launches()`, yielding `(autotuner, signature, constexprs)` for every way its launchers
@@ -35,33 +35,13 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 
-# Modules holding Triton kernels; each defines COMPILE_SPECS (a list of CompileSpec) at import.
-TRITON_MODULES: list[str] = []
+from dgkernels._triton_signature import TRITON_MODULES, CompileSpec
 
 # Shared memory a block may opt into (bytes): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 CAPABILITIES = (80, 90)
 RESOURCE_CC = 90
-
-
-@dataclass
-class CompileSpec:
-    name: str
-    kernel: object  # triton.runtime.JITFunction
-    signature: dict[str, str]  # argument -> triton type ("*fp32", "i32", "fp32", "constexpr")
-    constexprs: dict[str, object] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-    # Specialisation the JIT applies at launch, e.g. {(i,): [["tt.divisibility", 16]]} for argument i
-    # (16-byte aligned pointers, sizes and strides divisible by 16): compile what will run.
-    attrs: dict | None = None
-
-
-def register_module(module_name: str) -> None:
-    if module_name not in TRITON_MODULES:
-        TRITON_MODULES.append(module_name)
 
 
 # ---- reading the compiled artefacts ---------------------------------------------------------
@@ -184,11 +164,8 @@ def problems(result: dict) -> list[str]:
 def all_specs() -> list[CompileSpec]:
     import dgkernels  # noqa: F401 - importing the package registers the Triton modules
 
-    # Read the package's list: under `python -m` this file runs as __main__, a second copy whose
-    # TRITON_MODULES nobody fills.
-    registry = importlib.import_module("dgkernels._triton_compile").TRITON_MODULES
     specs = []
-    for mod in registry:
+    for mod in TRITON_MODULES:
         specs.extend(importlib.import_module(mod).COMPILE_SPECS)
     return specs
 
@@ -268,7 +245,7 @@ def coverage() -> str:
     import inspect
 
     notes = []
-    for mod_name in importlib.import_module("dgkernels._triton_compile").TRITON_MODULES:
+    for mod_name in TRITON_MODULES:
         mod = importlib.import_module(mod_name)
         if hasattr(mod, "autotune_launches"):
             expected, kernels = expected_autotune_specs(mod)
@@ -355,7 +332,7 @@ def _ptxas_version() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dgkernels._triton_compile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/triton_resources.py", description=__doc__.split("\n")[0])
     ap.add_argument("--report", action="store_true", help="sm_90 registers/spills/shared memory/MMA per config")
     ap.add_argument("--markdown", metavar="FILE", help="write the report table here (implies --report)")
     ap.add_argument("--json", metavar="FILE", help="write the raw results here")
@@ -377,7 +354,7 @@ def main(argv=None) -> int:
         json.dump(results, sys.stdout)
         return 0 if not any(problems(r) for r in results) else 1
     shown = argv if argv is not None else sys.argv[1:]
-    text = markdown(results, " ".join(["python -m dgkernels._triton_compile", *shown]))
+    text = markdown(results, " ".join(["python tools/triton_resources.py", *shown]))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
@@ -386,4 +363,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(importlib.import_module("dgkernels._triton_compile").main())
+    sys.exit(main())
