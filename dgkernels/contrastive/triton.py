@@ -98,12 +98,13 @@ def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
 
 # Flags and sizes are not specialised (no constant-1 or divisible-by-16 variants): what launches is
 # exactly what COMPILE_SPECS compiles (the launcher makes pointers, D and row strides aligned).
-_RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on"]
+# N_KEY, M_KEY: the autotuner's size key (power-of-two buckets, see _bucket); the kernels ignore them.
+_RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on", "N_KEY", "M_KEY"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup"])
 def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on, fixup, col_floor,
+                exclude_diag, cols_on, fixup, col_floor, N_KEY, M_KEY,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
     # Works in log2 units: scale2 = scale * log2(e), read from device memory (no host copy of a
@@ -152,7 +153,7 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stri
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on,
+                exclude_diag, cols_on, N_KEY, M_KEY,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
     scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
@@ -313,14 +314,41 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# ---- choosing a configuration ---------------------------------------------------------------
+# triton.autotune times every config (full launches) once per distinct key. Keyed on the exact N
+# and M it would re-tune for every new batch size - 5 configs x several runs, seconds at N = 65536.
+# The key holds power-of-two buckets of N and M instead: what decides the best tile is how many
+# row blocks there are per SM wave and how long each program's column loop is, and both change by
+# factors, not by units. Buckets stop at _TUNE_MAX_ROWS: a launch that large has many waves of
+# programs (65536 / 128 = 512 row blocks on 132 SMs) whatever the tile, so it takes the config tuned
+# at the top bucket when that bucket was tuned in this process, else the first config of its list
+# (the fixed large-size choice) - never a tuning run of a launch that itself takes up to seconds.
+# Tuners are per (kernel, dtype class, PREC, device): tuned configs are cached per device.
+# FIXED_CONFIG_ENV=1 turns tuning off everywhere (the first config of each list): the GPU test run
+# checks values, and every config is compile-checked for sm_80/sm_90 elsewhere.
+_TUNE_MAX_ROWS = 65536
+FIXED_CONFIG_ENV = "DGKERNELS_TRITON_FIXED_CONFIG"
+_TUNED_KEYS: set = set()  # (device, kernel, dclass, prec, N_KEY, M_KEY, D, cols_on, fixup) tuned so far
+
+
+def _bucket(n: int) -> int:
+    """The autotuner's size key: the next power of two, at most _TUNE_MAX_ROWS."""
+    return min(triton.next_power_of_2(max(int(n), 1)), _TUNE_MAX_ROWS)
+
+
+def _fixed_config() -> bool:
+    return os.environ.get(FIXED_CONFIG_ENV, "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, dclass: str):
-    """The kernel wrapped in triton.autotune over its configs (GPU only)."""
+def _tuned(kernel: str, dclass: str, prec: str = "tf32", device: int = 0):
+    """The kernel wrapped in triton.autotune over its configs (GPU only), one per device and PREC
+    so that neither shares another's tuned choice."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
                for bm, bn, bd, w, s in CONFIGS[(kernel, dclass)]]
     # Accumulated outputs: zeroed before every trial so no config sees another's partial sums.
     reset = ["COLSUM"] if kernel == "fwd" else ["DQ", "DK", "DS_PART"]
-    key = ["N", "M", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
+    key = ["N_KEY", "M_KEY", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(
         _KERNELS[kernel])
 
@@ -334,7 +362,8 @@ def autotune_launches():
         raise AssertionError(f"_LAUNCH_VARIANTS {_LAUNCH_VARIANTS} differ from what _prec launches: {launched}")
     for kernel in ("fwd", "bwd"):
         for dtype, prec in _LAUNCH_VARIANTS:
-            yield _tuned(kernel, _dclass(dtype)), _signature(kernel, _TL[dtype]), dict(PREC=prec, DOT_F32=False)
+            yield (_tuned(kernel, _dclass(dtype), prec), _signature(kernel, _TL[dtype]),
+                   dict(PREC=prec, DOT_F32=False))
 
 
 def _prec_choices(dtype) -> set:
@@ -350,17 +379,38 @@ def _prec_choices(dtype) -> set:
         torch.set_float32_matmul_precision(saved)
 
 
-def _launch(kernel: str, n: int, args: tuple, dtype):
+def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, device=None):
+    """Launch `kernel` over ceil(n / BLOCK_M) row blocks; args end with (..., N_KEY, M_KEY) filled
+    here from n and m (the column count; n when absent)."""
     prec = _prec(dtype)
-    if _interpret():
-        # The interpreter cannot time configs: run the first one (all of them are compile-checked).
+    m = n if m is None else m
+    n_key, m_key = _bucket(n), _bucket(m)
+    args = args + (n_key, m_key)
+    interp = _interpret()
+    dev = 0 if interp or device is None or device.index is None else device.index
+    cols_on, d = args[_ARG_INDEX[kernel]["cols_on"]], args[_ARG_INDEX[kernel]["D"]]
+    fixup = args[_ARG_INDEX[kernel]["fixup"]] if kernel == "fwd" else 0
+    key = (dev, kernel, _dclass(dtype), prec, n_key, m_key, d, cols_on, fixup)
+    oversize = n > _TUNE_MAX_ROWS or m > _TUNE_MAX_ROWS
+    if interp or _fixed_config() or (oversize and key not in _TUNED_KEYS):
+        # The interpreter cannot time configs; tests and oversize first launches take the first one.
         cfg = _configs(kernel, dtype)[0]
         grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
         _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                               PREC=prec, DOT_F32=dtype == torch.bfloat16)
+                               PREC=prec, DOT_F32=interp and dtype == torch.bfloat16,
+                               **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
         return
-    tuned = _tuned(kernel, _dclass(dtype))
+    tuned = _tuned(kernel, _dclass(dtype), prec, dev)
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
+    _TUNED_KEYS.add(key)
+
+
+def _arg_index(kernel: str) -> dict:
+    fn = _KERNELS[kernel].fn
+    return {name: i for i, name in enumerate(fn.__code__.co_varnames[:fn.__code__.co_argcount])}
+
+
+_ARG_INDEX = {k: _arg_index(k) for k in _KERNELS}
 
 
 def refusal(op: str, call) -> str:
@@ -406,7 +456,7 @@ def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
     args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
             dummy if flags is None else flags, scale2, n, k.shape[0], d, q.stride(0), k.stride(0), int(exclude_diag),
             int(colsum is not None), int(flags is not None), _COL_FLOOR)
-    _launch("fwd", n, args, q.dtype)
+    _launch("fwd", n, args, q.dtype, m=k.shape[0], device=q.device)
     return out
 
 
@@ -469,7 +519,7 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
                           device=q.device)
     args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
             q.stride(0), k.stride(0), int(exclude_diag), int(cols))
-    _launch("bwd", n, args, q.dtype)
+    _launch("bwd", n, args, q.dtype, m=m, device=q.device)
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
     s = scale.detach().reshape(()).float()  # on the device: a 0-d tensor operand, no host read
