@@ -102,29 +102,34 @@ def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
 _RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on", "N_KEY", "M_KEY"]
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup", "COLS_PER_SPLIT"])
 def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on, fixup, col_floor, N_KEY, M_KEY,
+                exclude_diag, cols_on, fixup, col_floor, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
+    # Grid (row block, column split): program (i, c) covers rows i*BLOCK_M.. against columns
+    # [c*COLS_PER_SPLIT, (c+1)*COLS_PER_SPLIT) and writes its rows' partial log-sum-exp to
+    # LSE[c, rows] (the launcher combines the splits; one split writes the result directly).
     # Works in log2 units: scale2 = scale * log2(e), read from device memory (no host copy of a
     # learnable scale per call); LSE is stored in natural units.
     scale2 = tl.load(SCALE2)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     Q_blk = Q + tl.cast(pid * BLOCK_M, tl.int64) * stride_qn  # int64: rows * stride passes 2^31
-    end = M
+    start = split * COLS_PER_SPLIT
+    end = tl.minimum(M, start + COLS_PER_SPLIT)
     if fixup != 0:
         # Transposed re-run for underflowed column sums: FLAGS holds them; other blocks skip.
         flag = tl.load(FLAGS + rows, mask=row_ok, other=1.0)
         n_bad = tl.sum((flag < col_floor).to(tl.int32), axis=0)
-        end = tl.where(n_bad > 0, M, 0)
+        end = tl.where(n_bad > 0, end, start)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, end, BLOCK_N):
+    for c0 in range(start, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        col_ok = cols < end
         s = _tile(Q_blk, K + tl.cast(c0, tl.int64) * stride_kn, row_ok, col_ok, D, stride_qn, stride_kn,
                   BLOCK_M, BLOCK_N, BLOCK_D, PREC, DOT_F32) * scale2
         drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
@@ -147,17 +152,20 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stri
     ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     store_ok = row_ok
     if fixup != 0:
-        store_ok = row_ok & (end > 0)
-    tl.store(LSE + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
+        store_ok = row_ok & (end > start)
+    tl.store(LSE + tl.cast(split, tl.int64) * N + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["COLS_PER_SPLIT"])
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on, N_KEY, M_KEY,
+                exclude_diag, cols_on, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
+    # Grid (row block, column split), as the forward: program (i, c) adds the contributions of
+    # its columns to DQ[rows] and DK[cols], both with fp32 atomics (several splits share a row).
     scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     r0 = tl.cast(pid * BLOCK_M, tl.int64)  # int64: rows * stride passes 2^31
@@ -171,12 +179,14 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
     w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
     c_r = tl.load(C_R + rows, mask=row_ok, other=0.0)
     ds = tl.zeros([BLOCK_M], tl.float32)
-    n_cb = tl.cdiv(M, BLOCK_N)
+    start = split * COLS_PER_SPLIT
+    end = tl.minimum(M, start + COLS_PER_SPLIT)
+    n_cb = tl.cdiv(end - start, BLOCK_N)
     for step in range(0, n_cb):
         # Start each row block at another column block so the DK atomics rarely collide.
-        c0 = ((pid + step) % n_cb) * BLOCK_N
+        c0 = start + ((pid + step) % n_cb) * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        col_ok = cols < end
         K_blk = K + tl.cast(c0, tl.int64) * stride_kn
         DK_blk = DK + tl.cast(c0, tl.int64) * D
         s = _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
@@ -198,23 +208,21 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
         k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
         dq_ptr = DQ_blk + offs_m[:, None] * D + offs_d[None, :]
         dk_ptr = DK_blk + offs_n[:, None] * D + offs_d[None, :]
-        # The previous column block stored these DQ rows, possibly from other threads of this
-        # program (the store may use the dot's layout, the load another): make them visible.
-        tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
             d_ok = d0 + offs_d < D
             q_ok = row_ok[:, None] & d_ok[None, :]
             k_ok = col_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr, mask=q_ok, other=0.0)
             k = tl.load(k_ptr, mask=k_ok, other=0.0)
-            tl.store(dq_ptr, _dot(g_r, k, tl.load(dq_ptr, mask=q_ok, other=0.0), PREC, DOT_F32), mask=q_ok)
+            dq = _dot(g_r, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), PREC, DOT_F32)
+            tl.atomic_add(dq_ptr, dq, mask=q_ok, sem="relaxed")
             dk = _dot(g_c, q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PREC, DOT_F32)
             tl.atomic_add(dk_ptr, dk, mask=k_ok, sem="relaxed")
             q_ptr += BLOCK_D
             k_ptr += BLOCK_D
             dq_ptr += BLOCK_D
             dk_ptr += BLOCK_D
-    tl.store(DS_PART + pid, tl.sum(ds, axis=0) / scale2)
+    tl.store(DS_PART + split * tl.num_programs(0) + pid, tl.sum(ds, axis=0) / scale2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,13 +387,46 @@ def _prec_choices(dtype) -> set:
         torch.set_float32_matmul_precision(saved)
 
 
-def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, device=None):
-    """Launch `kernel` over ceil(n / BLOCK_M) row blocks; args end with (..., N_KEY, M_KEY) filled
-    here from n and m (the column count; n when absent)."""
+# ---- the grid: row blocks x column splits ----------------------------------------------------
+# One program per row block alone leaves an H100 (132 SMs) mostly idle at the batch sizes CLIP
+# trains with: N = 4096 is 32-64 row blocks. The column range is therefore split too, so that
+# there are about _TARGET_WAVES programs per SM: the forward combines the splits' partial row
+# log-sum-exps (O(splits N) on the host side, exact), the backward adds the splits' dQ with fp32
+# atomics as it adds dK. A split keeps at least _MIN_SPLIT_COLS columns, so that each program still
+# amortises loading its Q block over several column blocks; large N needs no split (N = 65536:
+# 512-1024 row blocks, 4-8 waves). Grids at N = M: benchmarks/results/contrastive_roofline.md.
+_SPLIT_ALIGN = 128  # a split is a whole number of column blocks of every config (BLOCK_N <= 128)
+_MIN_SPLIT_COLS = 256
+_TARGET_WAVES = 2
+_DEFAULT_SMS = 132  # H100/H200; the interpreter and CPU callers plan for that GPU
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def column_split(n: int, m: int, device=None) -> tuple[int, int]:
+    """(number of column splits, columns per split) of a launch over n rows and m columns."""
+    on_gpu = device is not None and device.type == "cuda" and not _interpret()
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu \
+        else _DEFAULT_SMS
+    fewest_row_blocks = max(1, triton.cdiv(n, max(c[0] for cfgs in CONFIGS.values() for c in cfgs)))
+    want = triton.cdiv(_TARGET_WAVES * sms, fewest_row_blocks)
+    splits = max(1, min(want, m // _MIN_SPLIT_COLS))
+    cols = triton.cdiv(triton.cdiv(max(m, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return triton.cdiv(max(m, 1), cols), cols
+
+
+def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, device=None, split=(1, 0)):
+    """Launch `kernel` over (ceil(n / BLOCK_M) row blocks, split[0] column splits of split[1]
+    columns); args end with (..., N_KEY, M_KEY, COLS_PER_SPLIT) filled here from n, m (the
+    column count; n when absent) and split."""
     prec = _prec(dtype)
     m = n if m is None else m
     n_key, m_key = _bucket(n), _bucket(m)
-    args = args + (n_key, m_key)
+    splits, cols = split
+    args = args + (n_key, m_key, cols if splits > 1 else max(m, 1))
     interp = _interpret()
     dev = 0 if interp or device is None or device.index is None else device.index
     cols_on, d = args[_ARG_INDEX[kernel]["cols_on"]], args[_ARG_INDEX[kernel]["D"]]
@@ -395,13 +436,13 @@ def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, devic
     if interp or _fixed_config() or (oversize and key not in _TUNED_KEYS):
         # The interpreter cannot time configs; tests and oversize first launches take the first one.
         cfg = _configs(kernel, dtype)[0]
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
         _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                                PREC=prec, DOT_F32=interp and dtype == torch.bfloat16,
                                **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
         return
     tuned = _tuned(kernel, _dclass(dtype), prec, dev)
-    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
+    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](*args, PREC=prec, DOT_F32=False)
     _TUNED_KEYS.add(key)
 
 
@@ -448,16 +489,18 @@ def _vec(t):
 def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
     """Row log-sum-exp of q against k; with colsum/cref also the fixed-reference column sums;
     with flags (the transposed re-run) only the row blocks holding a flagged row."""
-    n = q.shape[0]
+    n, m = q.shape[0], k.shape[0]
     q, k = _kernel_layout(q), _kernel_layout(k)
     d = q.shape[1]
-    out = torch.empty(n, dtype=torch.float32, device=q.device)
-    dummy = out[:1]
+    split = column_split(n, m, q.device)
+    out = torch.empty(split[0], n, dtype=torch.float32, device=q.device)
+    dummy = out[0, :1]
     args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
-            dummy if flags is None else flags, scale2, n, k.shape[0], d, q.stride(0), k.stride(0), int(exclude_diag),
+            dummy if flags is None else flags, scale2, n, m, d, q.stride(0), k.stride(0), int(exclude_diag),
             int(colsum is not None), int(flags is not None), _COL_FLOOR)
-    _launch("fwd", n, args, q.dtype, m=k.shape[0], device=q.device)
-    return out
+    _launch("fwd", n, args, q.dtype, m=m, device=q.device, split=split)
+    # the splits' partial log-sum-exps (-inf where a split had no column of a row) combine exactly
+    return out[0] if split[0] == 1 else torch.logsumexp(out, dim=0)
 
 
 def _norms(t):
@@ -514,12 +557,13 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     c_c = _pow2_scale(w_c, w_r.abs().amax())
     dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-    # one partial dscale per row block of the smallest BLOCK_M (the autotuner may pick any)
-    ds_part = torch.zeros(triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))), dtype=torch.float32,
-                          device=q.device)
+    split = column_split(n, m, q.device)
+    # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any)
+    ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))),
+                          dtype=torch.float32, device=q.device)
     args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
             q.stride(0), k.stride(0), int(exclude_diag), int(cols))
-    _launch("bwd", n, args, q.dtype, m=m, device=q.device)
+    _launch("bwd", n, args, q.dtype, m=m, device=q.device, split=split)
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
     s = scale.detach().reshape(()).float()  # on the device: a 0-d tensor operand, no host read
