@@ -61,6 +61,7 @@ import triton.language as tl
 from .._triton_compile import CompileSpec
 
 LOG2E = math.log2(math.e)
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 _COL_HEADROOM = 88.0  # A: terms <= 2^88, so sums of up to 2^39 rows stay below fp32 max (2^128)
 _COL_FLOOR = 2.0 ** -80  # a column sum below this is recomputed exactly (see the module docstring)
 _G_TOP = 15  # scaled G entries are <= 2^15 < fp16 max
@@ -160,7 +161,7 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stri
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
                 exclude_diag, cols_on, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, GRAD_D: tl.constexpr):
     # Grid (row block, column split), as the forward: program (i, c) adds the contributions of
     # its columns to DQ[rows] and DK[cols], both with fp32 atomics (several splits share a row).
     scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
@@ -173,7 +174,7 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
     DQ_blk = DQ + r0 * D  # DQ, DK: contiguous fp32
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, GRAD_D)  # the gradient GEMMs' D chunk (_grad_d), independent of BLOCK_D
     # Rows outside [0, N) get zero weight and -inf logits, so nothing of theirs reaches DQ or DK.
     lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
@@ -208,20 +209,20 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
         k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
         dq_ptr = DQ_blk + offs_m[:, None] * D + offs_d[None, :]
         dk_ptr = DK_blk + offs_n[:, None] * D + offs_d[None, :]
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, D, GRAD_D):
             d_ok = d0 + offs_d < D
             q_ok = row_ok[:, None] & d_ok[None, :]
             k_ok = col_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr, mask=q_ok, other=0.0)
             k = tl.load(k_ptr, mask=k_ok, other=0.0)
-            dq = _dot(g_r, k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), PREC, DOT_F32)
+            dq = _dot(g_r, k, tl.zeros([BLOCK_M, GRAD_D], tl.float32), PREC, DOT_F32)
             tl.atomic_add(dq_ptr, dq, mask=q_ok, sem="relaxed")
-            dk = _dot(g_c, q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PREC, DOT_F32)
+            dk = _dot(g_c, q, tl.zeros([BLOCK_N, GRAD_D], tl.float32), PREC, DOT_F32)
             tl.atomic_add(dk_ptr, dk, mask=k_ok, sem="relaxed")
-            q_ptr += BLOCK_D
-            k_ptr += BLOCK_D
-            dq_ptr += BLOCK_D
-            dk_ptr += BLOCK_D
+            q_ptr += GRAD_D
+            k_ptr += GRAD_D
+            dq_ptr += GRAD_D
+            dk_ptr += GRAD_D
     tl.store(DS_PART + split * tl.num_programs(0) + pid, tl.sum(ds, axis=0) / scale2)
 
 
@@ -233,10 +234,11 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
 CONFIGS = {
     ("fwd", "half"): [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4)],
-    ("bwd", "half"): [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 3),
-                      (64, 64, 64, 4, 3)],
+    # 8 warps only: with dQ added by atomics (the column-split grid), the 4-warp 64 x 64 tiles and
+    # the 3-stage fp32 IEEE tile spilled 16-32 bytes (ptxas -v, sm_90a).
+    ("bwd", "half"): [(128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 3)],
     ("fwd", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 32, 8, 2)],
-    ("bwd", "fp32"): [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)],
+    ("bwd", "fp32"): [(64, 64, 32, 8, 2)],
 }
 _KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -249,6 +251,20 @@ def _dclass(dtype) -> str:
 def _configs(kernel: str, dtype) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=s)
             for bm, bn, bd, w, s in CONFIGS[(kernel, _dclass(dtype))]]
+
+
+def _grad_d(kernel: str, dtype, prec: str) -> dict:
+    """The backward's GRAD_D, fixed per (dtype, PREC): the D chunk of its dQ / dK GEMMs. IEEE fp32
+    dots are FMA loops at the edge of the register file (255 registers, ptxas -v, sm_90a), and the
+    two Triton versions' code generation allocates them differently: 32-wide chunks spilled 16 bytes
+    under Triton 3.6 (the GPU machine's) and none under 3.8, 16-wide chunks none under 3.6 and 4
+    bytes under 3.8. Each version gets the width that does not spill in its resource report.
+    Otherwise the S tile's BLOCK_D (one value per dtype class in CONFIGS)."""
+    if kernel != "bwd":
+        return {}
+    if dtype == torch.float32 and prec == "ieee":
+        return {"GRAD_D": 16 if _TRITON_VERSION < (3, 7) else 32}
+    return {"GRAD_D": CONFIGS[("bwd", _dclass(dtype))][0][2]}
 
 
 def _prec(dtype) -> str:
@@ -306,7 +322,7 @@ def _specs() -> list[CompileSpec]:
             t = _TL[dtype]
             for cfg in _configs(kernel, dtype):
                 cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
-                          DOT_F32=False)
+                          DOT_F32=False, **_grad_d(kernel, dtype, prec))
                 tag = (f"{t}{'_' + prec if dtype == torch.float32 else ''}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}"
                        f"_d{cfg['BLOCK_D']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
                 sig = _signature(kernel, t)
@@ -371,7 +387,7 @@ def autotune_launches():
     for kernel in ("fwd", "bwd"):
         for dtype, prec in _LAUNCH_VARIANTS:
             yield (_tuned(kernel, _dclass(dtype), prec), _signature(kernel, _TL[dtype]),
-                   dict(PREC=prec, DOT_F32=False))
+                   dict(PREC=prec, DOT_F32=False, **_grad_d(kernel, dtype, prec)))
 
 
 def _prec_choices(dtype) -> set:
@@ -438,11 +454,12 @@ def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, devic
         cfg = _configs(kernel, dtype)[0]
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
         _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                               PREC=prec, DOT_F32=interp and dtype == torch.bfloat16,
+                               PREC=prec, DOT_F32=interp and dtype == torch.bfloat16, **_grad_d(kernel, dtype, prec),
                                **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
         return
     tuned = _tuned(kernel, _dclass(dtype), prec, dev)
-    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](*args, PREC=prec, DOT_F32=False)
+    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](*args, PREC=prec, DOT_F32=False,
+                                                                  **_grad_d(kernel, dtype, prec))
     _TUNED_KEYS.add(key)
 
 
