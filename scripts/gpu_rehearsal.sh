@@ -138,9 +138,9 @@ report() {
     [ -f "$f" ] && tool="$f"
   done
   if [ -n "$tool" ]; then
-    env -u TRITON_INTERPRET "$PY" "$tool" --report --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
+    env -u TRITON_INTERPRET "$PY" "$tool" --report --cc 90 --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
   else
-    env -u TRITON_INTERPRET "$PY" -m "$mod" --report --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
+    env -u TRITON_INTERPRET "$PY" -m "$mod" --report --cc 90 --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
   fi
   grep -m1 '^\*\*sm_90' "$REPORT_MD"
   grep -q '0 fail to compile or exceed shared memory; 0 spill; 0 half-precision GEMM kernels without wgmma' \

@@ -32,3 +32,33 @@ def test_contrastive_column_splits_match_reference(op, n, dtype, triton_device, 
     monkeypatch.setattr(tri, "_MIN_SPLIT_COLS", 128)
     assert tri.column_split(300, 300)[0] >= 2
     _compare("triton", op, n, 24, dtype, device=triton_device)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 50), (torch.bfloat16, 150)])
+def test_cosine_class_gradient_row_splits_match_reference(dtype, B, triton_device, monkeypatch):
+    """The class-gradient kernel's row split (several partial gradients summed) against float64."""
+    from test_heads import compare
+
+    from dgkernels.heads.triton import cosine
+
+    monkeypatch.setattr(cosine, "_MIN_SPLIT_BLOCKS", 1)
+    block_m = cosine.cce_config(dtype, 24)["dc"][0]["BLOCK_M"]
+    assert cosine.row_split(B, 7, 24, 1, block_m)[0] >= 2
+    compare("cosine_cross_entropy", {"B": B, "K": 7, "F": 24, "label_smoothing": 0.1}, "triton", dtype,
+            device=triton_device)
+
+
+def test_cosine_class_gradient_grid_fills_an_h100():
+    """K = 345 classes, E = 512, B = 4096 (the head benchmark): 6 x 2 class x feature blocks, split
+    into 22 row ranges of 192 rows: 264 programs, two waves on 132 SMs."""
+    from dgkernels.heads.triton import cosine
+
+    meta = cosine.cce_config(torch.bfloat16, 512)["dc"][0]
+    blocks = triton_cdiv(345, meta["BLOCK_K"]) * triton_cdiv(512, meta["BLOCK_EO"])
+    splits, rows = cosine.row_split(4096, 345, 512, blocks, meta["BLOCK_M"])
+    assert (blocks, splits, rows) == (12, 22, 192)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
