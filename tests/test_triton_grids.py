@@ -17,10 +17,11 @@ def test_autotune_buckets_are_powers_of_two_capped():
         [1, 2, 4, 1024, 1024, 2048, 65536, 65536, 65536]
 
 
-@pytest.mark.parametrize("n,splits", [(1024, 4), (4096, 8), (65536, 1)])
+@pytest.mark.parametrize("n,splits", [(1024, 8), (4096, 8), (65536, 1)])
 def test_column_split_fills_an_h100(n, splits):
-    """N = M on 132 SMs: N = 1024 is limited by the 256 columns a split keeps; N = 4096 reaches the
-    two waves (8 splits x 32-64 row blocks); N = 65536 has 512-1024 row blocks and needs none."""
+    """N = M on 132 SMs: N = 1024 is limited by the 128 columns a split keeps (64-128 programs);
+    N = 4096 reaches two waves (8 splits x 32-64 row blocks); N = 65536 has 512-1024 row blocks
+    and needs none."""
     got, cols = tri.column_split(n, n)
     assert got == splits and cols * got >= n and cols * (got - 1) < n and cols % 128 == 0
 
@@ -28,8 +29,7 @@ def test_column_split_fills_an_h100(n, splits):
 @needs_triton
 @pytest.mark.parametrize("op,n", [("clip_loss", 300), ("info_nce_unpaired", 300), ("multiview", 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_contrastive_column_splits_match_reference(op, n, dtype, triton_device, monkeypatch):
-    monkeypatch.setattr(tri, "_MIN_SPLIT_COLS", 128)
+def test_contrastive_column_splits_match_reference(op, n, dtype, triton_device):
     assert tri.column_split(300, 300)[0] >= 2
     _compare("triton", op, n, 24, dtype, device=triton_device)
 

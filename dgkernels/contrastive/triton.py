@@ -409,10 +409,10 @@ def _prec_choices(dtype) -> set:
 # there are about _TARGET_WAVES programs per SM: the forward combines the splits' partial row
 # log-sum-exps (O(splits N) on the host side, exact), the backward adds the splits' dQ with fp32
 # atomics as it adds dK. A split keeps at least _MIN_SPLIT_COLS columns, so that each program still
-# amortises loading its Q block over several column blocks; large N needs no split (N = 65536:
+# amortises loading its Q block over a column block or more; large N needs no split (N = 65536:
 # 512-1024 row blocks, 4-8 waves). Grids at N = M: benchmarks/results/contrastive_roofline.md.
 _SPLIT_ALIGN = 128  # a split is a whole number of column blocks of every config (BLOCK_N <= 128)
-_MIN_SPLIT_COLS = 256
+_MIN_SPLIT_COLS = 128
 _TARGET_WAVES = 2
 _DEFAULT_SMS = 132  # H100/H200; the interpreter and CPU callers plan for that GPU
 
