@@ -11,7 +11,8 @@ What is measured (scripts/gpu_check.sh runs this after the build and the test su
 - ceilings: a bf16 8192^3 torch.mm (TFLOP/s; every "% peak" below is a fraction of it) and a device
   copy (GB/s, bytes read + written), in the same run.
 - contrastive: clip_loss, info_nce, multiview_info_nce (V = 2 views of N/2 samples, so that every op
-  has N x N logits) at N in {4096, 16384, 65536, 262144}, D in {512, 1024}, bf16 and fp16: forward
+  has N x N logits) at N in {4096, 16384}, and after the heads and prompt sections (contrastive_large)
+  at N in {65536, 262144}, D in {512, 1024}, bf16 and fp16: forward
   and forward+backward ms (median of CUDA-event timings), TFLOP/s on the useful flops (2 N^2 D
   forward, 8 N^2 D forward+backward), % of the measured bf16 peak, peak memory above inputs and
   gradients, and (at N = 4096, where float64 is cheap) the error of the loss and of the gradients
@@ -46,9 +47,12 @@ sys.path.insert(0, HERE)  # the bench_factories_* modules beside this file
 import dgkernels  # noqa: E402
 from dgkernels.testing import rel_error  # noqa: E402
 
-SECTIONS = ("ceilings", "contrastive", "maxn", "heads", "prompt")
+# Run order: the small and medium rows of every op first, the largest-N rows and the largest-N
+# search last, so that a run cut by its time limit loses only the biggest rows.
+SECTIONS = ("ceilings", "contrastive", "heads", "prompt", "contrastive_large", "maxn")
 # Share of the budget each section may use (what a section leaves unused passes to the next).
-SHARE = {"ceilings": 0.03, "contrastive": 0.50, "maxn": 0.17, "heads": 0.12, "prompt": 0.18}
+SHARE = {"ceilings": 0.03, "contrastive": 0.35, "heads": 0.12, "prompt": 0.15, "contrastive_large": 0.22,
+         "maxn": 0.13}
 
 
 # ---- sizes (full run on a GPU, smoke run on the CPU) ---------------------------------------------
@@ -56,9 +60,11 @@ SHARE = {"ceilings": 0.03, "contrastive": 0.50, "maxn": 0.17, "heads": 0.12, "pr
 @functools.lru_cache(maxsize=None)
 def sizes(smoke: bool) -> dict:
     if smoke:
-        return dict(mm=256, copy_mb=16, ns=(64,), ds=(32,), dtypes=("bfloat16",), err_n=64, maxn=(64, 128),
+        return dict(mm=256, copy_mb=16, ns=(64,), large_ns=(128,), ds=(32,), dtypes=("bfloat16",), err_n=64,
+                    maxn=(64, 128),
                     maxn_d=32, heads=dict(B=32, D=2, K=13, F=32), prompt=dict(G=2, K=5), target_s=0.02, run_cap_s=5.0)
-    return dict(mm=8192, copy_mb=4096, ns=(4096, 16384, 65536, 262144), ds=(512, 1024), dtypes=("bfloat16", "float16"),
+    return dict(mm=8192, copy_mb=4096, ns=(4096, 16384), large_ns=(65536, 262144), ds=(512, 1024),
+                dtypes=("bfloat16", "float16"),
                 err_n=4096, maxn=tuple(2 ** k for k in range(16, 21)), maxn_d=512,
                 heads=dict(B=4096, D=4, K=345, F=512),
                 prompt=dict(G=32, K=345), target_s=0.2, run_cap_s=8.0)
@@ -420,17 +426,23 @@ def fp64_errors(op: str, impl: str, leaves, scalar, device: str) -> tuple[float,
     return rel_error(out, want), max(rel_error(a, e) for a, e in zip(grads, want_g))
 
 
-def contrastive(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget, peak: float) -> None:
+def contrastive(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget, peak: float,
+                large: bool = False, too_slow: set | None = None) -> None:
+    """too_slow: (op, impl, D, dtype) whose last row predicts the next N past the run cap (shared
+    between the medium and the large section)."""
     s = sizes(smoke)
-    rep.table("Contrastive losses: forward and forward+backward",
+    ns = s["large_ns"] if large else s["ns"]
+    rep.table(f"Contrastive losses{' at the largest N' if large else ''}: forward and forward+backward, "
+              f"N in {{{', '.join(map(str, ns))}}}",
               ["op", "N", "D", "dtype", "impl", "fwd ms", "fwd+bwd ms", "TFLOP/s (fwd+bwd, 8N²D)", "% bf16 peak",
                "fwd TFLOP/s (2N²D)", "peak MiB above in+grads", f"err vs fp64 loss / grads (N={s['err_n']})", "note"],
               note="Median of CUDA-event timings (repetitions chosen to fill about "
                    f"{s['target_s']:g} s per row; one run where a single run exceeds {s['run_cap_s']:.0f} s). "
                    "multiview_info_nce: V = 2 views of N/2 samples (N x N logits). inf-cl runs fp32 inputs in its "
-                   "tf32 mode (it has no half-precision path), at the row's N and D.")
-    too_slow: set = set()
-    for n, d, dname, op in contrastive_order(s):
+                   "tf32 mode (it has no half-precision path), at the row's N and D. Each row runs one "
+                   "forward+backward first (compiling, and autotuning its power-of-two size bucket), untimed.")
+    too_slow = set() if too_slow is None else too_slow
+    for n, d, dname, op in contrastive_order(s, ns):
         for impl in _impls(op, device):
             cells = [op, n, d, dname, IMPL_LABEL[impl]]
             if budget.left() <= 0:
@@ -442,14 +454,14 @@ def contrastive(rep: Report, device: str, smoke: bool, clock: Clock, budget: Bud
             _contrastive_row(rep, cells, op, impl, n, d, dname, device, s, clock, peak, too_slow)
 
 
-def contrastive_order(s: dict) -> list[tuple]:
+def contrastive_order(s: dict, ns=None) -> list[tuple]:
     """Most wanted first, so that the time budget cuts the least wanted rows: bf16 clip_loss at
     D = 512 (the headline), the other ops at bf16 D = 512, bf16 D = 1024, then fp16; N ascending."""
     order = []
     for dname in s["dtypes"]:
         for d in s["ds"]:
             for ops in (CONTRASTIVE_OPS[:1], CONTRASTIVE_OPS[1:]):
-                order += [(n, d, dname, op) for op in ops for n in s["ns"]]
+                order += [(n, d, dname, op) for op in ops for n in (s["ns"] if ns is None else ns)]
     return order
 
 
@@ -684,6 +696,19 @@ def main(argv=None) -> int:
     clock = Clock(device)
     budget = Budget(args.budget_s)
     header(rep, device, smoke)
+    too_slow: set = set()
+    try:
+        _sections(rep, device, smoke, clock, budget, wanted, too_slow)
+    except KeyboardInterrupt:  # timeout --signal=INT: every finished row is already on disk
+        rep.line()
+        rep.line(f"Interrupted by the time limit after {time.monotonic() - budget.start:.1f} s; rows above are complete.")
+        return 130
+    rep.line()
+    rep.line(f"Total {time.monotonic() - budget.start:.1f} s of a {args.budget_s:.0f} s budget.")
+    return 0
+
+
+def _sections(rep, device, smoke, clock, budget, wanted, too_slow) -> None:
     peak = None
     for name in SECTIONS:
         if name not in wanted:
@@ -693,7 +718,9 @@ def main(argv=None) -> int:
         if name == "ceilings":
             peak = ceilings(rep, device, smoke, clock)["peak_tflops"]
         elif name == "contrastive":
-            contrastive(rep, device, smoke, clock, budget, peak)
+            contrastive(rep, device, smoke, clock, budget, peak, too_slow=too_slow)
+        elif name == "contrastive_large":
+            contrastive(rep, device, smoke, clock, budget, peak, large=True, too_slow=too_slow)
         elif name == "maxn":
             maxn(rep, device, smoke, clock, budget)
         elif name == "heads":
@@ -702,9 +729,6 @@ def main(argv=None) -> int:
             prompt(rep, device, smoke, clock, budget)
         rep.line()
         rep.line(f"_{name}: {time.monotonic() - t0:.1f} s_")
-    rep.line()
-    rep.line(f"Total {time.monotonic() - budget.start:.1f} s of a {args.budget_s:.0f} s budget.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from .._triton_signature import CompileSpec
 from .._triton_signature import interpreting as _interpret
 
 LOG2E = math.log2(math.e)
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 _COL_HEADROOM = 88.0  # A: terms <= 2^88, so sums of up to 2^39 rows stay below fp32 max (2^128)
 _COL_FLOOR = 2.0 ** -80  # a column sum below this is recomputed exactly (see the module docstring)
 _G_TOP = 15  # scaled G entries are <= 2^15 < fp16 max
@@ -99,32 +100,38 @@ def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
 
 # Flags and sizes are not specialised (no constant-1 or divisible-by-16 variants): what launches is
 # exactly what COMPILE_SPECS compiles (the launcher makes pointers, D and row strides aligned).
-_RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on"]
+# N_KEY, M_KEY: the autotuner's size key (power-of-two buckets, see _bucket); the kernels ignore them.
+_RUNTIME_INTS = ["N", "M", "exclude_diag", "cols_on", "N_KEY", "M_KEY"]
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["fixup", "COLS_PER_SPLIT"])
 def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on, fixup, col_floor,
+                exclude_diag, cols_on, fixup, col_floor, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 DOT_F32: tl.constexpr):
+    # Grid (row block, column split): program (i, c) covers rows i*BLOCK_M.. against columns
+    # [c*COLS_PER_SPLIT, (c+1)*COLS_PER_SPLIT) and writes its rows' partial log-sum-exp to
+    # LSE[c, rows] (the launcher combines the splits; one split writes the result directly).
     # Works in log2 units: scale2 = scale * log2(e), read from device memory (no host copy of a
     # learnable scale per call); LSE is stored in natural units.
     scale2 = tl.load(SCALE2)
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     Q_blk = Q + tl.cast(pid * BLOCK_M, tl.int64) * stride_qn  # int64: rows * stride passes 2^31
-    end = M
+    start = split * COLS_PER_SPLIT
+    end = tl.minimum(M, start + COLS_PER_SPLIT)
     if fixup != 0:
         # Transposed re-run for underflowed column sums: FLAGS holds them; other blocks skip.
         flag = tl.load(FLAGS + rows, mask=row_ok, other=1.0)
         n_bad = tl.sum((flag < col_floor).to(tl.int32), axis=0)
-        end = tl.where(n_bad > 0, M, 0)
+        end = tl.where(n_bad > 0, end, start)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, end, BLOCK_N):
+    for c0 in range(start, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        col_ok = cols < end
         s = _tile(Q_blk, K + tl.cast(c0, tl.int64) * stride_kn, row_ok, col_ok, D, stride_qn, stride_kn,
                   BLOCK_M, BLOCK_N, BLOCK_D, PREC, DOT_F32) * scale2
         drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
@@ -147,17 +154,20 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stri
     ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     store_ok = row_ok
     if fixup != 0:
-        store_ok = row_ok & (end > 0)
-    tl.store(LSE + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
+        store_ok = row_ok & (end > start)
+    tl.store(LSE + tl.cast(split, tl.int64) * N + rows, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=store_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["COLS_PER_SPLIT"])
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
-                exclude_diag, cols_on,
+                exclude_diag, cols_on, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, GRAD_D: tl.constexpr):
+    # Grid (row block, column split), as the forward: program (i, c) adds the contributions of
+    # its columns to DQ[rows] and DK[cols], both with fp32 atomics (several splits share a row).
     scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     r0 = tl.cast(pid * BLOCK_M, tl.int64)  # int64: rows * stride passes 2^31
@@ -165,18 +175,20 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
     DQ_blk = DQ + r0 * D  # DQ, DK: contiguous fp32
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, GRAD_D)  # the gradient GEMMs' D chunk (_grad_d), independent of BLOCK_D
     # Rows outside [0, N) get zero weight and -inf logits, so nothing of theirs reaches DQ or DK.
     lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
     c_r = tl.load(C_R + rows, mask=row_ok, other=0.0)
     ds = tl.zeros([BLOCK_M], tl.float32)
-    n_cb = tl.cdiv(M, BLOCK_N)
+    start = split * COLS_PER_SPLIT
+    end = tl.minimum(M, start + COLS_PER_SPLIT)
+    n_cb = tl.cdiv(end - start, BLOCK_N)
     for step in range(0, n_cb):
         # Start each row block at another column block so the DK atomics rarely collide.
-        c0 = ((pid + step) % n_cb) * BLOCK_N
+        c0 = start + ((pid + step) % n_cb) * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
+        col_ok = cols < end
         K_blk = K + tl.cast(c0, tl.int64) * stride_kn
         DK_blk = DK + tl.cast(c0, tl.int64) * D
         s = _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
@@ -198,23 +210,21 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
         k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
         dq_ptr = DQ_blk + offs_m[:, None] * D + offs_d[None, :]
         dk_ptr = DK_blk + offs_n[:, None] * D + offs_d[None, :]
-        # The previous column block stored these DQ rows, possibly from other threads of this
-        # program (the store may use the dot's layout, the load another): make them visible.
-        tl.debug_barrier()
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, D, GRAD_D):
             d_ok = d0 + offs_d < D
             q_ok = row_ok[:, None] & d_ok[None, :]
             k_ok = col_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr, mask=q_ok, other=0.0)
             k = tl.load(k_ptr, mask=k_ok, other=0.0)
-            tl.store(dq_ptr, _dot(g_r, k, tl.load(dq_ptr, mask=q_ok, other=0.0), PREC, DOT_F32), mask=q_ok)
-            dk = _dot(g_c, q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32), PREC, DOT_F32)
+            dq = _dot(g_r, k, tl.zeros([BLOCK_M, GRAD_D], tl.float32), PREC, DOT_F32)
+            tl.atomic_add(dq_ptr, dq, mask=q_ok, sem="relaxed")
+            dk = _dot(g_c, q, tl.zeros([BLOCK_N, GRAD_D], tl.float32), PREC, DOT_F32)
             tl.atomic_add(dk_ptr, dk, mask=k_ok, sem="relaxed")
-            q_ptr += BLOCK_D
-            k_ptr += BLOCK_D
-            dq_ptr += BLOCK_D
-            dk_ptr += BLOCK_D
-    tl.store(DS_PART + pid, tl.sum(ds, axis=0) / scale2)
+            q_ptr += GRAD_D
+            k_ptr += GRAD_D
+            dq_ptr += GRAD_D
+            dk_ptr += GRAD_D
+    tl.store(DS_PART + split * tl.num_programs(0) + pid, tl.sum(ds, axis=0) / scale2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +235,11 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
 CONFIGS = {
     ("fwd", "half"): [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4)],
-    ("bwd", "half"): [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 3),
-                      (64, 64, 64, 4, 3)],
+    # 8 warps only: with dQ added by atomics (the column-split grid), the 4-warp 64 x 64 tiles and
+    # the 3-stage fp32 IEEE tile spilled 16-32 bytes (ptxas -v, sm_90a).
+    ("bwd", "half"): [(128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 3)],
     ("fwd", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 32, 8, 2)],
-    ("bwd", "fp32"): [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)],
+    ("bwd", "fp32"): [(64, 64, 32, 8, 2)],
 }
 _KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -241,6 +252,20 @@ def _dclass(dtype) -> str:
 def _configs(kernel: str, dtype) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=s)
             for bm, bn, bd, w, s in CONFIGS[(kernel, _dclass(dtype))]]
+
+
+def _grad_d(kernel: str, dtype, prec: str) -> dict:
+    """The backward's GRAD_D, fixed per (dtype, PREC): the D chunk of its dQ / dK GEMMs. IEEE fp32
+    dots are FMA loops at the edge of the register file (255 registers, ptxas -v, sm_90a), and the
+    two Triton versions' code generation allocates them differently: 32-wide chunks spilled 16 bytes
+    under Triton 3.6 (the GPU machine's) and none under 3.8, 16-wide chunks none under 3.6 and 4
+    bytes under 3.8. Each version gets the width that does not spill in its resource report.
+    Otherwise the S tile's BLOCK_D (one value per dtype class in CONFIGS)."""
+    if kernel != "bwd":
+        return {}
+    if dtype == torch.float32 and prec == "ieee":
+        return {"GRAD_D": 16 if _TRITON_VERSION < (3, 7) else 32}
+    return {"GRAD_D": CONFIGS[("bwd", _dclass(dtype))][0][2]}
 
 
 def _prec(dtype) -> str:
@@ -298,7 +323,7 @@ def _specs() -> list[CompileSpec]:
             t = _TL[dtype]
             for cfg in _configs(kernel, dtype):
                 cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
-                          DOT_F32=False)
+                          DOT_F32=False, **_grad_d(kernel, dtype, prec))
                 tag = (f"{t}{'_' + prec if dtype == torch.float32 else ''}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}"
                        f"_d{cfg['BLOCK_D']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
                 sig = _signature(kernel, t)
@@ -310,14 +335,41 @@ def _specs() -> list[CompileSpec]:
 COMPILE_SPECS: list[CompileSpec] = _specs()
 
 
+# ---- choosing a configuration ---------------------------------------------------------------
+# triton.autotune times every config (full launches) once per distinct key. Keyed on the exact N
+# and M it would re-tune for every new batch size - 5 configs x several runs, seconds at N = 65536.
+# The key holds power-of-two buckets of N and M instead: what decides the best tile is how many
+# row blocks there are per SM wave and how long each program's column loop is, and both change by
+# factors, not by units. Buckets stop at _TUNE_MAX_ROWS: a launch that large has many waves of
+# programs (65536 / 128 = 512 row blocks on 132 SMs) whatever the tile, so it takes the config tuned
+# at the top bucket when that bucket was tuned in this process, else the first config of its list
+# (the fixed large-size choice) - never a tuning run of a launch that itself takes up to seconds.
+# Tuners are per (kernel, dtype class, PREC, device): tuned configs are cached per device.
+# FIXED_CONFIG_ENV=1 turns tuning off everywhere (the first config of each list): the GPU test run
+# checks values, and every config is compile-checked for sm_80/sm_90 elsewhere.
+_TUNE_MAX_ROWS = 65536
+FIXED_CONFIG_ENV = "DGKERNELS_TRITON_FIXED_CONFIG"
+_TUNED_KEYS: set = set()  # (device, kernel, dclass, prec, N_KEY, M_KEY, D, cols_on, fixup) tuned so far
+
+
+def _bucket(n: int) -> int:
+    """The autotuner's size key: the next power of two, at most _TUNE_MAX_ROWS."""
+    return min(triton.next_power_of_2(max(int(n), 1)), _TUNE_MAX_ROWS)
+
+
+def _fixed_config() -> bool:
+    return os.environ.get(FIXED_CONFIG_ENV, "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, dclass: str):
-    """The kernel wrapped in triton.autotune over its configs (GPU only)."""
+def _tuned(kernel: str, dclass: str, prec: str = "tf32", device: int = 0):
+    """The kernel wrapped in triton.autotune over its configs (GPU only), one per device and PREC
+    so that neither shares another's tuned choice."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
                for bm, bn, bd, w, s in CONFIGS[(kernel, dclass)]]
     # Accumulated outputs: zeroed before every trial so no config sees another's partial sums.
     reset = ["COLSUM"] if kernel == "fwd" else ["DQ", "DK", "DS_PART"]
-    key = ["N", "M", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
+    key = ["N_KEY", "M_KEY", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(
         _KERNELS[kernel])
 
@@ -331,7 +383,8 @@ def autotune_launches():
         raise AssertionError(f"_LAUNCH_VARIANTS {_LAUNCH_VARIANTS} differ from what _prec launches: {launched}")
     for kernel in ("fwd", "bwd"):
         for dtype, prec in _LAUNCH_VARIANTS:
-            yield _tuned(kernel, _dclass(dtype)), _signature(kernel, _TL[dtype]), dict(PREC=prec, DOT_F32=False)
+            yield (_tuned(kernel, _dclass(dtype), prec), _signature(kernel, _TL[dtype]),
+                   dict(PREC=prec, DOT_F32=False, **_grad_d(kernel, dtype, prec)))
 
 
 def _prec_choices(dtype) -> set:
@@ -347,17 +400,72 @@ def _prec_choices(dtype) -> set:
         torch.set_float32_matmul_precision(saved)
 
 
-def _launch(kernel: str, n: int, args: tuple, dtype):
+# ---- the grid: row blocks x column splits ----------------------------------------------------
+# One program per row block alone leaves an H100 (132 SMs) mostly idle at the batch sizes CLIP
+# trains with: N = 4096 is 32-64 row blocks. The column range is therefore split too, so that
+# there are about _TARGET_WAVES programs per SM: the forward combines the splits' partial row
+# log-sum-exps (O(splits N) on the host side, exact), the backward adds the splits' dQ with fp32
+# atomics as it adds dK. A split keeps at least _MIN_SPLIT_COLS columns, so that each program still
+# amortises loading its Q block over a column block or more; large N needs no split (N = 65536:
+# 512-1024 row blocks, 4-8 waves). Grids at N = M: benchmarks/results/contrastive_roofline.md.
+_SPLIT_ALIGN = 128  # a split is a whole number of column blocks of every config (BLOCK_N <= 128)
+_MIN_SPLIT_COLS = 128
+_TARGET_WAVES = 2
+_DEFAULT_SMS = 132  # H100/H200; the interpreter and CPU callers plan for that GPU
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def column_split(n: int, m: int, device=None) -> tuple[int, int]:
+    """(number of column splits, columns per split) of a launch over n rows and m columns."""
+    on_gpu = device is not None and device.type == "cuda" and not _interpret()
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu \
+        else _DEFAULT_SMS
+    fewest_row_blocks = max(1, triton.cdiv(n, max(c[0] for cfgs in CONFIGS.values() for c in cfgs)))
+    want = triton.cdiv(_TARGET_WAVES * sms, fewest_row_blocks)
+    splits = max(1, min(want, m // _MIN_SPLIT_COLS))
+    cols = triton.cdiv(triton.cdiv(max(m, 1), splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return triton.cdiv(max(m, 1), cols), cols
+
+
+def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, device=None, split=(1, 0)):
+    """Launch `kernel` over (ceil(n / BLOCK_M) row blocks, split[0] column splits of split[1]
+    columns); args end with (..., N_KEY, M_KEY, COLS_PER_SPLIT) filled here from n, m (the
+    column count; n when absent) and split."""
     prec = _prec(dtype)
-    if _interpret():
-        # The interpreter cannot time configs: run the first one (all of them are compile-checked).
+    m = n if m is None else m
+    n_key, m_key = _bucket(n), _bucket(m)
+    splits, cols = split
+    args = args + (n_key, m_key, cols if splits > 1 else max(m, 1))
+    interp = _interpret()
+    dev = 0 if interp or device is None or device.index is None else device.index
+    cols_on, d = args[_ARG_INDEX[kernel]["cols_on"]], args[_ARG_INDEX[kernel]["D"]]
+    fixup = args[_ARG_INDEX[kernel]["fixup"]] if kernel == "fwd" else 0
+    key = (dev, kernel, _dclass(dtype), prec, n_key, m_key, d, cols_on, fixup)
+    oversize = n > _TUNE_MAX_ROWS or m > _TUNE_MAX_ROWS
+    if interp or _fixed_config() or (oversize and key not in _TUNED_KEYS):
+        # The interpreter cannot time configs; tests and oversize first launches take the first one.
         cfg = _configs(kernel, dtype)[0]
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
         _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                               PREC=prec, DOT_F32=dtype == torch.bfloat16)
+                               PREC=prec, DOT_F32=interp and dtype == torch.bfloat16, **_grad_d(kernel, dtype, prec),
+                               **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
         return
-    tuned = _tuned(kernel, _dclass(dtype))
-    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, PREC=prec, DOT_F32=False)
+    tuned = _tuned(kernel, _dclass(dtype), prec, dev)
+    tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](*args, PREC=prec, DOT_F32=False,
+                                                                  **_grad_d(kernel, dtype, prec))
+    _TUNED_KEYS.add(key)
+
+
+def _arg_index(kernel: str) -> dict:
+    fn = _KERNELS[kernel].fn
+    return {name: i for i, name in enumerate(fn.__code__.co_varnames[:fn.__code__.co_argcount])}
+
+
+_ARG_INDEX = {k: _arg_index(k) for k in _KERNELS}
 
 
 _MAX_BLOCK = max(max(c[0], c[1]) for cfgs in CONFIGS.values() for c in cfgs)
@@ -387,16 +495,18 @@ def _vec(t):
 def _rows_lse(q, k, scale2, exclude_diag, colsum=None, cref=None, flags=None):
     """Row log-sum-exp of q against k; with colsum/cref also the fixed-reference column sums;
     with flags (the transposed re-run) only the row blocks holding a flagged row."""
-    n = q.shape[0]
+    n, m = q.shape[0], k.shape[0]
     q, k = _kernel_layout(q), _kernel_layout(k)
     d = q.shape[1]
-    out = torch.empty(n, dtype=torch.float32, device=q.device)
-    dummy = out[:1]
+    split = column_split(n, m, q.device)
+    out = torch.empty(split[0], n, dtype=torch.float32, device=q.device)
+    dummy = out[0, :1]
     args = (q, k, out, dummy if colsum is None else colsum, dummy if cref is None else cref,
-            dummy if flags is None else flags, scale2, n, k.shape[0], d, q.stride(0), k.stride(0), int(exclude_diag),
+            dummy if flags is None else flags, scale2, n, m, d, q.stride(0), k.stride(0), int(exclude_diag),
             int(colsum is not None), int(flags is not None), _COL_FLOOR)
-    _launch("fwd", n, args, q.dtype)
-    return out
+    _launch("fwd", n, args, q.dtype, m=m, device=q.device, split=split)
+    # the splits' partial log-sum-exps (-inf where a split had no column of a row) combine exactly
+    return out[0] if split[0] == 1 else torch.logsumexp(out, dim=0)
 
 
 def _norms(t):
@@ -453,12 +563,13 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     c_c = _pow2_scale(w_c, w_r.abs().amax())
     dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-    # one partial dscale per row block of the smallest BLOCK_M (the autotuner may pick any)
-    ds_part = torch.zeros(triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))), dtype=torch.float32,
-                          device=q.device)
+    split = column_split(n, m, q.device)
+    # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any)
+    ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))),
+                          dtype=torch.float32, device=q.device)
     args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
             q.stride(0), k.stride(0), int(exclude_diag), int(cols))
-    _launch("bwd", n, args, q.dtype)
+    _launch("bwd", n, args, q.dtype, m=m, device=q.device, split=split)
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
     s = scale.detach().reshape(()).float()  # on the device: a 0-d tensor operand, no host read

@@ -173,10 +173,17 @@ def _cos_dx_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, rcmax_ptr, tgt_ptr, scale_ptr, 
 
 @triton.jit
 def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale_ptr, lse_ptr, dc_ptr, B, K, E, ls,
-                   FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_EC: tl.constexpr):
+                   ROWS_PER_SPLIT, FP32: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EO: tl.constexpr,
+                   BLOCK_EC: tl.constexpr):
     """dL/dcn for a class block and BLOCK_EO of its features (program axis 1), streaming the rows
-    BLOCK_M at a time; w = g rx per row; the logits of each row chunk from _cos_raw."""
+    [s * ROWS_PER_SPLIT, (s + 1) * ROWS_PER_SPLIT) of row split s (program axis 2) BLOCK_M at a
+    time into dc_ptr[s] (the launcher sums the splits); w = g rx per row; the logits of each row
+    chunk from _cos_raw. Why the row split: K = 345 classes are 6 class blocks x 2 feature blocks,
+    12 programs for 132 SMs, each streaming all B rows; split into ~22 row ranges they are 264."""
+    row0 = tl.program_id(2) * ROWS_PER_SPLIT
+    row1 = tl.minimum(B, row0 + ROWS_PER_SPLIT)
+    dc_ptr += tl.program_id(2).to(tl.int64) * K * E
     rk = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     ro = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     rm0 = tl.arange(0, BLOCK_M)
@@ -187,9 +194,9 @@ def _cos_dc_kernel(x_ptr, c_ptr, rx_ptr, rc_ptr, w_ptr, wmax_ptr, tgt_ptr, scale
     wmax = tl.load(wmax_ptr)
     winv = 1.0 / wmax
     acc = tl.zeros((BLOCK_K, BLOCK_EO), dtype=tl.float32)
-    for m0 in range(0, B, BLOCK_M):
+    for m0 in range(row0, row1, BLOCK_M):
         rm = (m0 + rm0).to(tl.int64)
-        mmask = rm < B
+        mmask = rm < row1
         dotxc = _cos_raw(x_ptr, c_ptr, rm, rk, mmask, kmask, E, FP32, PREC, UPCAST, BLOCK_M, BLOCK_K, BLOCK_EC)
         t = tl.load(tgt_ptr + rm, mask=mmask, other=-1)
         lse = tl.load(lse_ptr + rm, mask=mmask, other=0.0)
@@ -243,13 +250,33 @@ def _cce(xo, co, rx, rc, tgt, s, g, ls, per, dxn, dot):
     grid = (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_EO"]))
     _cos_dx_kernel[grid](xo, co, rx, rc, rcmax, tgt, s, lse, g, dxn, dot, B, K, E, float(ls), **flags, **meta,
                          num_warps=warps, num_stages=stages)
-    dcn = torch.empty(K, E, dtype=torch.float32, device=xo.device)
     w = (g * rx).contiguous()
     meta, warps, stages = cfg["dc"]
-    grid = (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(E, meta["BLOCK_EO"]))
-    _cos_dc_kernel[grid](xo, co, rx, rc, w, _positive_max(w), tgt, s, lse, dcn, B, K, E, float(ls), **flags, **meta,
-                         num_warps=warps, num_stages=stages)
-    return dcn
+    blocks = triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(E, meta["BLOCK_EO"])
+    splits, rows = row_split(B, K, E, blocks, meta["BLOCK_M"], xo.device)
+    dcn = torch.empty(splits, K, E, dtype=torch.float32, device=xo.device)
+    grid = (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(E, meta["BLOCK_EO"]), splits)
+    _cos_dc_kernel[grid](xo, co, rx, rc, w, _positive_max(w), tgt, s, lse, dcn, B, K, E, float(ls), rows, **flags,
+                         **meta, num_warps=warps, num_stages=stages)
+    return dcn[0] if splits == 1 else dcn.sum(0)  # a fixed-order sum: the same bits on every run
+
+
+_TARGET_PROGRAMS = 2 * 132  # two waves on an H100/H200 (132 SMs)
+_SPLIT_BYTES = 64 << 20  # the partial class gradients [splits, K, E] stay below this
+_MIN_SPLIT_BLOCKS = 2  # row blocks per split: each program amortises its class tile over a few
+
+
+def row_split(B, K, E, blocks, block_m, device=None) -> tuple[int, int]:
+    """(row splits, rows per split) of the class-gradient kernel: enough programs for about two
+    waves, at least _MIN_SPLIT_BLOCKS row blocks each, the partial gradients within _SPLIT_BYTES."""
+    sms = _TARGET_PROGRAMS
+    if device is not None and device.type == "cuda" and not interpreting():
+        sms = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(sms, max(blocks, 1))
+    most = min(max(1, B // (_MIN_SPLIT_BLOCKS * block_m)), max(1, _SPLIT_BYTES // max(4 * K * E, 1)))
+    splits = max(1, min(want, most))
+    rows = triton.cdiv(triton.cdiv(max(B, 1), splits), block_m) * block_m
+    return triton.cdiv(max(B, 1), rows), rows
 
 
 def _cos_tiles(xo, co, rx, rc, tgt, s, g, ls, per, dxn, dot):
