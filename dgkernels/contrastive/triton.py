@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
