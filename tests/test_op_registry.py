@@ -74,9 +74,9 @@ FORWARD = {
 }
 
 
-def _backward_args(name, gen, backend, dtype):
+def _backward_args(name, gen, backend, dtype, device):
     """Inputs of a backward primitive: its forward primitive's inputs and outputs on `backend`."""
-    run = lambda prim, *a: _primitives.CUSTOM_OPS[prim](*_cast(a, dtype, "cpu"), backend)  # noqa: E731
+    run = lambda prim, *a: _primitives.CUSTOM_OPS[prim](*_cast(a, dtype, device), backend)  # noqa: E731
     if name == "contrastive_lse_backward":
         q, k, s, diag, cols = _lse(gen)
         lse_r, lse_c = run("contrastive_lse", q, k, s, diag, cols)
@@ -108,14 +108,14 @@ COMPOSITE = {"domain_cross_entropy_fused": "domain_cross_entropy_rows", "head_ag
              "cosine_cross_entropy_fused": "cosine_cross_entropy_rows"}
 
 
-def _sample(name, gen, backend, dtype):
+def _sample(name, gen, backend, dtype, device="cpu"):
     if name in FORWARD:
         args = FORWARD[name][0](gen)
     elif name in COMPOSITE:
         args = (*FORWARD[COMPOSITE[name]][0](gen), "mean")
     else:
-        args = _backward_args(name, gen, backend, dtype)
-    return _cast(args, dtype, "cpu")
+        args = _backward_args(name, gen, backend, dtype, device)
+    return _cast(args, dtype, device)
 
 
 def _primitive(name):
@@ -172,12 +172,23 @@ def test_every_registered_primitive_is_a_custom_op_in_the_namespace():
             assert "reference" in _dispatch.implemented(prim), prim
 
 
+def _opcheck(name, backend, device):
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if backend == "triton" else F64  # the triton kernels run float32 at most
+    args = _sample(name, gen, backend, dtype, device)
+    torch.library.opcheck(_primitives.CUSTOM_OPS[name], (*args, backend))
+
+
 @pytest.mark.parametrize("name,backend", _cases("cpu"))
 def test_opcheck(name, backend):
-    gen = torch.Generator().manual_seed(0)
-    dtype = F64 if backend == "cpp" else torch.float32  # the triton kernels run float32 at most
-    args = _sample(name, gen, backend, dtype)
-    torch.library.opcheck(_primitives.CUSTOM_OPS[name], (*args, backend))
+    _opcheck(name, backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,backend", _cases("cuda") if torch.cuda.is_available()
+                         else [(n, b) for n in sorted(_primitives.CUSTOM_OPS) for b in ("cuda", "triton")])
+def test_opcheck_gpu(name, backend):
+    _opcheck(name, backend, "cuda")
 
 
 def _outputs(out, n):
