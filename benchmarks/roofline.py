@@ -16,6 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 # Ceilings (where each comes from):
 MM_TFLOPS = 798.0  # bf16 8192^3 torch.mm on this workplace's H100 (/work/.library/device/KINDS.md, 2026-11-13)
@@ -135,8 +136,11 @@ def markdown() -> str:
              "| op | N | D | dtype | fwd GFLOP | fwd+bwd GFLOP | HBM MB | L2 atomics MB | predicted fwd ms | "
              "predicted fwd+bwd ms | bound (fwd+bwd) |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    import gpu_bench  # the benchmark's own sizes: one estimate per row it measures
+
+    s = gpu_bench.sizes(False)
     for op, n, d, dn, f, fb, hbm, l2, fms, fbms, bound in contrastive_rows(
-            (4096, 16384, 65536, 262144), (512, 1024), ("bfloat16", "float16")):
+            s["ns"] + s["large_ns"], s["ds"], s["dtypes"]):
         lines.append(f"| {op} | {n} | {d} | {dn} | {f:.4g} | {fb:.4g} | {hbm:.4g} | {l2:.4g} | {fms:.3g} | "
                      f"{fbms:.3g} | {bound} |")
     lines += ["", "## Contrastive launch grids at N = M (half precision, 132 SMs)", "",

@@ -12,7 +12,7 @@
 #               --target folder (as on the GPU machine) and imported with the device's torch/Triton
 #   3. install  the project into the venv (pip install --no-build-isolation -e .): the C++ extension
 #               is built for the CPU here (DGKERNELS_BUILD_CUDA=0; nvcc and a GPU are the GPU run's),
-#               against torch 2.11's headers
+#               against torch 2.11's headers, or reused when no C++ source is newer than it
 #   4. report   the sm_90 compile and resource report of every Triton launch configuration with
 #               Triton 3.6's compiler and ptxas: benchmarks/results/triton_sm90_resources_triton36.md;
 #               fails on a compile failure, a spill or a half-precision GEMM without wgmma
@@ -125,8 +125,21 @@ print('open_clip', open_clip.__version__, 'ViT-B-16 config:', 'ViT-B-16' in open
 step wheels wheels
 
 # ---- 3. the project, CPU extension built against torch 2.11 ---------------------------------
-step install env DGKERNELS_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
-  "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT"
+install() {
+  # The extension built by an earlier rehearsal is reused while no C++ source is newer than it (a
+  # CPU build takes 5-10 minutes on 2 cores); the package is (re)installed either way.
+  local so="" skip=0 f tag
+  tag=$("$PY" -c 'import sys; print(*sys.version_info[:2], sep="")')
+  for f in dgkernels/_C.cpython-"$tag"-*.so; do [ -f "$f" ] && so="$f"; done
+  if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ]; then
+    echo "reusing $so (no C++ source is newer)"
+    skip=1
+  fi
+  env DGKERNELS_BUILD_CUDA=0 DGKERNELS_SKIP_EXTENSION="$skip" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT" || return 1
+  "$PY" -c "import dgkernels; print({k: v.available for k, v in dgkernels.backends().items()})"
+}
+step install install
 
 export PYTHONPATH="$ROOT:$SITE"
 

@@ -86,6 +86,27 @@ def test_gpu_check_dry_mode_runs_every_step(tmp_path):
         assert title in table, table[-3000:]
 
 
+def test_roofline_covers_every_benchmark_row_and_the_grids():
+    pytest.importorskip("triton")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_bench
+    import roofline
+
+    text = roofline.markdown()
+    s = gpu_bench.sizes(False)
+    for n in s["ns"] + s["large_ns"]:
+        for d in s["ds"]:
+            for dtype in s["dtypes"]:
+                for op in gpu_bench.CONTRASTIVE_OPS:
+                    assert f"| {op} | {n} | {d} | {dtype} |" in text, (op, n, d, dtype)
+    for op in gpu_bench.HEAD_OPS:
+        assert f"| {op} |" in text, op
+    for n in (1024, 4096, 65536):
+        for kernel in ("fwd", "bwd"):
+            assert f"| {n} | {kernel} |" in text, (n, kernel)
+    assert "| dc | 12 | 264 |" in text
+
+
 def test_gpu_check_script_is_shellcheck_clean():
     sc = shutil.which("shellcheck")
     if sc is None:

@@ -226,11 +226,17 @@ def _clip_loss_distributed(x, y, s, pos, group, backend):
     sizes = [int(t) for t in sizes]
     if len(set(sizes)) != 1:
         raise ValueError(f"clip_loss(group=...): every rank must pass the same number of rows, got {sizes}")
-    all_x = torch.cat(dist_nn.all_gather(x, group=group))
+    # One tile pass, local images x every text (8 N_local N_global D for forward and backward, not
+    # 16 as two passes - images vs all texts, texts vs all images - would cost): the rows give the
+    # local images' log-sum-exp; the columns give every text's log-sum-exp over this rank's images,
+    # which an all-gather (differentiable) combines across ranks into the global column statistic.
     all_y = torch.cat(dist_nn.all_gather(y, group=group))
-    n_global = all_x.shape[0]
-    lse_img, _ = _lse(x, all_y, s, backend=backend)  # local images vs every text
-    lse_txt, _ = _lse(y, all_x, s, backend=backend)  # local texts vs every image
+    n_local = x.shape[0]
+    n_global = all_y.shape[0]
+    lse_img, col_part = _lse(x, all_y, s, want_cols=True, backend=backend)
+    lse_col = torch.logsumexp(torch.stack(dist_nn.all_gather(col_part, group=group)), dim=0)
+    rank = dist.get_rank(group)
+    lse_txt = lse_col[rank * n_local:(rank + 1) * n_local]  # local texts vs every image
     local = ((lse_img - pos).sum() + (lse_txt - pos).sum()) / (2 * n_global)
     total = local.detach().clone()
     dist.all_reduce(total, group=group)

@@ -2,9 +2,11 @@
 
 One shared tile per (row block, column block), 8 N M D flops for forward + backward:
 
-Forward (`_fwd_kernel`): one program per BLOCK_M rows of Q streams over K in BLOCK_N blocks. The
-tile S = scale Q_blk K_blk^T is accumulated over D in BLOCK_D chunks (tl.dot, fp32 accumulation;
-any D). Rows: an online log-sum-exp (exact). Columns: every program adds
+Forward (`_fwd_kernel`): program (i, c) of a 2-D grid takes BLOCK_M rows of Q against the c-th
+column range of K (column_split: about two waves of programs on the GPU), streaming it in BLOCK_N
+blocks. The tile S = scale Q_blk K_blk^T is accumulated over D in BLOCK_D chunks (tl.dot, fp32
+accumulation; any D). Rows: an online log-sum-exp (exact) per column range, combined across the
+ranges by the launcher. Columns: every program adds
 sum_i exp(S_ij - c_j) to COLSUM[j] with an fp32 atomic, against a FIXED per-column reference
     c_j = scale max_i ||q_i|| ||k_j|| - A          (A = _COL_HEADROOM, log2 units)
 Cauchy-Schwarz gives S_ij <= c_j + A, so every term is <= 2^A and the sum of N < 2^(127 - A)
@@ -15,9 +17,9 @@ there is no host sync and, in practice, no work). Sub-normal terms (< 2^-126, po
 zero) then change an accepted sum by at most N 2^-126 / 2^-80 = N 2^-46 relative (< fp32 eps for
 N < 4M).
 
-Backward (`_bwd_kernel`): one program per row block recomputes each tile once and forms
-G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then for each D chunk
-    DQ[rows] += (c_r G) K      (the program owns these rows: plain read-modify-write)
+Backward (`_bwd_kernel`): the same 2-D grid; each program recomputes each of its tiles once and
+forms G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then for each D chunk (GRAD_D)
+    DQ[rows] += (c_r G) K      (fp32 atomics: the column ranges of one row block share its rows)
     DK[cols] += (c_c G)^T Q    (fp32 atomics, FlashAttention-2 style)
 The operands of both dots are G cast to the input dtype (tensor cores), which is where the
 precision would go: G is of order w / N and smaller (w ~ 1 / N for a mean), far below fp16's
@@ -35,19 +37,19 @@ Every launch has the specialisation COMPILE_SPECS compiles (16-aligned pointers,
 strides; D is zero-padded to a multiple of 16 where needed), so the sm_90 register / spill /
 wgmma figures of the compile check are those of what runs.
 
-Cost model (why dQ is read-modified-written, not held in registers): a [BLOCK_M, D] fp32
-accumulator is 128 KB at BLOCK_M = 64, D = 512 - beyond the register file of one program - so
-the backward streams dQ through L2 per tile (8 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops),
-like the dK atomics. float64 is refused (the backend's declaration in dgkernels.contrastive):
-dispatch picks the next backend (cuda).
+Cost model (why dQ is not held on chip): a [BLOCK_M, D] fp32 accumulator is 128 KB at
+BLOCK_M = 64, D = 512 - beyond the register file of one program - so the backward streams dQ
+through L2 per tile (4 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops), like the dK atomics: about
+64 flops per byte at 128 x 64 tiles, an L2-bound ceiling near 350 TFLOP/s on an H100 by the
+estimate in benchmarks/results/gpu_roofline.md (L2 bandwidth assumed). Holding dQ on chip
+(FlashAttention-2's loop order) needs a D-split or shared-memory accumulator: not built.
+float64 is refused (the backend's declaration in dgkernels.contrastive): dispatch picks the next
+backend.
 
-Program order (why no persistent / grouped "swizzled" launch): every program owns a row block and
-sweeps all of K in the same order, so the programs resident at one time (a wave: SMs x programs
-per SM) read the same K block within a short window and share it in L2; K itself (N = 65536,
-D = 512, bf16: 64 MiB) does not fit in an H100/H200 L2 (50 MiB) in any order. Grouped ordering
-pays for GEMMs whose programs each own one output tile of a 2-D grid and would otherwise walk the
-operands out of step; a persistent loop would save only the launch of N / BLOCK_M programs.
-GPU speed: measured by benchmarks/gpu_bench.py (scripts/gpu_check.sh).
+Program order: programs of one column range sweep its K blocks in the same order (the backward
+starts each row block at another block so the DK atomics rarely collide), so the programs resident
+at one time read the same K block within a short window and share it in L2; K itself (N = 65536,
+D = 512, bf16: 64 MiB) does not fit in an H100/H200 L2 (50 MiB) in any order. Unmeasured on a GPU.
 """
 from __future__ import annotations
 
@@ -408,7 +410,7 @@ def _prec_choices(dtype) -> set:
 # log-sum-exps (O(splits N) on the host side, exact), the backward adds the splits' dQ with fp32
 # atomics as it adds dK. A split keeps at least _MIN_SPLIT_COLS columns, so that each program still
 # amortises loading its Q block over a column block or more; large N needs no split (N = 65536:
-# 512-1024 row blocks, 4-8 waves). Grids at N = M: benchmarks/results/contrastive_roofline.md.
+# 512-1024 row blocks, 4-8 waves). Grids at N = M: benchmarks/results/gpu_roofline.md.
 _SPLIT_ALIGN = 128  # a split is a whole number of column blocks of every config (BLOCK_N <= 128)
 _MIN_SPLIT_COLS = 128
 _TARGET_WAVES = 2
