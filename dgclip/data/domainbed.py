@@ -11,10 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .catalog import DatasetSpec
+from .folder import IMAGE_EXTENSIONS
 
 __all__ = ["DataError", "Records", "scan", "verify", "ImageDataset", "load_image", "IMAGE_EXTENSIONS"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class DataError(RuntimeError):
@@ -39,6 +38,11 @@ class Records:
 
 def _dataset_dir(root: os.PathLike, spec: DatasetSpec) -> Path:
     root = Path(root)
+    if Path(spec.dirname).is_absolute():  # a dataset given by path: --root plays no part
+        d = Path(spec.dirname)
+        if not d.is_dir():
+            raise DataError(f"{spec.name}: dataset folder {d} not found")
+        return d
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist (pass --root DIR, the folder that holds "
                         f"{spec.dirname}/)")
