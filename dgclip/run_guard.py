@@ -19,7 +19,10 @@ import numpy as np
 __all__ = ["checked_records", "data_identity_diff", "InterruptGuard", "RunInterrupted"]
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(BaseException):
+    """Like KeyboardInterrupt, not an Exception: a sweep's "a failed job must not stop the sweep"
+    handlers let it through."""
+
     def __init__(self, signum: int, step: Optional[int], checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + int(signum)
