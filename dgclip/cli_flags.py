@@ -168,7 +168,7 @@ def help_epilog() -> str:
     from .paths import default_cache_dir
 
     def item(label: str, text: str) -> str:
-        return textwrap.fill(text, 100, initial_indent=f"{label:11s}", subsequent_indent=" " * 11)
+        return textwrap.fill(text, 100, break_on_hyphens=False, initial_indent=f"{label:11s}", subsequent_indent=" " * 11)
 
     return "\n".join([
         item("methods:", ", ".join(METHODS)),
