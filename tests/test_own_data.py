@@ -146,3 +146,14 @@ def test_eval_scores_a_checkpoint_on_another_dataset_with_the_training_classes(o
     wrong = make_tree(tmp_path / "Wrong", domains=("a", "b"), classes=("cat", "owl"))
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", str(wrong), "--workers", "0"]) == 2
     assert "['owl'] were not among the checkpoint's training classes" in capsys.readouterr().err
+
+
+def test_sweep_refuses_a_done_job_after_the_data_changed(own, tmp_path, capsys):
+    argv = ["sweep", "launch", "--sweep-dir", str(tmp_path / "sweep"), "--methods", "zero-shot", "--datasets", str(own),
+            "--test-domains", "fog", *TINY, "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    assert main(argv) == 0  # unchanged: the done job is kept
+    (own / "day" / "cat" / "0.png").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "is done on other data" in capsys.readouterr().err
