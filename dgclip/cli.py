@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         print(f"dgclip: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a training loop (which checkpoints and raises RunInterrupted)
-        print("dgclip: interrupted before any training step; nothing to resume", file=sys.stderr)
+        print("dgclip: interrupted outside a training loop (nothing to checkpoint); runs already finished are "
+              f"recorded: {_resume_hint(argv, args.command)} skips them", file=sys.stderr)
         return 130
     except BaseException as exc:
         from .run_guard import RunInterrupted

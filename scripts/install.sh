@@ -77,12 +77,12 @@ echo "== step 2+3: compiling dgkernels._C and installing (progress lines below; 
 log=$(mktemp -t dgclip-install.XXXXXX.log)
 set +e
 $PIP install -v --no-build-isolation -e ".[$EXTRAS]" 2>&1 | tee "$log" | while IFS= read -r line; do
+  line="${line#"${line%%[![:space:]]*}"}"  # pip indents its build output
   case "$line" in
-    *"[dgkernels]"*) printf '  [%4ds] %s\n' $((SECONDS - start)) "$line" ;;
+    "[dgkernels]"*|"Successfully installed"*) printf '  [%4ds] %s\n' $((SECONDS - start)) "${line:0:200}" ;;
     \[[0-9]*/[0-9]*\]*)  # ninja: [k/n] followed by the compile command
-      src=$(grep -oE 'csrc/[^ ]+\.(cpp|cu)' <<<"$line" | head -1)
-      printf '  [%4ds] %s %s\n' $((SECONDS - start)) "${line%%]*}]" "${src:-linking}" ;;
-    *"Successfully installed"*) printf '  [%4ds] %s\n' $((SECONDS - start)) "$line" ;;
+      src=$(grep -oE 'csrc/[^ ]+\.(cpp|cu)' <<<"$line" | head -1 || true)
+      printf '  [%4ds] compile %s %s\n' $((SECONDS - start)) "${line%%]*}]" "${src:-(link)}" ;;
   esac
 done
 status=${PIPESTATUS[0]}
