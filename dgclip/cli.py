@@ -27,10 +27,10 @@ EXTRAS = {"open_clip": "dgclip", "matplotlib": "dgclip", "sklearn": "dgclip", "t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_flags import HelpFormatter, help_epilog
+    from .cli_flags import TopHelpFormatter, help_epilog
 
     ap = argparse.ArgumentParser(prog="dgclip", description="CLIP-based domain generalization on open_clip",
-                                 epilog=help_epilog(), formatter_class=HelpFormatter)
+                                 epilog=help_epilog(), formatter_class=TopHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="VERB")
     for verb, module in VERBS.items():
         mod = importlib.import_module(module)

@@ -16,7 +16,7 @@ import json
 import os
 
 __all__ = ["METHODS", "DATASETS", "PROTOCOLS", "int_at_least", "float_range", "json_object", "reject",
-           "add_flags", "TRAIN_FLAGS", "help_epilog", "HelpFormatter", "default_root", "resolve_device"]
+           "add_flags", "TRAIN_FLAGS", "help_epilog", "HelpFormatter", "TopHelpFormatter", "default_root", "resolve_device"]
 
 METHODS = ("zero-shot", "coop", "cocoop", "dpl", "dalsclip", "gopro", "seeclip")
 DATASETS = ("pacs", "vlcs", "officehome", "terraincognita", "domainnet", "digits-dg", "mini-domainnet",
@@ -30,8 +30,20 @@ PROTOCOLS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown after each flag's help; descriptions and epilogs keep their line breaks."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, unless it has none (None, False) or the help states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {shown})".strip()
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`dgclip --help`: the epilog's lists keep their layout."""
 
 
 def int_at_least(lo: int):
@@ -135,7 +147,8 @@ TRAIN_FLAGS = {
     "train-domains": (("--train-domains",), dict(nargs="+", default=None, help="sources (one = single-source DG); "
                                                                               "default: every other domain")),
     "device": (("--device",), dict(default="auto", help="auto = cuda when available, else cpu")),
-    "precision": (("--precision",), dict(choices=["auto", "fp32", "bf16"], default="auto")),
+    "precision": (("--precision",), dict(choices=["auto", "fp32", "bf16"], default="auto",
+                                         help="numeric precision of the backbone")),
     "resume": (("--resume",), dict(action="store_true", help="continue interrupted runs, skip finished ones "
                                                              "(refused if settings or data changed)")),
     "no-progress": (("--no-progress",), dict(action="store_true")),
