@@ -118,3 +118,25 @@ def test_a_missing_optional_dependency_names_its_extra(module, extra, monkeypatc
 def test_eval_flags_that_need_a_dataset_are_refused_without_one(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt"), "--test-domain", "a"]) == 2
     assert "argument --test-domain: only applies with --dataset" in capsys.readouterr().err
+
+
+def test_quickstart_runs_its_fixed_settings_and_the_flags_it_takes(tmp_path, monkeypatch, capsys):
+    from dgclip.commands import _training, train
+    from dgclip.engine import append_record
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        rec = {"method": cfg.method, "dataset": cfg.dataset, "selection": "training-domain validation",
+               "seed": cfg.seed, "test_domain": "+".join(cfg.test_domains), "test_acc": 0.5}
+        append_record(tmp_path / "out" / "results.jsonl", rec)
+        return rec
+
+    monkeypatch.setattr(train, "run_training_verbose", fake_run)
+    monkeypatch.setattr(_training, "ensure_pretrained", lambda args: None)
+    assert cli.main(["quickstart", "--output-dir", str(tmp_path / "out"), "--seeds", "0", "--steps", "7",
+                     "--root", str(tmp_path), "--device", "cpu"]) == 0
+    assert {c.method for c in seen} == {"zero-shot", "coop", "cocoop", "dpl"} and len(seen) == 4 * 6
+    assert {(c.backbone, c.pretrained, c.steps, c.eval_every, c.seed) for c in seen} == {("tiny-digits", "default", 7, 50, 0)}
+    assert "| coop" in capsys.readouterr().out
