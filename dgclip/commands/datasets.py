@@ -18,16 +18,13 @@ def add_parser(subparsers):
 
 
 def _print_report(label: str, rep: dict) -> None:
-    status = "OK" if not rep["problems"] and not rep["unreadable"] else \
-        f"{len(rep['problems']) + len(rep['unreadable'])} problem(s)"
+    status = "OK" if not rep["problems"] else f"{len(rep['problems'])} problem(s)"
     counts = ", ".join(f"{d}: {n}" for d, n in rep["domains"].items())
     print(f"  {label:16s} {status}: {counts}")
     for p in rep["problems"]:
         print(f"      - {p}")
-    if rep["unreadable"]:
-        print(f"      - {len(rep['unreadable'])} unreadable image(s):")
-        for path, why in rep["unreadable"]:
-            print(f"          {path}: {why}")
+    for path, why in rep["unreadable"]:  # every one, by name
+        print(f"          {path}: {why}")
 
 
 def run(args) -> int:

@@ -122,8 +122,10 @@ def verify(root: os.PathLike, spec: DatasetSpec, *, check_images: bool = True, c
             report["problems"].append(f"{dom}: {len(empty)} empty or missing class(es): "
                                       f"{', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}")
     if check_images and all_files:
-        report["unreadable"] = find_unreadable(all_files, cache_dir=cache_dir)
-        report["errors"] += len(report["unreadable"])
+        report["unreadable"] = bad = find_unreadable(all_files, cache_dir=cache_dir)
+        report["errors"] += len(bad)
+        if bad:
+            report["problems"].append(f"{len(bad)} unreadable image(s), listed in 'unreadable' (e.g. {bad[0][0]})")
     return report
 
 
