@@ -94,4 +94,14 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "== done in $((SECONDS - start)) s (log: $log); backends available: =="
 python -c "import dgkernels; [print(f'  {k:9s} {\"yes\" if v.available else \"no: \" + v.reason}') for k, v in dgkernels.backends().items()]"
+# dgclip's backbones need open_clip, which needs a torchvision built for this torch (a CPU torch
+# beside a CUDA torchvision fails only here, at import)
+if python -c "import open_clip" 2>/dev/null; then
+  echo "  dgclip    yes (open_clip $(python -c 'import open_clip; print(open_clip.__version__)'))"
+else
+  echo "  dgclip    NO: importing open_clip fails:" >&2
+  python -c "import open_clip" 2>&1 | tail -1 >&2
+  echo "            (with --cpu: torchvision must come from the same index as torch: $TORCH_CPU_INDEX)" >&2
+  exit 1
+fi
 echo "next: dgclip --help; dgclip quickstart (the embedded default, a few minutes on a CPU)"
