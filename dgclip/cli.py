@@ -51,8 +51,12 @@ def _user_errors() -> tuple:
     return tuple(found)
 
 
-def _missing_dependency(exc: ModuleNotFoundError, verb: str) -> str:
-    top = (exc.name or "").split(".")[0]
+def _missing_dependency(exc: ImportError, verb: str) -> str:
+    """What to install, when `exc` (or an error it was raised from) is a missing optional module."""
+    seen, top = exc, ""
+    while seen is not None and top not in EXTRAS:
+        top = (getattr(seen, "name", None) or "").split(".")[0] if isinstance(seen, ImportError) else ""
+        seen = seen.__cause__ or seen.__context__
     if top not in EXTRAS:
         return ""
     extra = EXTRAS[top]
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     run = importlib.import_module(args._module).run
     try:
         return run(args)
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
         msg = _missing_dependency(exc, args.command)
         if not msg:
             raise

@@ -140,3 +140,17 @@ def test_quickstart_runs_its_fixed_settings_and_the_flags_it_takes(tmp_path, mon
     assert {c.method for c in seen} == {"zero-shot", "coop", "cocoop", "dpl"} and len(seen) == 4 * 6
     assert {(c.backbone, c.pretrained, c.steps, c.eval_every, c.seed) for c in seen} == {("tiny-digits", "default", 7, 50, 0)}
     assert "| coop" in capsys.readouterr().out
+
+
+def test_a_missing_dependency_behind_a_wrapping_error_is_named(monkeypatch, capsys):
+    import dgclip.commands.pretrain as verb
+
+    def wrapped(_args):
+        try:
+            raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+        except ModuleNotFoundError as exc:
+            raise ImportError("method 'seeclip' needs a missing dependency") from exc
+
+    monkeypatch.setattr(verb, "run", wrapped)
+    assert cli.main(["pretrain"]) == 2
+    assert "[diffusion]" in capsys.readouterr().err
