@@ -100,7 +100,7 @@ if python -c "import open_clip" 2>/dev/null; then
   echo "  dgclip    yes (open_clip $(python -c 'import open_clip; print(open_clip.__version__)'))"
 else
   echo "  dgclip    NO: importing open_clip fails:" >&2
-  python -c "import open_clip" 2>&1 | tail -1 >&2
+  python -c "import open_clip" 2>&1 | tail -1 >&2 || true
   echo "            (with --cpu: torchvision must come from the same index as torch: $TORCH_CPU_INDEX)" >&2
   exit 1
 fi
