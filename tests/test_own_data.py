@@ -157,3 +157,15 @@ def test_sweep_refuses_a_done_job_after_the_data_changed(own, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     assert "is done on other data" in capsys.readouterr().err
+
+
+def test_a_yaml_split_file_where_pyyaml_is_installed(own, tmp_path):
+    pytest.importorskip("yaml")
+    from dgclip.data.catalog import get_spec
+
+    split = tmp_path / "split.yaml"
+    split.write_text(f"dataset: {own}\nsources:\n  day: [cat]\n  fog: [cat, dog]\ntarget_known: [cat]\n"
+                     "target_unknown: [fox]\n")
+    spec = get_spec(str(split))
+    assert spec.open_set.known == ("cat", "dog") and spec.open_set.unknown == ("fox",)
+    assert spec.open_set.source_classes(["day", "fog"]) == {"day": ("cat",), "fog": ("cat", "dog")}
