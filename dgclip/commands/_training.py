@@ -34,6 +34,35 @@ def train_configs(args, method, dataset, test_domain, hparams):
                               skip_unreadable=args.skip_unreadable)
 
 
+def read_domains(spec, test_domains, train_domains) -> tuple:
+    """The domains one run reads, in catalogue order (as dgclip.engine checks them)."""
+    return tuple(d for d in spec.domains if d in set(test_domains) | set(train_domains or spec.domains))
+
+
+def check_images_first(configs, root, cache_dir, skip_unreadable: bool) -> dict:
+    """Every image the runs will read, decoded before the first of them starts (each run's own
+    check then hits the cache): one unreadable file stops a multi-run command before any work,
+    not after its first runs. Returns {(dataset, domains): data identity}."""
+    from ..data.catalog import get_spec
+    from ..data.domainbed import scan
+    from ..data.embedded import ensure_rotated_digits
+    from ..paths import default_cache_dir
+    from ..run_guard import checked_records
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    identity = {}
+    for dataset, test_domains, train_domains in configs:
+        spec = get_spec(dataset)
+        read = read_domains(spec, test_domains, train_domains)
+        if (dataset, read) in identity:
+            continue
+        if spec.embedded:
+            ensure_rotated_digits(root)
+        identity[(dataset, read)] = checked_records(spec, scan(root, spec, list(read)), list(read),
+                                                    cache_dir=cache, skip_unreadable=skip_unreadable)[1]
+    return identity
+
+
 def ensure_pretrained(args) -> None:
     from ..pretrain import pretrain_tiny_clip
     from ..tiny_clip import EMBEDDED_MODELS, weights_path

@@ -53,34 +53,26 @@ def _jobs(args):
 
 
 def check_images(jobs, args) -> None:
-    """Every image the grid reads, decoded before the first job starts (the jobs then hit the
-    cache); a job marked done on data that has changed since is refused, as `--resume` is."""
-    from pathlib import Path
-
+    """Every image the grid reads, decoded before the first job starts; a job marked done on data
+    that has changed since is refused, as `--resume` is."""
     from ..data.catalog import get_spec
-    from ..data.domainbed import DataError, scan
-    from ..data.embedded import ensure_rotated_digits
+    from ..data.domainbed import DataError
     from ..engine import read_records
-    from ..paths import default_cache_dir
-    from ..run_guard import checked_records, data_identity_diff
+    from ..run_guard import data_identity_diff
     from ..sweep import job_status
+    from ._training import check_images_first, read_domains
 
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    identity = {}
-    for dataset in dict.fromkeys(j.dataset for j in jobs):
-        spec = get_spec(dataset)
-        if spec.embedded:
-            ensure_rotated_digits(args.root)
-        for job in (j for j in jobs if j.dataset == dataset):
-            read = tuple(d for d in spec.domains if d in set(job.test_domains) | set(args.train_domains or spec.domains))
-            if (dataset, read) not in identity:
-                identity[(dataset, read)] = checked_records(spec, scan(args.root, spec, list(read)), list(read),
-                                                            cache_dir=cache, skip_unreadable=args.skip_unreadable)[1]
-            done = read_records(job.folder / "results.jsonl") if job_status(job) == "done" else []
-            if done and data_identity_diff(done[-1], identity[(dataset, read)]):
-                raise DataError(f"sweep job {job.key} is done on other data: "
-                                f"{'; '.join(data_identity_diff(done[-1], identity[(dataset, read)]))}; "
-                                "use a new --sweep-dir (or remove that job's folder to rerun it)")
+    identity = check_images_first([(j.dataset, j.test_domains, args.train_domains) for j in jobs], args.root,
+                                  args.cache_dir, args.skip_unreadable)
+    for job in jobs:
+        done = read_records(job.folder / "results.jsonl") if job_status(job) == "done" else []
+        if not done:
+            continue
+        read = read_domains(get_spec(job.dataset), job.test_domains, args.train_domains)
+        diff = data_identity_diff(done[-1], identity[(job.dataset, read)])
+        if diff:
+            raise DataError(f"sweep job {job.key} is done on other data: {'; '.join(diff)}; "
+                            "use a new --sweep-dir (or remove that job's folder to rerun it)")
 
 
 def run(args) -> int:

@@ -25,14 +25,18 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from ..methods import get_method
-    from ._training import ensure_pretrained, finish_args, finish_distributed, init_distributed, train_configs
+    from ._training import (check_images_first, ensure_pretrained, finish_args, finish_distributed, init_distributed,
+                            train_configs)
 
     finish_args(args)
     get_method(args.method)
+    configs = list(train_configs(args, args.method, args.dataset, args.test_domain, args.hparams or {}))
+    check_images_first([(c.dataset, c.test_domains, c.train_domains) for c in configs], args.root, args.cache_dir,
+                       args.skip_unreadable)
     started, ok = init_distributed(), False
     try:
         ensure_pretrained(args)
-        for cfg in train_configs(args, args.method, args.dataset, args.test_domain, args.hparams or {}):
+        for cfg in configs:
             rec = run_training_verbose(cfg)
             print(f"{rec['method']:>10s} {rec['dataset']} test={rec['test_domain']} seed={rec['seed']} "
                   f"test_acc={rec['test_acc']:.4f} (val {rec['val_acc']:.4f}, step {rec['selected_step']})",
