@@ -115,9 +115,11 @@ def test_a_missing_optional_dependency_names_its_extra(module, extra, monkeypatc
     assert repr(module) in err and f"[{extra}]" in err
 
 
-def test_eval_flags_that_need_a_dataset_are_refused_without_one(tmp_path, capsys):
-    assert cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt"), "--test-domain", "a"]) == 2
-    assert "argument --test-domain: only applies with --dataset" in capsys.readouterr().err
+@pytest.mark.parametrize("flag,value", [("--test-domain", "a"), ("--root", "r"), ("--output-dir", "o"),
+                                        ("--workers", "2"), ("--device", "cpu")])
+def test_eval_flags_that_need_a_dataset_are_refused_without_one(tmp_path, capsys, flag, value):
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt"), flag, value]) == 2
+    assert f"argument {flag}: only applies with --dataset" in capsys.readouterr().err
 
 
 def test_quickstart_runs_its_fixed_settings_and_the_flags_it_takes(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,11 @@ from __future__ import annotations
 from ..cli_flags import HelpFormatter, add_flags
 
 
+# flags that only mean something when scoring a dataset -> their defaults
+DATASET_ONLY = {"test_domain": None, "root": None, "cache_dir": None, "device": "auto", "precision": "auto",
+                "workers": None, "skip_unreadable": False, "output_dir": "runs/dgclip-eval"}
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser("eval", help="a checkpoint's stored evaluation, or the checkpoint scored on a dataset",
                               formatter_class=HelpFormatter,
@@ -17,18 +22,18 @@ def add_parser(subparsers):
     p.add_argument("--test-domain", default=None, help="a domain, 'a,b' (scored together) or 'all' (each in turn; "
                                                        "the default with --dataset)")
     add_flags(p, ("root", "cache-dir", "device", "precision", "workers", "skip-unreadable"))
-    add_flags(p, ("output-dir",), output_dir="runs/dgclip-eval")
+    add_flags(p, ("output-dir",), output_dir=DATASET_ONLY["output_dir"])
     return p
 
 
 def run(args) -> int:
-    import json
     import sys
 
-    if args.dataset is None:
-        for flag, value, default in (("--test-domain", args.test_domain, None), ("--skip-unreadable", args.skip_unreadable, False)):
-            if value != default:
-                print(f"dgclip eval: error: argument {flag}: only applies with --dataset", file=sys.stderr)
+    if args.dataset is None:  # printing the stored evaluation reads nothing else: refuse what would be ignored
+        for dest, default in DATASET_ONLY.items():
+            if getattr(args, dest) != default:
+                print(f"dgclip eval: error: argument --{dest.replace('_', '-')}: only applies with --dataset",
+                      file=sys.stderr)
                 return 2
         return _stored(args.checkpoint)
     from ._training import finish_args
