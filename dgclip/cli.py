@@ -74,6 +74,7 @@ def _resume_hint(argv: list[str], verb: str) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # what was typed: a verb may refuse a flag given where it would be ignored
     run = importlib.import_module(args._module).run
     try:
         return run(args)

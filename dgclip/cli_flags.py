@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-__all__ = ["METHODS", "DATASETS", "PROTOCOLS", "int_at_least", "float_range", "json_object", "reject",
+__all__ = ["METHODS", "DATASETS", "PROTOCOLS", "UNTRAINED_METHODS", "given", "int_at_least", "float_range", "json_object", "reject",
            "add_flags", "TRAIN_FLAGS", "help_epilog", "HelpFormatter", "TopHelpFormatter", "default_root", "resolve_device"]
 
 METHODS = ("zero-shot", "coop", "cocoop", "dpl", "dalsclip", "gopro", "seeclip")
@@ -23,6 +23,8 @@ DATASETS = ("pacs", "vlcs", "officehome", "terraincognita", "domainnet", "digits
             "rotated-digits", "pacs-open", "pacs-open-odgclip", "vlcs-open", "vlcs-open-odgclip",
             "officehome-open", "officehome-open-medic", "mini-domainnet-open", "digits-dg-open",
             "digits-dg-open-odgclip", "rotated-digits-open")
+# methods with nothing to train: --steps / --eval-every given to them would be ignored
+UNTRAINED_METHODS = ("zero-shot",)
 PROTOCOLS = {
     "loo": "leave-one-domain-out (default): each --test-domain in turn, the others are sources; "
            "--train-domains picks the sources (one = single-source DG); open-set with a *-open dataset "
@@ -105,6 +107,11 @@ def reject(parser: argparse.ArgumentParser, flag: str, why: str) -> None:
     """`flag` is an error on this verb (it exists on a sibling verb); `why` says what to use."""
     parser.add_argument(flag, action=_Reject, why=why, dest=f"_rejected_{flag.lstrip('-').replace('-', '_')}",
                         default=argparse.SUPPRESS)
+
+
+def given(args, flag: str) -> bool:
+    """Whether `flag` was typed on the command line (not just defaulted)."""
+    return any(a == flag or a.startswith(flag + "=") for a in getattr(args, "_argv", ()))
 
 
 def default_root() -> str:

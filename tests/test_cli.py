@@ -156,3 +156,17 @@ def test_a_missing_dependency_behind_a_wrapping_error_is_named(monkeypatch, caps
     monkeypatch.setattr(verb, "run", wrapped)
     assert cli.main(["pretrain"]) == 2
     assert "[diffusion]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--eval-every"])
+def test_training_flags_are_refused_for_a_method_with_nothing_to_train(flag, capsys):
+    from types import SimpleNamespace
+
+    from dgclip.methods import get_method
+
+    for name in cli_flags.UNTRAINED_METHODS:  # the static list is right: no optimizer, no steps
+        probe = SimpleNamespace()
+        get_method(name).configure_optimizers(probe, 10)
+        assert probe.optimizer is None
+    assert cli.main(["train", "--method", "zero-shot", "--dataset", "rotated-digits", f"{flag}=10"]) == 2
+    assert f"argument {flag}: zero-shot has nothing to train" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """`dgclip train`: one method on one dataset, leave-one-domain-out (or the given test domains)."""
 from __future__ import annotations
 
-from ..cli_flags import METHODS, HelpFormatter, add_flags, json_object
+from ..cli_flags import METHODS, UNTRAINED_METHODS, HelpFormatter, add_flags, given, json_object
 
 FLAGS = ("root", "output-dir", "seeds", "backbone", "pretrained", "cache-dir", "steps", "eval-every",
          "hparams-seed", "holdout-fraction", "selection", "train-domains", "device", "precision", "resume",
@@ -28,6 +28,14 @@ def run(args) -> int:
     from ._training import (check_images_first, ensure_pretrained, finish_args, finish_distributed, init_distributed,
                             train_configs)
 
+    if args.method in UNTRAINED_METHODS:
+        for flag in ("--steps", "--eval-every"):
+            if given(args, flag):
+                import sys
+
+                print(f"dgclip train: error: argument {flag}: {args.method} has nothing to train (one evaluation)",
+                      file=sys.stderr)
+                return 2
     finish_args(args)
     get_method(args.method)
     configs = list(train_configs(args, args.method, args.dataset, args.test_domain, args.hparams or {}))
