@@ -35,6 +35,7 @@ from .data.splits import make_protocol, seed_hash
 from .data.transfer import split_device_stage, stage_in_loader
 from .methods import Batch, get_method
 from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
+from .run_guard import InterruptGuard, RunInterrupted, checked_records, data_identity_diff
 
 __all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
 
@@ -66,6 +67,7 @@ class TrainConfig:
     feature_cache_budget_gb: Optional[float] = None  # above it features are computed on the fly
     track_oracle: bool = False  # also score the targets' out-splits (sweeps: both DomainBed selections)
     workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
+    skip_unreadable: bool = False  # leave unreadable images out (named in the record) instead of refusing
 
 
 def _rank_world() -> tuple[int, int]:
@@ -81,10 +83,10 @@ def run_key(cfg: TrainConfig) -> str:
 
 # Config fields that change a run's result; the others (paths, workers, progress, device) do not.
 _RESULT_FIELDS = ("backbone", "pretrained", "steps", "eval_every", "holdout_fraction", "train_domains",
-                  "precision", "eval_batch_size", "track_oracle")
+                  "precision", "eval_batch_size", "track_oracle", "skip_unreadable")
 
 
-def _check_resumable(stored: dict, hparams: dict, cfg: TrainConfig, what: str) -> None:
+def _check_resumable(stored: dict, hparams: dict, cfg: TrainConfig, what: str, data: dict) -> None:
     """`--resume` reuses a record or checkpoint only if it was made with the same hyper-parameters
     and result-relevant config: the run key names (method, dataset, domains, seeds, selection), not
     `--hparams`, `--steps` or a changed default, and silently reusing those would mix settings."""
@@ -100,6 +102,7 @@ def _check_resumable(stored: dict, hparams: dict, cfg: TrainConfig, what: str) -
     old_cfg, new_cfg = norm(stored.get("config") or {}), norm(asdict(cfg))
     diffs += [f"{f}: {old_cfg[f]!r} -> {new_cfg.get(f)!r}" for f in _RESULT_FIELDS
               if f in old_cfg and old_cfg[f] != new_cfg.get(f)]
+    diffs += data_identity_diff(stored, data)  # the run key names the dataset, not its files
     if diffs:
         raise ValueError(f"--resume: the {what} was made with other settings ({'; '.join(diffs)}); "
                          "use another --output-dir, or delete that record/checkpoint to rerun")
@@ -246,19 +249,24 @@ def run_training(cfg: TrainConfig) -> dict:
     method_cls = get_method(cfg.method)  # clear error for unknown methods before any work
     spec = get_spec(cfg.dataset)
     hparams = {**method_cls.hparams_for(cfg.hparams_seed, embedded=spec.embedded), **cfg.hparams}
-    if cfg.resume:
-        done = [r for r in read_records(results_path) if r.get("run_key") == key]
-        if done:
-            _check_resumable(done[-1], hparams, cfg, f"finished run {key} in {results_path}")
-            return done[-1]
     if spec.embedded:
         ensure_rotated_digits(cfg.root)
     records = scan(cfg.root, spec)
+    # --- data checked before any work (dgclip.run_guard): the domains this run reads ---
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    read_domains = [d for d in spec.domains if d in set(cfg.test_domains) | set(cfg.train_domains or spec.domains)]
+    records, data = checked_records(spec, records, read_domains, cache_dir=cache_dir,
+                                    skip_unreadable=cfg.skip_unreadable)
+    if cfg.resume:
+        done = [r for r in read_records(results_path) if r.get("run_key") == key]
+        if done:
+            _check_resumable(done[-1], hparams, cfg, f"finished run {key} in {results_path}", data)
+            return done[-1]
+    # --- end of the data check ---
     protocol = make_protocol(spec, records, list(cfg.test_domains), trial_seed=cfg.seed,
                              holdout_fraction=cfg.holdout_fraction, train_domains=cfg.train_domains,
                              oracle=cfg.selection == "oracle" or cfg.track_oracle)
     device = torch.device(cfg.device)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     backbone = load_backbone(cfg.backbone, cfg.pretrained, cache_dir=cache_dir, device=device,
                              precision=cfg.precision)
     classnames = [spec.classname(c) for c in protocol.classnames]
@@ -312,7 +320,7 @@ def run_training(cfg: TrainConfig) -> dict:
     torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _check_resumable(state, hparams, cfg, f"checkpoint {ckpt_path}")
+        _check_resumable(state, hparams, cfg, f"checkpoint {ckpt_path}", data)
         method.load_checkpoint_state(state["method_state"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -331,27 +339,52 @@ def run_training(cfg: TrainConfig) -> dict:
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
-    for step in range(start, steps):
-        batch = Batch(*next(batches), device_stage=train.batch_stage) if batches is not None \
-            else train.batch(sampler.draw()[rank::world])
-        method.train()
-        out = method.update(batch.to(device))
-        losses.append(float(out.get("loss", 0.0)))
-        bar.update(1)
-        if out:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
-            entry["step"] = step + 1
-            entry["loss"] = float(np.mean(losses[-cfg.eval_every:])) if losses else None
-            history.append(entry)
-            if rank == 0:
-                _atomic_save({"step": step + 1, "method_state": method.checkpoint_state(),
-                              "generator": step_sampler.state_after(step) if step_sampler else gen.get_state(),
-                              "torch_rng": torch.get_rng_state(),
-                              "history": history, "losses": losses, "config": asdict(cfg),
-                              "hparams": hparams}, ckpt_path)
+
+    def save_checkpoint(done_steps: int) -> None:
+        if rank == 0:
+            _atomic_save({"step": done_steps, "method_state": method.checkpoint_state(),
+                          "generator": step_sampler.state_after(done_steps - 1) if step_sampler else gen.get_state(),
+                          "torch_rng": torch.get_rng_state(),
+                          "history": history, "losses": losses, "config": asdict(cfg),
+                          "hparams": hparams, "data": data, "classnames": classnames,
+                          "source_domains": protocol.source_domains}, ckpt_path)
+
+    with InterruptGuard() as guard:  # SIGINT/SIGTERM: checkpoint at the step just finished, then stop
+        for step in range(start, steps):
+            try:
+                batch = Batch(*next(batches), device_stage=train.batch_stage) if batches is not None \
+                    else train.batch(sampler.draw()[rank::world])
+            except Exception:
+                if guard.signum is None:
+                    raise
+                # a terminal's Ctrl-C also reaches the loader's workers, which then quit: keep the
+                # steps finished so far
+                if step > start:
+                    save_checkpoint(step)
+                batches = None
+                raise RunInterrupted(guard.signum, step, str(ckpt_path) if step > start or ckpt_path.exists() else None) from None
+            method.train()
+            out = method.update(batch.to(device))
+            losses.append(float(out.get("loss", 0.0)))
+            bar.update(1)
+            if out:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()})
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
+                entry["step"] = step + 1
+                entry["loss"] = float(np.mean(losses[-cfg.eval_every:])) if losses else None
+                history.append(entry)
+                save_checkpoint(step + 1)
+            elif guard.signum is not None:
+                save_checkpoint(step + 1)
+            if guard.signum is not None:
+                bar.close()
+                batches = None
+                raise RunInterrupted(guard.signum, step + 1, str(ckpt_path))
+        stopped = guard.signum
     bar.close()
+    if stopped is not None:  # asked to stop during a run without steps (nothing to save)
+        raise RunInterrupted(stopped, None, None)
     batches = None  # ends the training loader's workers
     if not history:  # nothing trainable (zero-shot): one evaluation
         entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
@@ -370,6 +403,7 @@ def run_training(cfg: TrainConfig) -> dict:
                                 else f"on {device.type}, per batch"),  # dgclip.data.transfer
         "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
         "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
+        "data": data, "classnames": classnames,
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
         "train_seconds": round(time.time() - t0, 2), "history": history,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

@@ -6,11 +6,12 @@ with DomainBed checkpoints. Open-set splits name their known / unknown classes e
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = ["DatasetSpec", "OpenSetSpec", "get_spec", "list_datasets", "UnknownDatasetError",
-           "register_dataset"]
+           "register_dataset", "is_path_dataset"]
 
 
 class UnknownDatasetError(KeyError):
@@ -203,6 +204,8 @@ _OH_DOMAINS = ("Art", "Clipart", "Product", "Real World")
 _MINI_DOMAINS = ("clipart", "painting", "real", "sketch")
 
 _SPECS: dict[str, DatasetSpec] = {}
+# open-set split files passed as --dataset (YAML only where a YAML parser is installed)
+SPLIT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def register_dataset(key: str, spec: DatasetSpec) -> DatasetSpec:
@@ -264,11 +267,31 @@ register_dataset("rotated-digits-open", DatasetSpec(
     open_set=OpenSetSpec(DIGITS[:6], DIGITS[6:], note="homogeneous, as Digits-DG in MEDIC"), embedded=True))
 
 
+def is_path_dataset(name: str) -> bool:
+    """A dataset named by path (a DomainBed-layout folder, or an open-set split file) rather than
+    by a registered name: anything with a path separator, a leading '.' or '~', or a split file."""
+    name = str(name)
+    return (os.sep in name or "/" in name or name.startswith((".", "~"))
+            or name.lower().endswith(SPLIT_FILE_SUFFIXES))
+
+
 def get_spec(name: str) -> DatasetSpec:
-    key = name.lower()
-    if key not in _SPECS:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
-    return _SPECS[key]
+    """A registered dataset by name, or a dataset by path: a DomainBed-layout folder
+    (dgclip.data.folder) or an open-set split file naming its classes (dgclip.data.open_split)."""
+    key = str(name).lower()
+    if key in _SPECS:
+        return _SPECS[key]
+    if is_path_dataset(name):
+        if key.endswith(SPLIT_FILE_SUFFIXES):
+            from .open_split import load_open_split
+
+            return load_open_split(name)
+        from .folder import folder_spec
+
+        return folder_spec(name)
+    raise UnknownDatasetError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}, "
+                              "or a path to a DomainBed-layout folder (<folder>/<domain>/<class>/<image>) "
+                              "or to an open-set split file (.json)")
 
 
 def list_datasets() -> list[str]:

@@ -11,10 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .catalog import DatasetSpec
+from .folder import IMAGE_EXTENSIONS
 
 __all__ = ["DataError", "Records", "scan", "verify", "ImageDataset", "load_image", "IMAGE_EXTENSIONS"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class DataError(RuntimeError):
@@ -39,6 +38,11 @@ class Records:
 
 def _dataset_dir(root: os.PathLike, spec: DatasetSpec) -> Path:
     root = Path(root)
+    if Path(spec.dirname).is_absolute():  # a dataset given by path: --root plays no part
+        d = Path(spec.dirname)
+        if not d.is_dir():
+            raise DataError(f"{spec.name}: dataset folder {d} not found")
+        return d
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist (pass --root DIR, the folder that holds "
                         f"{spec.dirname}/)")
@@ -84,41 +88,44 @@ def scan(root: os.PathLike, spec: DatasetSpec, domains: Optional[list[str]] = No
     return Records(paths, np.asarray(labels, dtype=np.int64), np.asarray(doms, dtype=np.int64))
 
 
-def verify(root: os.PathLike, spec: DatasetSpec, *, check_images: bool = True) -> dict:
-    """A report for `dgclip datasets`: per domain image counts and every problem found, named."""
-    report = {"dataset": spec.name, "path": str(Path(root) / spec.dirname), "found": False,
-              "domains": {}, "problems": []}
-    base = Path(root) / spec.dirname
+def verify(root: os.PathLike, spec: DatasetSpec, *, check_images: bool = True, cache_dir=None) -> dict:
+    """A report for `dgclip datasets`: per domain image counts, every problem found (named), and
+    every unreadable image with the reason (`errors`: what would stop a run)."""
+    from .verify import find_unreadable
+
+    base = Path(spec.dirname) if Path(spec.dirname).is_absolute() else Path(root) / spec.dirname
+    report = {"dataset": spec.name, "path": str(base), "found": False, "domains": {}, "problems": [],
+              "unreadable": [], "errors": 0}
     if not base.is_dir():
         return report
     report["found"] = True
+    all_files = []
     for dom in spec.domains:
         ddir = base / dom
         if not ddir.is_dir():
             report["problems"].append(f"missing domain {dom!r}")
+            report["errors"] += 1
             continue
         present = {p.name for p in ddir.iterdir() if p.is_dir()}
         for extra in sorted(present - set(spec.classes)):
             report["problems"].append(f"{dom}: unknown class folder {extra!r}")
-        n, empty, bad = 0, [], []
+            report["errors"] += 1
+        n, empty = 0, []
         for cls in spec.classes:
             files = _images(ddir / cls) if cls in present else []
             if not files:
                 empty.append(cls)
-            if check_images:
-                for f in files:
-                    try:
-                        with Image.open(f) as im:
-                            im.verify()
-                    except (UnidentifiedImageError, OSError, SyntaxError):
-                        bad.append(f)
+            all_files += files
             n += len(files)
         report["domains"][dom] = n
-        if empty:
+        if empty:  # not an error: open-set / DAML-style subsets leave classes out of some domains
             report["problems"].append(f"{dom}: {len(empty)} empty or missing class(es): "
                                       f"{', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}")
+    if check_images and all_files:
+        report["unreadable"] = bad = find_unreadable(all_files, cache_dir=cache_dir)
+        report["errors"] += len(bad)
         if bad:
-            report["problems"].append(f"{dom}: {len(bad)} unreadable image(s), e.g. {bad[0]}")
+            report["problems"].append(f"{len(bad)} unreadable image(s), listed in 'unreadable' (e.g. {bad[0][0]})")
     return report
 
 
