@@ -67,7 +67,8 @@ def _train_configs(args, method, dataset, test_domain, hparams):
                               holdout_fraction=args.holdout_fraction, selection=args.selection,
                               train_domains=args.train_domains, device=args.device,
                               precision=args.precision, progress=not args.no_progress, resume=args.resume,
-                              workers=args.workers, feature_cache_budget_gb=args.feature_cache_budget_gb)
+                              workers=args.workers, feature_cache_budget_gb=args.feature_cache_budget_gb,
+                              preset=getattr(args, "preset_record", None) or {})
 
 
 def _ensure_pretrained(args):
@@ -86,6 +87,9 @@ def cmd_train(args) -> int:
     from .methods import get_method
 
     get_method(args.method)
+    from .presets.apply import apply_to_train_args
+
+    apply_to_train_args(args, getattr(args, "argv", []))
     hparams = json.loads(args.hparams) if args.hparams else {}
     started, ok = _init_distributed(), False
     try:
@@ -217,7 +221,9 @@ def _sweep_jobs(args):
 def cmd_sweep(args) -> int:
     from .sweep import delete_incomplete, launch, list_jobs
 
-    jobs = _sweep_jobs(args)
+    from .presets.apply import preset_sweep_jobs
+
+    jobs = preset_sweep_jobs(args, getattr(args, "argv", [])) if args.preset else _sweep_jobs(args)
     if args.action == "list":
         rows = list_jobs(jobs)
         for status, key in rows:
@@ -271,6 +277,8 @@ def _cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets.apply import add_preset_flag
+
     ap = argparse.ArgumentParser(prog="dgclip", description="CLIP-based domain generalization on open_clip")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain the embedded tiny CLIP (cached)")
@@ -288,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-domain", default="all", help="a domain, 'a,b' (held out together) or 'all'")
     p.add_argument("--hparams", default=None, help="JSON overrides of the method's hyper-parameters")
     _add_common(p)
+    add_preset_flag(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="report the selected evaluation stored in a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -311,11 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submitit-options", default=None, help='JSON executor parameters, e.g. {"slurm_partition": "gpu", '
                                                               '"gpus_per_node": 1, "timeout_min": 600}')
     _add_common(p)
+    add_preset_flag(p)
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("datasets", help="list and verify the datasets under a root")
     p.add_argument("--root", required=True)
     p.add_argument("--quick", action="store_true", help="skip opening every image")
     p.set_defaults(fn=cmd_datasets)
+    from . import cli_download, cli_reproduce  # their own modules: one line each
+
+    cli_download.add_parser(sub)
+    cli_reproduce.add_parser(sub)
     p = sub.add_parser("quickstart", help="embedded default end to end: pretrain + 4 baselines + table")
     _add_common(p, steps_default=None)
     # three seeds by default: the table's mean +- standard error is then meaningful (~1-2 min on 2 cores)
@@ -330,6 +344,7 @@ def main(argv=None) -> int:
     from .methods import UnknownMethodError
 
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # presets: which flags were typed
     if args.command == "quickstart" and args.output_dir in (None, "runs/dgclip"):
         args.output_dir = "runs/quickstart"
     try:

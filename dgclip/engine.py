@@ -66,6 +66,7 @@ class TrainConfig:
     feature_cache_budget_gb: Optional[float] = None  # above it features are computed on the fly
     track_oracle: bool = False  # also score the targets' out-splits (sweeps: both DomainBed selections)
     workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
+    preset: dict = field(default_factory=dict)  # {"name", "values", "sources"} of a --preset (dgclip.presets)
 
 
 def _rank_world() -> tuple[int, int]:
