@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from dgclip.data.download import SOURCES, DownloadError, download, install, sources
-from download_server import IMG, Server, official_files, tar_of, zip_of
+from tests.download_server import IMG, Server, official_files, tar_of, zip_of
 
 
 def _leftovers(root):
