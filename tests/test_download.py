@@ -15,12 +15,16 @@ from tests.download_server import IMG, Server, official_files, tar_of, zip_of
 
 
 def _leftovers(root):
-    """Anything a failed call might leave: staging folders and downloaded files (not .part files)."""
-    return sorted(p.name for p in root.iterdir() if p.name.startswith(".dgclip-staging")) + \
-        sorted(str(p.relative_to(root)) for p in (root / install.CACHE_DIR).rglob("*")
-               if p.is_file() and not p.name.endswith(".part")) if root.exists() and \
-        (root / install.CACHE_DIR).exists() else \
-        sorted(p.name for p in root.iterdir() if p.name.startswith(".dgclip-staging")) if root.exists() else []
+    """What a failed call must not leave: staging folders, and complete downloaded files in the
+    cache (resumable .part files are the one thing allowed to stay)."""
+    if not root.exists():
+        return []
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(".dgclip-staging"))
+    cache = root / install.CACHE_DIR
+    if cache.exists():
+        left += sorted(str(p.relative_to(root)) for p in cache.rglob("*")
+                       if p.is_file() and not p.name.endswith(".part"))
+    return left
 
 
 def _serve(server, *names):
@@ -124,8 +128,7 @@ def test_digest_mismatch_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
         with pytest.raises(DownloadError, match="does not match the known 0000.*--no-verify"):
             _dl("pacs", tmp_path, server)
         assert not (tmp_path / "PACS").exists()
-        assert not any((tmp_path / install.CACHE_DIR).rglob("*.*")) if (tmp_path / install.CACHE_DIR).exists() else True
-        assert _leftovers(tmp_path) == []
+        assert _leftovers(tmp_path) == [] and not list(tmp_path.rglob("*.part"))
         # a re-packed mirror copy the user trusts
         path = _dl("pacs", tmp_path, server, verify=False)
     files = json.loads((path / install.MANIFEST).read_text())["files"]
@@ -233,7 +236,6 @@ def test_disk_full(tmp_path, monkeypatch):
 
 def test_disk_full_while_writing(tmp_path, monkeypatch):
     import errno
-    import io
 
     from dgclip.data.download import remote as fetch_mod
 
@@ -253,7 +255,6 @@ def test_disk_full_while_writing(tmp_path, monkeypatch):
         with pytest.raises(DownloadError, match="disk full"):
             _dl("pacs", tmp_path, server)
     assert not (tmp_path / "PACS").exists()
-    del io
 
 
 def test_missing_file_on_mirror(tmp_path):
@@ -307,3 +308,23 @@ def test_tar_cut_at_a_member_boundary_is_truncated(tmp_path):
         with pytest.raises(DownloadError, match="truncated: it ends without the tar end-of-archive marker"):
             _dl("vlcs", tmp_path, server)
     assert _leftovers(tmp_path) == []
+
+
+def test_server_without_range_support_restarts_the_file(tmp_path):
+    with Server() as server:
+        _serve(server, "pacs")
+        size = len(server.files["PACS.zip"])
+        server.ignore_range = True
+        server.cuts["PACS.zip"] = [size // 2, 1]
+        assert _dl("pacs", tmp_path, server).is_dir()  # the 200 answer rewrote the partial file
+        assert len(server.ranges("PACS.zip")) == 1
+
+
+def test_complete_part_file_is_finished_not_refetched(tmp_path):
+    with Server() as server:
+        _serve(server, "pacs")
+        cache = tmp_path / install.CACHE_DIR / "PACS"
+        cache.mkdir(parents=True)
+        (cache / "PACS.zip.part").write_bytes(server.files["PACS.zip"])  # killed before the rename
+        assert _dl("pacs", tmp_path, server).is_dir()
+        assert server.ranges("PACS.zip") == [f"bytes={len(server.files['PACS.zip'])}-"]

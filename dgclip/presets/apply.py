@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional
-
 from . import PRESET_NAMES, RUN_KEYS, resolve
 
 __all__ = ["add_preset_flag", "explicit_dests", "resolve_run", "apply_to_train_args", "preset_sweep_jobs",
@@ -150,7 +148,3 @@ def preset_sweep_jobs(args, argv, *, steps_from_data: bool = True) -> list:
             jobs += make_grid(args.sweep_dir, [method], [dataset], args.test_domains, args.n_hparams, args.n_trials,
                               steps=steps, hparams=hparams, hparams_seed_start=args.hparams_seed_start, **train)
     return jobs
-
-
-def preset_of(args) -> Optional[dict]:
-    return getattr(args, "preset_record", None)

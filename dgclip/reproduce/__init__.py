@@ -9,7 +9,6 @@ its test-domain groups, trial seeds, runs, training steps per run and where the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

@@ -76,6 +76,10 @@ TABLES = {t.id: t for t in [
 ]}
 
 
+# every open-set dataset with paper presets is a column of the ODG-CLIP table
+assert {d for g in TABLES["odgclip-open"].groups for d in g.datasets} == set(OPEN_SET_DATASETS)
+
+
 def get_table(name: str) -> Table:
     import difflib
 

@@ -174,7 +174,12 @@ def fetch(url: str, dest: Path, *, sha256: Optional[str] = None, verify: bool = 
         except DownloadError:
             raise
         except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset:  # our partial file is not a prefix the server can continue
+            if exc.code == 416 and offset:
+                # "bytes */N": N == what we hold means the transfer had finished (interrupted before
+                # the rename); anything else means our partial file is not a prefix to continue
+                announced = (exc.headers.get("Content-Range") or "").rpartition("/")[2]
+                if announced.isdigit() and int(announced) == offset:
+                    break
                 part.unlink()
                 continue
             if exc.code not in _RETRY_STATUS:

@@ -9,7 +9,7 @@ machines can compare. A mirror (``--mirror URL``) serves every file as ``URL/<fi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import steps
@@ -71,10 +71,6 @@ ImageNet-Sketch is distributed through the links in https://github.com/HaohanWan
   {target}/images/<wnid>/*.JPEG   (1,000 folders)
   {target}/classnames.txt         ({classnames})
 then run this command again: it checks what you placed."""
-
-
-def _cls_hint() -> str:
-    return f"from {_CLASSNAMES.url}"
 
 
 SOURCES: dict[str, DatasetDownload] = {s.name: s for s in [
