@@ -40,7 +40,7 @@ AUTOMATIC = sorted(n for n, s in SOURCES.items() if not s.manual)
 
 
 @pytest.mark.parametrize("name", AUTOMATIC)
-def test_every_dataset_downloads_and_verifies(tmp_path, name):
+def test_every_dataset_downloads_and_verifies(tmp_path, name, capsys):
     src = SOURCES[name]
     with Server() as server:
         _serve(server, name, *src.requires)
@@ -55,6 +55,14 @@ def test_every_dataset_downloads_and_verifies(tmp_path, name):
     assert all(f["url"] == f"{server.url}/{f['file']}" for f in manifest["files"])
     # nothing but the datasets themselves remains
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({src.target, *(SOURCES[d].target for d in src.requires)})
+    if src.catalog:  # `dgclip datasets` lists it as OK
+        from dgclip.cli import main
+        from dgclip.data.catalog import get_spec
+
+        capsys.readouterr()
+        assert main(["datasets", "--root", str(tmp_path)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith(get_spec(src.catalog).name + " "))
+        assert " OK: " in line, line
 
 
 def test_post_extraction_steps(tmp_path):

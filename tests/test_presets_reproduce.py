@@ -214,3 +214,31 @@ def test_published_files_follow_the_schema(table):
                                                    "Mini-DomainNet")) / 6
                 assert abs(mean - v[f"Avg {m}"]) <= 0.011, (row, m)
         assert "label at test time" in data["caveats"]["ODG-CLIP"] and "oracle" in data["caveats"]["ODG-CLIP"]
+
+
+def test_train_with_preset_records_values_and_sources(tmp_path, cache_dir):
+    from dgclip.cli import main
+    from dgclip.results import load_results
+
+    _write_pacs(tmp_path / "data")
+    out = tmp_path / "runs"
+    assert main(["train", "--method", "zero-shot", "--dataset", "pacs", "--test-domain", "photo", "--preset", "paper",
+                 "--backbone", "tiny-digits", "--pretrained", "none", "--root", str(tmp_path / "data"),
+                 "--output-dir", str(out), "--cache-dir", str(cache_dir), "--device", "cpu", "--no-progress",
+                 "--workers", "0"]) == 0
+    (rec,) = load_results(out / "results.jsonl")
+    preset = rec["config"]["preset"]
+    assert preset["values"]["template"] == "a photo of a {}." and preset["sources"]["template"].startswith("paper: DPL")
+    assert preset["values"]["backbone"] == "tiny-digits" and preset["sources"]["backbone"] == "command line: --backbone"
+    assert rec["hparams"]["template"] == "a photo of a {}."
+
+
+def test_sweep_job_keys_do_not_depend_on_the_preset_record():
+    from dgclip.sweep import make_grid
+
+    a = make_grid("s", ["dpl"], ["pacs"], ["photo"], 1, 1, steps=5, root="r")
+    b = make_grid("s", ["dpl"], ["pacs"], ["photo"], 1, 1, steps=5, root="r",
+                  preset={"name": "paper", "values": {"steps": 5}, "sources": {"steps": "command line: --steps"}})
+    assert [j.key for j in a] == [j.key for j in b]
+    c = make_grid("s", ["dpl"], ["pacs"], ["photo"], 1, 1, steps=6, root="r")
+    assert a[0].key != c[0].key
