@@ -95,7 +95,8 @@ def _url(f: RemoteFile, mirror: Optional[str]) -> str:
 def _fetch_all(src: DatasetDownload, cache: Path, mirror, verify, progress, retries, backoff) -> list:
     fetched = []
     cache.mkdir(parents=True, exist_ok=True)
-    for f in src.files:
+    # files with a known digest first: a wrong one fails before the large unchecked archives are fetched
+    for f in sorted(src.files, key=lambda f: f.sha256 is None):
         dest = cache / f.name
         url = _url(f, mirror)
         if dest.exists():  # complete from an earlier call (only complete files carry this name)
@@ -173,6 +174,7 @@ def download(name: str, root, *, mirror: Optional[str] = None, verify: bool = Tr
                                 + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         for w in warnings:
             _log(f"warning: {src.name}: {w}")
+        fetched.sort(key=lambda got: [f.name for f in src.files].index(got["file"]))
         manifest = {"dataset": src.name, "target": src.target, "mirror": mirror, "verified_digests": verify,
                     "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": fetched,
                     "post_extraction": ctx.notes, "warnings": warnings, "note": src.note}
@@ -182,8 +184,9 @@ def download(name: str, root, *, mirror: Optional[str] = None, verify: bool = Tr
         if "disk full" not in str(exc):
             # the archives did not give a dataset that verifies: fetch them again next time,
             # except those whose known digest matched (they are the published files)
-            for f, got in zip(src.files, fetched):
-                if not (f.sha256 and got["sha256"] == f.sha256):
+            digests = {got["file"]: got["sha256"] for got in fetched}
+            for f in src.files:
+                if not (f.sha256 and digests.get(f.name) == f.sha256):
                     (cache / f.name).unlink(missing_ok=True)
         raise
     except OSError as exc:

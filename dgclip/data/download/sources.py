@@ -100,7 +100,9 @@ SOURCES: dict[str, DatasetDownload] = {s.name: s for s in [
                      RemoteFile("real.zip", f"{_DN}/real.zip", f"{_DB}:L147-154"),
                      RemoteFile("sketch.zip", f"{_DN}/sketch.zip", f"{_DB}:L147-154"),
                      RemoteFile("domain_net_duplicates.txt", f"{_DB_RAW}/domainbed/misc/domain_net_duplicates.txt",
-                                f"{_DB}:L159-164")),
+                                f"{_DB}:L159-164",
+                                # the file at the pinned commit (9,431 lines), hashed from a clone
+                                sha256="a52b4ab70203f4f3df381077694dba3e33ff44c26407e1c5faca76919c702770")),
                     steps.domain_net, catalog="domainnet",
                     note="the images DomainBed lists as duplicates are deleted"),
     # ---- Dassl DG (BENCHMARKS.md B4) ----------------------------------------------------------------
