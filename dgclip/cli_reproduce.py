@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--datasets", nargs="+", default=None, help="a subset of the table's datasets")
     p.add_argument("--test-domains", nargs="+", default=None, help="leave-one-out tables: these held-out domains only")
     p.add_argument("--n-trials", type=int, default=None, help="trial seeds per cell (default: the table's)")
-    p.add_argument("--step-seconds", type=float, default=None, help="--dry-run: seconds per training step you measured")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="--dry-run: seconds per training step you measured on a GPU (else: finished CUDA runs in "
+                        "the sweep folder, then dgclip/reproduce/step_times.json)")
     for flag, nargs in _PASS:
         if nargs:
             p.add_argument(flag, default=None, help="passed on to `dgclip sweep launch`")
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .reproduce import TABLES, format_plan, get_table, launch, plan, sweep_argv
+    from .reproduce import TABLES, format_plan, get_table, launch, plan, step_seconds, sweep_argv
 
     if args.table == "list":
         for t in TABLES.values():
@@ -55,8 +57,8 @@ def run(args) -> int:
         root = _default_root()
     rows = plan(table, root=root, methods=args.methods, datasets=args.datasets, n_trials=args.n_trials,
                 test_domains=args.test_domains, overrides=overrides)
-    print(format_plan(table, rows, step_s=args.step_seconds))
     sweep_dir = args.sweep_dir or f"runs/reproduce/{table.id}"
+    print(format_plan(table, rows, step_s=args.step_seconds, times=step_seconds(sweep_dir)))
     passthrough = []
     for flag, nargs in _PASS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))

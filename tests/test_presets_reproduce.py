@@ -242,3 +242,26 @@ def test_sweep_job_keys_do_not_depend_on_the_preset_record():
     assert [j.key for j in a] == [j.key for j in b]
     c = make_grid("s", ["dpl"], ["pacs"], ["photo"], 1, 1, steps=6, root="r")
     assert a[0].key != c[0].key
+
+
+def test_gpu_hours_come_only_from_measured_times(tmp_path, capsys):
+    from dgclip.cli import main
+
+    sweep = tmp_path / "sweep"
+    args = ["reproduce", "dpl-table1", "--dry-run", "--datasets", "pacs", "--root", str(tmp_path),
+            "--sweep-dir", str(sweep)]
+    assert main(args) == 0
+    assert "GPU hours: not estimated: no measured GPU per-step time for dpl/ViT-B-16" in capsys.readouterr().out
+    # a finished CUDA run in the sweep folder is a measurement: 2 runs of 10 steps at 1.0 and 3.0 s/step
+    job = sweep / "job"
+    job.mkdir(parents=True)
+    recs = [{"method": "dpl", "train_seconds": s, "config": {"device": "cuda:0", "steps": 10, "backbone": "ViT-B-16"}}
+            for s in (10.0, 30.0)]
+    recs.append({"method": "dpl", "train_seconds": 999.0, "config": {"device": "cpu", "steps": 10, "backbone": "ViT-B-16"}})
+    (job / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    hours = 2.0 * 5001 * 12 / 3600  # median 2 s/step x 5001 steps x 12 dpl runs; zero-shot trains 0 steps
+    assert f"GPU hours: {hours:.1f}" in out and "median of 2 CUDA run(s)" in out
+    assert main(args + ["--step-seconds", "0.5"]) == 0
+    assert f"GPU hours: {0.5 * 5001 * 12 / 3600:.1f}" in capsys.readouterr().out

@@ -36,12 +36,33 @@ class Row:
         return self.test_groups * self.trials
 
 
-def step_seconds(method: str, backbone: str) -> Optional[tuple]:
-    """(seconds per step, where measured) from step_times.json for a GPU, or None."""
+def step_seconds(sweep_dir=None) -> dict:
+    """{(method, backbone): (seconds per step, where measured)} for GPU runs: the entries of
+    step_times.json, overridden by finished CUDA runs already under `sweep_dir` (their
+    train_seconds / steps, evaluations included; the median over runs)."""
+    import statistics
+
+    times = {}
     for e in json.loads(_STEP_TIMES.read_text()).get("entries", []):
-        if e.get("method") == method and e.get("backbone") == backbone and e.get("device_kind") == "gpu":
-            return float(e["seconds_per_step"]), str(e.get("measured", ""))
-    return None
+        if e.get("device_kind") == "gpu":
+            times[(e["method"], e["backbone"])] = (float(e["seconds_per_step"]),
+                                                   f"dgclip/reproduce/step_times.json: {e.get('measured', '')}")
+    if sweep_dir is None or not Path(sweep_dir).is_dir():
+        return times
+    from ..results import load_results
+
+    try:
+        records = load_results(sweep_dir)
+    except FileNotFoundError:
+        return times
+    per: dict = {}
+    for r in records:
+        cfg = r.get("config") or {}
+        if str(cfg.get("device", "")).startswith("cuda") and cfg.get("steps") and r.get("train_seconds"):
+            per.setdefault((r["method"], cfg.get("backbone")), []).append(r["train_seconds"] / cfg["steps"])
+    for key, vals in per.items():
+        times[key] = (statistics.median(vals), f"median of {len(vals)} CUDA run(s) under {sweep_dir}")
+    return times
 
 
 def _test_groups(dataset: str, test_domains: tuple) -> int:
@@ -117,7 +138,10 @@ def plan(table: Table, *, root=None, methods=None, datasets=None, n_trials=None,
     return rows
 
 
-def format_plan(table: Table, rows: list, *, step_s: Optional[float] = None) -> str:
+def format_plan(table: Table, rows: list, *, step_s: Optional[float] = None, times: Optional[dict] = None) -> str:
+    """The dry-run text. GPU hours come from `step_s` (--step-seconds) or else from `times`
+    (step_seconds()); without a measured time for a row the hours are not estimated."""
+    times = times or {}
     lines = [f"{table.id}: {table.title}"]
     for gi, g in enumerate(table.groups):
         if any(r.group == gi for r in rows):
@@ -127,7 +151,7 @@ def format_plan(table: Table, rows: list, *, step_s: Optional[float] = None) -> 
                          + (f" ({g.note})" if g.note else ""))
     head = f"  {'method':10s} {'dataset':24s} {'held-out':>8s} {'trials':>6s} {'runs':>5s} {'steps/run':>9s}  backbone   steps from"
     lines += [head, "  " + "-" * (len(head) + 20)]
-    total_runs, total_steps, unknown, hours, missing = 0, 0, 0, 0.0, set()
+    total_runs, total_steps, unknown, hours, missing, used = 0, 0, 0, 0.0, set(), set()
     for r in rows:
         total_runs += r.runs
         lines.append(f"  {r.method:10s} {r.dataset:24s} {r.test_groups:8d} {r.trials:6d} {r.runs:5d} "
@@ -137,11 +161,15 @@ def format_plan(table: Table, rows: list, *, step_s: Optional[float] = None) -> 
             continue
         total_steps += r.steps * r.runs
         if r.steps:
-            per = step_s if step_s is not None else (step_seconds(r.method, r.backbone) or (None,))[0]
-            if per is None:
-                missing.add(f"{r.method}/{r.backbone}")
+            if step_s is not None:
+                per, how = step_s, "--step-seconds"
+            elif (r.method, r.backbone) in times:
+                per, how = times[(r.method, r.backbone)]
             else:
-                hours += per * r.steps * r.runs / 3600
+                missing.add(f"{r.method}/{r.backbone}")
+                continue
+            used.add(f"{r.method}/{r.backbone}: {per:.3g} s/step ({how})")
+            hours += per * r.steps * r.runs / 3600
     lines.append(f"  runs: {total_runs}; training steps: {total_steps}"
                  + (f" (+ {unknown} run(s) whose steps are not known yet)" if unknown else ""))
     if unknown:
@@ -149,12 +177,10 @@ def format_plan(table: Table, rows: list, *, step_s: Optional[float] = None) -> 
                      "or from presets not in this build")
     elif missing:
         lines.append("  GPU hours: not estimated: no measured GPU per-step time for "
-                     f"{', '.join(sorted(missing))} in dgclip/reproduce/step_times.json; pass --step-seconds S "
-                     "with a time you measured (a run's record: train_seconds / steps)")
+                     f"{', '.join(sorted(missing))} (none in dgclip/reproduce/step_times.json or among "
+                     "finished CUDA runs in the sweep folder); pass --step-seconds S with a time you measured")
     else:
-        how = f"at {step_s} s/step (from --step-seconds)" if step_s is not None else \
-            "(per-step times measured: dgclip/reproduce/step_times.json)"
-        lines.append(f"  GPU hours: {hours:.1f} {how}")
+        lines.append(f"  GPU hours: {hours:.1f}" + "".join(f"\n    per-step time {u}" for u in sorted(used)))
     for row, why in table.not_run.items():
         lines.append(f"  not run: {row}: {why}")
     for n in table.notes:
