@@ -265,3 +265,13 @@ def test_gpu_hours_come_only_from_measured_times(tmp_path, capsys):
     assert f"GPU hours: {hours:.1f}" in out and "median of 2 CUDA run(s)" in out
     assert main(args + ["--step-seconds", "0.5"]) == 0
     assert f"GPU hours: {0.5 * 5001 * 12 / 3600:.1f}" in capsys.readouterr().out
+
+
+def test_dry_run_turns_epochs_into_steps_when_the_data_is_there(tmp_path):
+    from dgclip.reproduce import plan
+
+    _write_pacs(tmp_path)
+    (row,) = plan(TABLES["odgclip-open"], root=tmp_path, methods=["seeclip"], datasets=["pacs-open-odgclip"])
+    assert row.steps == math.ceil(20 * 0.8 * 120 / (4 * 16)) and row.steps_how.startswith("project: 20 epochs")
+    (row,) = plan(TABLES["odgclip-open"], root=tmp_path / "absent", methods=["seeclip"], datasets=["pacs-open-odgclip"])
+    assert row.steps is None and "computed from the data at launch" in row.steps_how

@@ -73,7 +73,7 @@ def _method_keys(method: str) -> set:
 
 
 def resolve_run(preset: str, method: str, dataset: str, *, explicit_run: dict, explicit_hparams: dict,
-                root=None, steps_from_data: bool = True) -> tuple:
+                root=None) -> tuple:
     """(run settings, method hparams, record) for one (method, dataset).
 
     explicit_run: {run key: value} the user typed; explicit_hparams: the `--hparams` JSON for this
@@ -93,8 +93,7 @@ def resolve_run(preset: str, method: str, dataset: str, *, explicit_run: dict, e
     if "epochs" in values and "steps" not in explicit_run:
         batch = int(values.get("batch_size") or 32)
         hold = float(values.get("holdout_fraction", 0.2))
-        if steps_from_data:
-            values["steps"], srcs["steps"] = epochs_to_steps(dataset, root, int(values["epochs"]), batch, hold)
+        values["steps"], srcs["steps"] = epochs_to_steps(dataset, root, int(values["epochs"]), batch, hold)
     run = {k: values[k] for k in RUN_KEYS if k in values and k != "epochs"}
     hparams = {k: v for k, v in values.items() if k not in RUN_KEYS}
     return run, hparams, {"name": preset, "values": values, "sources": srcs}
@@ -120,10 +119,14 @@ def apply_to_train_args(args, argv) -> None:
     args.preset_record = record
 
 
-def preset_sweep_jobs(args, argv, *, steps_from_data: bool = True) -> list:
+def preset_sweep_jobs(args, argv) -> list:
     """The jobs of `dgclip sweep --preset NAME` (and of `dgclip reproduce`): one grid per
-    (method, dataset) cell, each with its own resolved preset."""
+    (method, dataset) cell, each with its own resolved preset.
+
+    The preset's hyper-parameters hold for every hparam seed, as `--hparams` does: a random search
+    (--n-hparams > 1) then varies only the names the preset does not set."""
     import json
+    import sys
 
     from ..sweep import make_grid
 
@@ -131,12 +134,15 @@ def preset_sweep_jobs(args, argv, *, steps_from_data: bool = True) -> list:
     user = json.loads(args.hparams) if args.hparams else {}
     per_method = bool(user) and all(isinstance(v, dict) for v in user.values()) and set(user) <= set(args.methods)
     explicit_run = _explicit(args, dests)
+    if args.n_hparams > 1:
+        print(f"[dgclip] --preset {args.preset} with --n-hparams {args.n_hparams}: the preset's hyper-parameters "
+              "are fixed in every draw; the search varies only the names it does not set", file=sys.stderr)
     jobs = []
     for dataset in args.datasets:
         for method in args.methods:
             over = user.get(method, {}) if per_method else user
             run, hparams, record = resolve_run(args.preset, method, dataset, explicit_run=explicit_run,
-                                               explicit_hparams=over, root=args.root, steps_from_data=steps_from_data)
+                                               explicit_hparams=over, root=args.root)
             train = {"root": args.root, "backbone": args.backbone, "pretrained": args.pretrained,
                      "cache_dir": args.cache_dir, "eval_every": args.eval_every,
                      "holdout_fraction": args.holdout_fraction, "device": args.device, "precision": args.precision,

@@ -107,8 +107,9 @@ def _preset_steps(method: str, dataset: str, root, overrides: dict) -> tuple:
     if "epochs" in table:
         epochs = table["epochs"].value
         batch = table["batch_size"].value if "batch_size" in table else 32
+        hold = table["holdout_fraction"].value if "holdout_fraction" in table else 0.2
         try:
-            steps, how = epochs_to_steps(dataset, root, epochs, batch, 0.2)
+            steps, how = epochs_to_steps(dataset, root, epochs, batch, hold)
             return steps, how, backbone
         except Exception:  # noqa: BLE001 - the data is not there yet: say so instead
             return None, f"{epochs} epochs at batch {batch}; steps computed from the data at launch", backbone
