@@ -358,3 +358,12 @@ def test_known_digest_of_the_duplicate_list_is_checked(tmp_path):
         assert [p for p, _ in server.log] == ["/domain_net_duplicates.txt"]
     assert not (tmp_path / "domain_net").exists() and _leftovers(tmp_path) == []
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_retry_count_restarts_when_a_cut_transfer_made_progress(tmp_path):
+    with Server() as server:
+        _serve(server, "pacs")
+        size = len(server.files["PACS.zip"])
+        server.cuts["PACS.zip"] = [size // 5, 4]  # four cuts, each after some progress, with one retry allowed
+        assert _dl("pacs", tmp_path, server, retries=1).is_dir()
+        assert len(server.ranges("PACS.zip")) == 4

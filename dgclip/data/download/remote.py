@@ -139,7 +139,10 @@ def fetch(url: str, dest: Path, *, sha256: Optional[str] = None, verify: bool = 
                     continue
                 status = resp.status
                 length = resp.headers.get("Content-Length")
-                if status == 206 and _content_range_start(resp.headers.get("Content-Range")) == offset:
+                if status == 206 and _content_range_start(resp.headers.get("Content-Range")) != offset:
+                    part.unlink(missing_ok=True)  # a range we did not ask for: ask for the whole file
+                    continue
+                if status == 206:
                     mode = "ab"
                 else:  # the server ignored the range: start over
                     offset, mode = 0, "wb"
@@ -185,18 +188,18 @@ def fetch(url: str, dest: Path, *, sha256: Optional[str] = None, verify: bool = 
             if exc.code not in _RETRY_STATUS:
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}"
                                     + (" (the mirror has no file of that name)" if exc.code == 404 else "")) from exc
-            attempt = _retry_or_fail(url, part, exc, attempt, retries, backoff)
+            attempt = _retry_or_fail(url, part, exc, _progressed(part, offset, attempt), retries, backoff)
             continue
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(part, exc) from exc
             if isinstance(exc, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError)) or \
                     isinstance(getattr(exc, "reason", None), (ConnectionError, socket.timeout, OSError)):
-                attempt = _retry_or_fail(url, part, exc, attempt, retries, backoff)
+                attempt = _retry_or_fail(url, part, exc, _progressed(part, offset, attempt), retries, backoff)
                 continue
             raise
         except http.client.HTTPException as exc:  # IncompleteRead, RemoteDisconnected, ...
-            attempt = _retry_or_fail(url, part, exc, attempt, retries, backoff)
+            attempt = _retry_or_fail(url, part, exc, _progressed(part, offset, attempt), retries, backoff)
             continue
         break
     digest = sha256_file(part)
@@ -210,6 +213,12 @@ def fetch(url: str, dest: Path, *, sha256: Optional[str] = None, verify: bool = 
               "(accepted: --no-verify)", file=sys.stderr)
     part.replace(dest)
     return digest
+
+
+def _progressed(part: Path, offset: int, attempt: int) -> int:
+    """The retry count to go on with: a transfer that moved forward starts a fresh count, so a
+    long download survives many brief cuts while a dead server still gives up."""
+    return 0 if part.exists() and part.stat().st_size > offset else attempt
 
 
 def _retry_or_fail(url, part: Path, exc, attempt: int, retries: int, backoff: float) -> int:
