@@ -19,6 +19,8 @@ VERBS = {
     "sweep": "dgclip.commands.sweep",
     "datasets": "dgclip.commands.datasets",
     "quickstart": "dgclip.commands.quickstart",
+    "download": "dgclip.commands.download",
+    "reproduce": "dgclip.commands.reproduce",
 }
 
 # Optional dependencies: the module a user lacks -> the extra that installs it (pyproject.toml).

@@ -68,6 +68,7 @@ class TrainConfig:
     track_oracle: bool = False  # also score the targets' out-splits (sweeps: both DomainBed selections)
     workers: Optional[int] = None  # loader worker processes (None: default_workers()); never changes results
     skip_unreadable: bool = False  # leave unreadable images out (named in the record) instead of refusing
+    preset: dict = field(default_factory=dict)  # {"name", "values", "sources"} of a --preset (dgclip.presets)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -51,7 +51,8 @@ class Job:
         from .engine import TrainConfig
 
         full = asdict(TrainConfig(**{"root": "", **self.config()}))
-        stable = {k: v for k, v in full.items() if k not in ("output_dir", "progress", "workers", "resume")}
+        # a preset's record only says where the values come from; the values themselves are fields
+        stable = {k: v for k, v in full.items() if k not in ("output_dir", "progress", "workers", "resume", "preset")}
         digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
         name = f"{self.method}__{self.dataset}__{'+'.join(self.test_domains)}__h{self.hparams_seed}__t{self.trial_seed}"
         return f"{name}__{digest}".replace("/", "_").replace(" ", "_")

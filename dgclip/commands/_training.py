@@ -31,7 +31,8 @@ def train_configs(args, method, dataset, test_domain, hparams):
                               train_domains=args.train_domains, device=args.device,
                               precision=args.precision, progress=not args.no_progress, resume=args.resume,
                               workers=args.workers, feature_cache_budget_gb=args.feature_cache_budget_gb,
-                              skip_unreadable=args.skip_unreadable)
+                              skip_unreadable=args.skip_unreadable,
+                              preset=getattr(args, "preset_record", None) or {})
 
 
 def read_domains(spec, test_domains, train_domains) -> tuple:

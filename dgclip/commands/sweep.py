@@ -1,6 +1,7 @@
 """`dgclip sweep launch | delete_incomplete | list`: DomainBed-style grids (dgclip.sweep)."""
 from __future__ import annotations
 
+from ..presets.apply import add_preset_flag
 from ..cli_flags import METHODS, HelpFormatter, add_flags, int_at_least, json_object, reject
 
 FLAGS = ("root", "backbone", "pretrained", "cache-dir", "steps", "eval-every", "holdout-fraction", "train-domains",
@@ -32,6 +33,7 @@ def add_parser(subparsers):
                    help='JSON executor parameters, e.g. {"slurm_partition": "gpu", "gpus_per_node": 1, '
                         '"timeout_min": 600}')
     add_flags(p, FLAGS)
+    add_preset_flag(p)
     reject(p, "--seeds", "a sweep's trial seeds are 0..N-1 with --n-trials N")
     reject(p, "--output-dir", "a sweep writes each job under --sweep-dir")
     reject(p, "--selection", "`dgclip results SWEEP_DIR` reports both DomainBed selections (training-domain and oracle)")
@@ -80,7 +82,12 @@ def run(args) -> int:
     from ._training import ensure_pretrained, finish_args
 
     finish_args(args)
-    jobs = _jobs(args)
+    if args.preset:
+        from ..presets.apply import preset_sweep_jobs
+
+        jobs = preset_sweep_jobs(args, args._argv)
+    else:
+        jobs = _jobs(args)
     if args.action == "list":
         rows = list_jobs(jobs)
         for status, key in rows:

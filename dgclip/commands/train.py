@@ -1,6 +1,7 @@
 """`dgclip train`: one method on one dataset, leave-one-domain-out (or the given test domains)."""
 from __future__ import annotations
 
+from ..presets.apply import add_preset_flag
 from ..cli_flags import METHODS, UNTRAINED_METHODS, HelpFormatter, add_flags, given, json_object
 
 FLAGS = ("root", "output-dir", "seeds", "backbone", "pretrained", "cache-dir", "steps", "eval-every",
@@ -20,6 +21,7 @@ def add_parser(subparsers):
     p.add_argument("--hparams", type=json_object, default=None,
                    help="JSON overrides of the method's hyper-parameters, e.g. '{\"lr\": 0.002}'")
     add_flags(p, FLAGS)
+    add_preset_flag(p)
     return p
 
 
@@ -38,6 +40,9 @@ def run(args) -> int:
                 return 2
     finish_args(args)
     get_method(args.method)
+    from ..presets.apply import apply_to_train_args
+
+    apply_to_train_args(args, args._argv)
     configs = list(train_configs(args, args.method, args.dataset, args.test_domain, args.hparams or {}))
     check_images_first([(c.dataset, c.test_domains, c.train_domains) for c in configs], args.root, args.cache_dir,
                        args.skip_unreadable)
