@@ -51,7 +51,7 @@ def test_training_reduces_loss_and_keeps_backbone_frozen(backbone, name, hp):
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     # AdamW: the random-weight tower gives near-identical features; SGD at paper lr crawls there
-    m = get_method(name)(backbone, NAMES, 3, {"optimizer": "adamw", "lr": 0.02, "weight_decay": 0.0, **hp})
+    m = get_method(name)(backbone, NAMES, 3, {"optimizer": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_fraction": 0.0, **hp})
     m.configure_optimizers(1000)
     b = _batch()
     b.features = backbone.image_features(b.images)
