@@ -115,10 +115,13 @@ def test_hparam_draws_are_seeded_per_name():
         assert {k: b[k] for k in a} == a
     assert len({coop.hparams_for(s)["lr"] for s in range(1, 6)}) == 5
     assert get_method("dpl").hparams_for(4)["weight_decay"] == 0.0  # a paper's 0 is not searched
-    for name in ("dalsclip", "gopro", "seeclip"):  # lr / batch_size / weight_decay drawn once, in the base
-        hp = get_method(name).hparams_for(5)
-        lo, hi = get_method(name).lr_log10_range
-        assert lo <= np.log10(hp["lr"]) <= hi and hp["batch_size"] in get_method(name).batch_sizes
+    for name in ("coop", "cocoop", "dpl", "dalsclip", "gopro", "seeclip"):
+        # one search rule for every method: lr log-uniform over [default / 10, default * 10]
+        cls = get_method(name)
+        centre = np.log10(cls.all_defaults()["lr"])
+        for seed in range(1, 6):
+            hp = cls.hparams_for(seed)
+            assert centre - 1 <= np.log10(hp["lr"]) <= centre + 1 and hp["batch_size"] in cls.batch_sizes
 
 
 def test_dpl_init_and_weight_decay_as_released(backbone):
@@ -141,8 +144,14 @@ def test_train_augment_option(backbone):
     from torchvision import transforms as T
 
     base = backbone.preprocess_val
+    for name in ("dpl", "dalsclip"):  # released DPL: CLIP's eval preprocess, cacheable
+        assert get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base) is base
+    for name in ("coop", "cocoop"):  # released CoOp / CoCoOp: Dassl's crop + flip, bicubic
+        tf = get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base)
+        crop = tf.transforms[0].transforms[0]
+        assert crop.scale == (0.08, 1.0) and any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
+        assert get_method(name).defaults_for(embedded=True)["train_augment"] == "crop"  # a mirrored digit is another symbol
     for name in ("coop", "cocoop", "dpl", "dalsclip"):
-        assert get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base) is base  # cacheable
         tf = get_method(name)(backbone, NAMES, 3, {"train_augment": "crop"}).make_train_transform(base)
         assert isinstance(tf, T.Compose) and tf.transforms[-1] is base
         assert not any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
@@ -152,11 +161,24 @@ def test_train_augment_option(backbone):
         get_method("coop")(backbone, NAMES, 3, {"train_augment": "jitter"}).make_train_transform(base)
 
 
-def test_embedded_defaults_apply_only_on_the_embedded_dataset():
-    dpl = get_method("dpl")
-    assert dpl.hparams_for(0) == dpl.all_defaults() and dpl.all_defaults()["lr"] == 1e-3
-    emb = dpl.hparams_for(0, embedded=True)
-    assert emb == {**dpl.all_defaults(), **dpl.embedded_hparams} and emb["ctx_init"] == "a photo of a"
-    # a random-search trial draws its searched names and keeps the embedded values of the rest
-    trial = dpl.hparams_for(3, embedded=True)
-    assert trial["ctx_init"] == "a photo of a" and trial["lr"] == dpl.hparams_for(3)["lr"]
+def test_embedded_defaults_hold_only_data_facts():
+    """No tuned value on the embedded default: only overrides that follow from what the data is
+    (no flip on digits), each with its reason; a random-search trial keeps them."""
+    for name in list_methods():
+        cls = get_method(name)
+        assert set(cls.embedded_hparams) <= {"train_augment", "hflip"}, name
+        assert set(cls.embedded_hparams) == set(cls.embedded_sources), name
+        emb = cls.hparams_for(0, embedded=True)
+        assert emb == {**cls.all_defaults(), **cls.embedded_hparams}
+    gopro = get_method("gopro")
+    trial = gopro.hparams_for(3, embedded=True)
+    assert trial["hflip"] is False and trial["lr"] == gopro.hparams_for(3)["lr"]
+
+
+def test_every_default_has_a_source():
+    from dgclip.provenance import SOURCE_KINDS
+
+    for name in list_methods():
+        table = get_method(name).sourced_defaults(embedded=True)
+        assert set(table) == set(get_method(name).all_defaults())
+        assert all(e.source.split(":", 1)[0] in SOURCE_KINDS and len(e.source) > 12 for e in table.values()), name
