@@ -110,7 +110,7 @@ def cmd_results(args) -> int:
         records = select_sweep(records)
         n_h = max((r["n_hparams"] for r in records), default=0)
         print(f"sweep {args.dir}: {len(records)} selections over up to {n_h} hparam seed(s) each; "
-              "mean +- s.e. over trial seeds")
+              "mean +- population std / sqrt(n) over trial seeds (DomainBed)")
     rows = summarise(records, args.metric)
     if not rows:
         print(f"no records with metric {args.metric!r} in {args.dir}", file=sys.stderr)
@@ -170,9 +170,9 @@ def cmd_eval(args) -> int:
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig(**state["config"])
     hist = state["history"]
-    from .engine import _select
+    from .selection import select_in_run
 
-    chosen = _select(hist, cfg.selection)
+    chosen = select_in_run(hist, cfg.selection)
     print(json.dumps({"method": cfg.method, "dataset": cfg.dataset, "test_domain": "+".join(cfg.test_domains),
                       "seed": cfg.seed, "step_in_checkpoint": state["step"], "selected_step": chosen["step"],
                       "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"],

@@ -235,10 +235,6 @@ def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     return entry
 
 
-def _select(history: list[dict], selection: str) -> dict:  # kept for old imports: dgclip.selection
-    return select_in_run(history, selection)
-
-
 # ---- method placement, batches and data-parallel training (the engine's part of the method contract)
 class _PooledBatches:
     """Per step: `batch_size` indices drawn with replacement from ALL source items (Dassl's
