@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, steps_default=None)
     # three seeds by default: the table's mean +- standard error is then meaningful (~1-2 min on 2 cores)
     p.set_defaults(fn=cmd_quickstart, output_dir=None, seeds=[0, 1, 2])
+    from . import describe as _describe  # noqa: E402 - the `describe` verb (its heavy imports run in run())
+    _describe.add_parser(sub)
     return ap
 
 

@@ -182,3 +182,32 @@ def test_every_default_has_a_source():
         table = get_method(name).sourced_defaults(embedded=True)
         assert set(table) == set(get_method(name).all_defaults())
         assert all(e.source.split(":", 1)[0] in SOURCE_KINDS and len(e.source) > 12 for e in table.values()), name
+
+
+def test_dpl_loss_forms(backbone):
+    """Released DPLCLIP.update: [B, D*K] logits against every domain's prompts, labels in [0, K);
+    options: each image against its own domain's prompts, or the fixed index d*K + y."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = get_method("dpl")(backbone, NAMES, 3, {"dropout": 0.0})
+    b = _batch()
+    b.features = backbone.image_features(b.images)
+    f = b.features.pooled
+    tok = m.tokens(f)
+    doms = torch.unique(b.domains)
+    mean_tok = torch.stack([tok[b.domains == d].mean(0) for d in doms])
+    text = F.normalize(m.prompt_encoder(mean_tok), dim=-1)  # [D, K, E]
+    k = len(NAMES)
+    logits = backbone.logit_scale * F.normalize(f, dim=-1) @ text.reshape(-1, text.shape[-1]).t()  # [B, D*K]
+    assert logits.shape[1] == len(doms) * k
+    d_idx = torch.searchsorted(doms, b.domains)
+    want = {"released": F.cross_entropy(logits, b.labels),
+            "all_prompts_own_label": F.cross_entropy(logits, d_idx * k + b.labels),
+            "own_domain": F.cross_entropy(logits.view(len(f), len(doms), k)[torch.arange(len(f)), d_idx], b.labels)}
+    assert m.hparams["loss_form"] == "released"
+    for form, value in want.items():
+        m.hparams["loss_form"] = form
+        torch.testing.assert_close(m.training_losses(b)["loss"], value, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_form must be one of"):
+        get_method("dpl")(backbone, NAMES, 3, {"loss_form": "mine"})
