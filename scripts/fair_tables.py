@@ -37,9 +37,10 @@ OPEN = ["zero-shot", "coop", "seeclip"]
 def _jobs(args, dataset, methods):
     from dgclip.sweep import make_grid
 
+    trials = args.open_trials if dataset.endswith("-open") and args.open_trials else args.n_trials
     train = {"root": args.root, "cache_dir": args.cache_dir, "eval_every": args.eval_every, "progress": False,
              "workers": 0}
-    return make_grid(Path(args.out) / dataset, methods, [dataset], ["all"], args.n_hparams, args.n_trials,
+    return make_grid(Path(args.out) / dataset, methods, [dataset], ["all"], args.n_hparams, trials,
                      steps=args.steps, **train)
 
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--n-hparams", type=int, default=3, help="hparams seeds per cell: 0 = defaults, then draws")
     ap.add_argument("--n-trials", type=int, default=2, help="trial seeds (data splits) per cell")
+    ap.add_argument("--open-trials", type=int, default=None, help="trial seeds for the open-set table (default: --n-trials)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--closed", nargs="*", default=CLOSED)
@@ -105,11 +107,13 @@ def main(argv=None) -> int:
     out = [f"# Fair tables: one random search per method, source-validation selection",
            "",
            f"Command: `OMP_NUM_THREADS=1 nice python scripts/fair_tables.py --n-hparams {args.n_hparams} "
-           f"--n-trials {args.n_trials} --steps {args.steps} --eval-every {args.eval_every}`",
+           f"--n-trials {args.n_trials}" + (f" --open-trials {args.open_trials}" if args.open_trials else "")
+           + f" --steps {args.steps} --eval-every {args.eval_every}`",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared, loaded); "
            f"wall time of the launch: {elapsed / 60:.1f} min" + (" (tables rebuilt only)" if args.tables_only else ""),
            f"Every method: hparams seeds 0..{args.n_hparams - 1} (0 = its defaults) x trial seeds "
-           f"0..{args.n_trials - 1} x every held-out domain, {args.steps} steps. Cells: mean ± population std / "
+           f"0..{args.n_trials - 1} (open set: {args.open_trials or args.n_trials} trial seed(s)) x every held-out "
+           f"domain, {args.steps} steps. Cells: mean ± population std / "
            f"sqrt(n) over trial seeds (DomainBed). Selection never sees a target number.", ""]
     for dataset, methods in plan:
         jobs = _jobs(args, dataset, methods)
