@@ -211,3 +211,25 @@ def test_dpl_loss_forms(backbone):
         torch.testing.assert_close(m.training_losses(b)["loss"], value, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="loss_form must be one of"):
         get_method("dpl")(backbone, NAMES, 3, {"loss_form": "mine"})
+
+
+def test_update_returns_losses_on_the_device_without_a_host_sync(backbone):
+    """update() hands back detached tensors (no float() per step); the engine syncs when it logs."""
+    m = get_method("dpl")(backbone, NAMES, 3, {"batch_scope": "per_domain"})
+    m.configure_optimizers(10)
+    b = _batch()
+    b.features = backbone.image_features(b.images)
+    out = m.update(b)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad and v.dim() == 0 for v in out.values())
+
+
+def test_one_optimizer_factory_with_constant_warmup(backbone):
+    m = get_method("coop")(backbone, NAMES, 3, {})
+    m.configure_optimizers(100)  # released: 1 of 50 epochs at a constant 1e-5, then cosine from 2e-3
+    lrs = []
+    for _ in range(4):
+        lrs.append(m.optimizer.param_groups[0]["lr"])
+        m.optimizer.step()
+        m.scheduler.step()
+    assert lrs[:2] == pytest.approx([1e-5, 1e-5]) and lrs[2] == pytest.approx(2e-3)
+    assert isinstance(get_method("seeclip").all_defaults()["optimizer"], str)
