@@ -27,6 +27,8 @@ At test time the model sees only images (or their cached features): no label is 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,9 +167,11 @@ class SeeCLIP(Method):
         model_id = self.hparams["diffusion_model_id"]
         try:
             import diffusers  # noqa: F401
-            from huggingface_hub import snapshot_download
 
-            snapshot_download(model_id, local_files_only=True)
+            if not Path(model_id).is_dir():  # a hub id: only its local cache counts (no download)
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(model_id, local_files_only=True)
             return "diffusion", f"diffusion: {model_id} found locally"
         except Exception as exc:  # noqa: BLE001 - any reason the weights cannot be used offline
             fallback = self.hparams["unknown_fallback"]
