@@ -44,6 +44,12 @@ def _jobs(args, dataset, methods):
                      steps=args.steps, **train)
 
 
+def _cell(mean, err, n) -> str:
+    if n == 0:
+        return "-"  # e.g. a closed-set method has no native unknown rule
+    return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {err:.1f}"  # one trial seed: no error bar
+
+
 def _table(records, metric, defaults_only):
     from dgclip.selection import mean_and_error, select_hparams_seed, select_in_run
 
@@ -52,7 +58,7 @@ def _table(records, metric, defaults_only):
         if defaults_only and r["hparams_seed"] != 0:
             continue
         runs[(r["method"], r["test_domain"], r["seed"])][r["hparams_seed"]] = r
-    picked = defaultdict(dict)  # method -> domain -> trial -> value
+    picked = defaultdict(lambda: defaultdict(dict))  # method -> domain -> trial -> value
     for (method, dom, trial), by_h in runs.items():
         chosen = {h: select_in_run(r["history"], "training-domain") for h, r in by_h.items()}
         h = select_hparams_seed((h, c["val_acc"]) for h, c in chosen.items())
@@ -66,11 +72,11 @@ def _table(records, metric, defaults_only):
         cells = []
         for d in domains:
             m, e, n = mean_and_error([100 * v for v in picked[method].get(d, {}).values()])
-            cells.append(f"{m:.1f} ± {e:.1f}" if n else "-")
+            cells.append(_cell(m, e, n))
         trials = set.intersection(*[set(picked[method].get(d, {})) for d in domains])
         avg = [sum(100 * picked[method][d][t] for d in domains) / len(domains) for t in sorted(trials)]
         m, e, n = mean_and_error(avg)
-        avg_cell = f"{m:.1f} ± {e:.1f}" if n else "-"
+        avg_cell = _cell(m, e, n)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg_cell} |")
     return "\n".join(lines)
 
