@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--closed", nargs="*", default=CLOSED)
     ap.add_argument("--open", nargs="*", default=OPEN)
     ap.add_argument("--tables-only", action="store_true", help="rebuild the tables from finished jobs")
+    ap.add_argument("--note", action="append", default=[], help="a line to add under the header (e.g. how long the runs took)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "fair_tables.md"))
     args = ap.parse_args(argv)
 
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
            f"Every method: hparams seeds 0..{args.n_hparams - 1} (0 = its defaults) x trial seeds "
            f"0..{args.n_trials - 1} (open set: {args.open_trials or args.n_trials} trial seed(s)) x every held-out "
            f"domain, {args.steps} steps. Cells: mean ± population std / "
-           f"sqrt(n) over trial seeds (DomainBed). Selection never sees a target number.", ""]
+           f"sqrt(n) over trial seeds (DomainBed). Selection never sees a target number.",
+           *args.note, ""]
     for dataset, methods in plan:
         jobs = _jobs(args, dataset, methods)
         records = []
