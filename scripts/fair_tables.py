@@ -117,7 +117,7 @@ def main(argv=None) -> int:
            f"--n-trials {args.n_trials}" + (f" --open-trials {args.open_trials}" if args.open_trials else "")
            + f" --steps {args.steps} --eval-every {args.eval_every}`",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared, loaded); "
-           f"wall time of the launch: {elapsed / 60:.1f} min" + (" (tables rebuilt only)" if args.tables_only else ""),
+           + (f"tables rebuilt from the finished runs" if args.tables_only else f"wall time of the launch: {elapsed / 60:.1f} min"),
            f"Every method: hparams seeds 0..{args.n_hparams - 1} (0 = its defaults) x trial seeds "
            f"0..{args.n_trials - 1} (open set: {args.open_trials or args.n_trials} trial seed(s)) x every held-out "
            f"domain, {args.steps} steps. Cells: mean ± population std / "
