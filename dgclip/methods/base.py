@@ -199,7 +199,8 @@ class Method(nn.Module):
 
     # The random search (one rule for every method, so no method gets a wider net): lr
     # log-uniform over [default / 10, default * 10], batch size from `batch_sizes`, weight decay
-    # log-uniform over 1e-6..1e-3 when the default is not 0; subclasses add their own names.
+    # log-uniform over `weight_decay_log10_range` (1e-6..1e-3; GOPro 1e-5..1e-3) when the default is
+    # not 0; subclasses add their own names.
     lr_log10_halfwidth: float = 1.0
     weight_decay_log10_range: tuple = (-6.0, -3.0)
     batch_sizes: tuple = (16, 32, 64)
