@@ -96,6 +96,7 @@ def make_step(method: str = "gopro", k: int = 7, variant: str = "dgkernels", bac
     classes = [f"class number {i}" for i in range(k)]
     torch.manual_seed(0)
     m = get_method(method)(backbone, classes, 3, {})
+    m.to(backbone.device)  # placement is the caller's job (the engine's in a run)
     m.configure_optimizers(1000)
     if variant == "naive":
         for name, child in list(m.named_children()):

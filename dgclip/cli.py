@@ -21,6 +21,7 @@ VERBS = {
     "quickstart": "dgclip.commands.quickstart",
     "download": "dgclip.commands.download",
     "reproduce": "dgclip.commands.reproduce",
+    "describe": "dgclip.commands.describe",
 }
 
 # Optional dependencies: the module a user lacks -> the extra that installs it (pyproject.toml).

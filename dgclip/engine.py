@@ -2,12 +2,16 @@
 
 DomainBed conventions: per-domain seeded 80/20 in/out splits, evaluation every `eval_every`
 steps, model selection by training-domain validation (mean accuracy on the sources' out-splits;
-ties -> earliest), target-domain selection only when asked and then labelled "oracle". Batches
-draw `batch_size` images with replacement from EACH source domain per step (DomainBed, DPL) from a
+ties -> earliest), target-domain selection only when asked and then labelled "oracle" (DomainBed's
+oracle: the LAST step, scored on the target; dgclip.selection). Batches draw `batch_size` images
+with replacement from EACH source domain per step (DomainBed, DPL; `batch_scope` "per_domain") or
+`batch_size` in total from the pooled sources (Dassl's loader: CoOp, CoCoOp, GOPro) from a
 seeded generator whose state is checkpointed, so `--resume` continues to the same result as an
 uninterrupted run. Evaluation scores seeded random batches (`eval_order`), never the
 class-by-class file listing; a transductive method pools over its paper's eval batch size. Under torchrun every rank draws the same
-global batch and keeps its own slice; `Method.step` averages gradients across ranks.
+global batch and keeps its own slice; the method runs wrapped in DistributedDataParallel, which
+averages the gradients across ranks. Only the engine places the method on its device and sets
+its train/eval mode; the losses stay on the device until they are logged.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from .data.transfer import split_device_stage, stage_in_loader
 from .methods import Batch, get_method
 from .metrics import accuracy, calibrate_threshold, closed_set_accuracy, open_set_metrics
 from .run_guard import InterruptGuard, RunInterrupted, checked_records, data_identity_diff
+from .provenance import sources as _provenance_sources
+from .selection import select_in_run
 
 __all__ = ["TrainConfig", "run_training", "append_record", "read_records", "run_key"]
 
@@ -233,10 +239,52 @@ def _evaluate(method, val, test, oracle, protocol, cfg, device) -> dict:
     return entry
 
 
-def _select(history: list[dict], selection: str) -> dict:
-    key = "oracle_acc" if selection == "oracle" else "val_acc"
-    best = max(range(len(history)), key=lambda i: (history[i][key], -i))
-    return history[best]
+# ---- method placement, batches and data-parallel training (the engine's part of the method contract)
+class _PooledBatches:
+    """Per step: `batch_size` indices drawn with replacement from ALL source items (Dassl's
+    loader over the pooled sources, as CoOp / CoCoOp / GOPro train), from a seeded generator."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if int(batch_size) < 1 or n < 1:
+            raise ValueError(f"need batch_size >= 1 and training items; got {batch_size} and {n}")
+        self.n, self.batch_size, self.generator = int(n), int(batch_size), generator
+
+    def draw(self) -> torch.Tensor:
+        return torch.randint(self.n, (self.batch_size,), generator=self.generator)
+
+
+def _batch_sampler(hparams: dict, domains: torch.Tensor, generator: torch.Generator):
+    bs = int(hparams.get("batch_size", 32))
+    scope = hparams.get("batch_scope", "per_domain")
+    if scope == "per_domain":  # DomainBed, DPL: batch_size from EACH source domain
+        return DomainBalancedBatches(domains, bs, generator)
+    if scope == "total":
+        return _PooledBatches(len(domains), bs, generator)
+    raise ValueError(f"batch_scope must be 'per_domain' or 'total', got {scope!r}")
+
+
+def _run_sources(method_cls, hparams: dict, embedded: bool) -> dict:
+    """name -> source of each value this run used (a value other than the default was set for the
+    run: --hparams or a random-search draw)."""
+    table = method_cls.sourced_defaults(embedded=embedded)
+    out = _provenance_sources(table)
+    for k, v in hparams.items():
+        if k not in table or table[k].value != v:
+            out[k] = "project: set for this run (--hparams or a random-search draw)"
+    return out
+
+
+def _training_forward(method, device):
+    """What a step calls: the method itself, or DistributedDataParallel around it under torchrun
+    (gradients averaged across ranks during the backward)."""
+    _, world = _rank_world()
+    if world == 1:
+        return method
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    # some parameters sit out some steps (two-stage schedules, unused options)
+    return DistributedDataParallel(method, device_ids=ids, find_unused_parameters=True)
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -273,6 +321,8 @@ def run_training(cfg: TrainConfig) -> dict:
     classnames = [spec.classname(c) for c in protocol.classnames]
     torch.manual_seed(seed_hash(cfg.seed, "init"))
     method = method_cls(backbone, classnames, len(protocol.source_domains), hparams)
+    if hasattr(method, "set_domain_names"):  # e.g. SeeCLIP's diffusion prompt names the source domain
+        method.set_domain_names([d.replace("_", " ") for d in protocol.source_domains])
     method.to(device)
     method.configure_optimizers(cfg.steps)
 
@@ -315,7 +365,6 @@ def run_training(cfg: TrainConfig) -> dict:
     oracle = {d: split(r, eval_tf, "oracle") for d, r in protocol.oracle_val.items()}
 
     gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
-    bs = int(hparams.get("batch_size", 32))  # per source domain (DomainBed, DPL)
     ckpt_path = out_dir / "checkpoints" / f"{key}.pt"
     start, history, losses = 0, [], []
     torch.manual_seed(seed_hash(cfg.seed, "train"))  # dropout etc.; feature extraction may draw RNG
@@ -329,7 +378,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
     trainable = bool(method.trainable_parameters()) and method.optimizer is not None
     steps = cfg.steps if trainable else 0
-    sampler = DomainBalancedBatches(train.domains, bs, gen) if steps else None
+    sampler = _batch_sampler(hparams, train.domains, gen) if steps else None
+    forward = _training_forward(method, device) if steps else None
     step_sampler, batches = None, None
     if steps and train.feats is None:  # images: decoded and augmented in the loader's workers
         step_sampler = StepSampler(lambda _gen: sampler.draw()[rank::world], gen, start, steps)
@@ -340,8 +390,13 @@ def run_training(cfg: TrainConfig) -> dict:
     bar = tqdm(total=steps, initial=start, desc=f"{cfg.method} {'+'.join(cfg.test_domains)} s{cfg.seed}",
                disable=not cfg.progress or rank != 0, leave=False)
     t0 = time.time()
+    pending = []  # this interval's losses, still on the device: one host sync per evaluation
 
     def save_checkpoint(done_steps: int) -> None:
+        nonlocal pending
+        if pending:  # the losses of a step the checkpoint covers are part of it
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending = []
         if rank == 0:
             _atomic_save({"step": done_steps, "method_state": method.checkpoint_state(),
                           "generator": step_sampler.state_after(done_steps - 1) if step_sampler else gen.get_state(),
@@ -350,6 +405,7 @@ def run_training(cfg: TrainConfig) -> dict:
                           "hparams": hparams, "data": data, "classnames": classnames,
                           "source_domains": protocol.source_domains}, ckpt_path)
 
+    method.train()
     with InterruptGuard() as guard:  # SIGINT/SIGTERM: checkpoint at the step just finished, then stop
         for step in range(start, steps):
             try:
@@ -364,14 +420,15 @@ def run_training(cfg: TrainConfig) -> dict:
                     save_checkpoint(step)
                 batches = None
                 raise RunInterrupted(guard.signum, step, str(ckpt_path) if step > start or ckpt_path.exists() else None) from None
-            method.train()
-            out = method.update(batch.to(device))
-            losses.append(float(out.get("loss", 0.0)))
+            out = method.update(batch.to(device), forward)
+            pending.append(out["loss"])
             bar.update(1)
-            if out:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in out.items()})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+                losses += torch.stack(pending).float().cpu().tolist()
+                bar.set_postfix({k: f"{float(v):.3f}" for k, v in out.items()})
+                pending = []
                 entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
+                method.train()
                 entry["step"] = step + 1
                 entry["loss"] = float(np.mean(losses[-cfg.eval_every:])) if losses else None
                 history.append(entry)
@@ -391,11 +448,12 @@ def run_training(cfg: TrainConfig) -> dict:
         entry = _evaluate(method, val, test, oracle, protocol, cfg, device)
         entry["step"] = 0
         history.append(entry)
-    chosen = _select(history, cfg.selection)
+    chosen = select_in_run(history, cfg.selection)
     record = {
         "run_key": key, "method": cfg.method, "dataset": spec.name, "test_domain": "+".join(cfg.test_domains),
         "seed": cfg.seed, "hparams_seed": cfg.hparams_seed,
-        "selection": "oracle (target-domain validation)" if cfg.selection == "oracle" else "training-domain validation",
+        "selection": "oracle (target-domain validation, last step)" if cfg.selection == "oracle"
+        else "training-domain validation",
         "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"], "selected_step": chosen["step"],
         "transductive": bool(method.transductive),
         "feature_cache": {**plan.describe(), "keys": cache_keys}, "workers": workers,
@@ -403,7 +461,10 @@ def run_training(cfg: TrainConfig) -> dict:
                                 else "in the loader, per batch" if stage_in_loader(device)
                                 else f"on {device.type}, per batch"),  # dgclip.data.transfer
         "eval_batch_size": eval_batch_size(method, cfg.eval_batch_size),
-        "hparams": hparams, "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
+        "hparams": hparams,
+        "hparam_sources": _run_sources(method_cls, hparams, spec.embedded),
+        "method_notes": method.run_notes() if hasattr(method, "run_notes") else {},
+        "config": asdict(cfg), "protocol": protocol.describe(), "versions": _versions(),
         "data": data, "classnames": classnames,
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained}, "world_size": world,
         "train_seconds": round(time.time() - t0, 2), "history": history,

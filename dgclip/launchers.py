@@ -6,7 +6,10 @@ multi_gpu  one `python -m dgclip.launchers JOB.json` subprocess per visible GPU 
            parallelism within itself when launched that way by hand).
 submitit   submitit's AutoExecutor: SLURM on a cluster (`cluster=None` lets submitit detect it,
            `slurm_*` options pass through), or `cluster="local"` / "debug" for its local executors.
-Every launcher calls dgclip.sweep.run_job, which resumes an interrupted job and marks it done.
+A launcher is `launcher(jobs, run_job, **options)`: it calls `run_job(job)` for each job (the
+sweep passes dgclip.sweep.run_job, which resumes an interrupted job and marks it done), so this
+module never imports the sweep. The multi_gpu children run `python -m <child_module> JOB.json`
+(default dgclip.sweep, whose __main__ runs one job).
 """
 from __future__ import annotations
 
@@ -21,9 +24,7 @@ from pathlib import Path
 __all__ = ["get", "LAUNCHERS"]
 
 
-def _local(jobs, **_options) -> None:
-    from .sweep import run_job
-
+def _local(jobs, run_job, **_options) -> None:
     failed = []
     for i, job in enumerate(jobs):
         print(f"[sweep] {i + 1}/{len(jobs)} {job.key}", flush=True)
@@ -47,7 +48,9 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _multi_gpu(jobs, gpus=None, poll_s: float = 1.0, **_options) -> None:
+def _multi_gpu(jobs, run_job=None, gpus=None, poll_s: float = 1.0, child_module: str = "dgclip.sweep",
+               **_options) -> None:
+    # run_job is unused here: each job runs in a child process (`python -m child_module JOB.json`)
     gpus = list(gpus) if gpus is not None else _visible_gpus()
     if not gpus:
         raise RuntimeError("multi_gpu launcher: no visible GPU (use --launcher local)")
@@ -61,7 +64,7 @@ def _multi_gpu(jobs, gpus=None, poll_s: float = 1.0, **_options) -> None:
                 spec.write_text(json.dumps(asdict(job), default=str))
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
                 log = open(job.folder / "stdout.txt", "ab")
-                running[gpu] = (job, subprocess.Popen([sys.executable, "-m", "dgclip.launchers", str(spec)], env=env,
+                running[gpu] = (job, subprocess.Popen([sys.executable, "-m", child_module, str(spec)], env=env,
                                                       stdout=log, stderr=subprocess.STDOUT), log)
                 print(f"[sweep] gpu {gpu}: {job.key}", flush=True)
         for gpu, (job, proc, log) in list(running.items()):
@@ -73,12 +76,11 @@ def _multi_gpu(jobs, gpus=None, poll_s: float = 1.0, **_options) -> None:
         time.sleep(poll_s)
 
 
-def _submitit(jobs, folder=None, cluster=None, wait: bool = True, **options) -> list:
+def _submitit(jobs, run_job, folder=None, cluster=None, wait: bool = True, **options) -> list:
     try:
         import submitit
     except ImportError as exc:
         raise RuntimeError("the submitit launcher needs submitit: pip install 'dgclip[slurm]' (or pip install submitit)") from exc
-    from .sweep import run_job
 
     folder = Path(folder) if folder else Path(jobs[0].sweep_dir) / "submitit"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
@@ -104,14 +106,3 @@ def get(name: str):
     if name not in LAUNCHERS:
         raise ValueError(f"unknown launcher {name!r}; expected one of {sorted(LAUNCHERS)}")
     return LAUNCHERS[name]
-
-
-def _main(argv) -> int:  # the multi_gpu child: run one job described by a job.json
-    from .sweep import Job, run_job
-
-    run_job(Job(**json.loads(Path(argv[0]).read_text())))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -2,8 +2,12 @@
 
 Conventions: `num_known` = C known classes with labels 0..C-1; any label >= C is an unknown
 sample. Open-set logits are [N, C+1] with the last column = "unknown". Every method gets a
-known-class confidence: 1 - p(unknown) for C+1 logits, max softmax for C logits
-(`known_confidence`; the unknown score used by AUROC/OSCR is its negative).
+known-class confidence, computed as a LOG probability in float64 from the logits
+(`known_log_confidence`): log(1 - p(unknown)) = logsumexp(known logits) - logsumexp(all logits)
+for C+1 logits, log max softmax for C logits. In float32, 1 - p(unknown) rounds to 0 for every
+sample whose p(unknown) is within 6e-8 of 1 (at CLIP's logit scale 100 that is a cosine margin of
+0.17), so the hard unknowns would all tie; the log form keeps their order. Thresholds and every
+ranking metric (AUROC, OSCR, the swept H) use this log confidence.
 
 Decision rules (DESIGN.md sec. 3):
   h_score              the COMMON rule, one for every method: unknown when the known-class
@@ -11,32 +15,44 @@ Decision rules (DESIGN.md sec. 3):
                        only (`calibrate_threshold`: accept 95% of them); otherwise the argmax
                        over the known columns. No target data, no labels of the target.
   h_score_native       the method's own rule: argmax over C+1 for an open-set method; NaN for a
-                       closed-set method (it has no native unknown).
+                       closed-set method (it has no native unknown). known_acc_native /
+                       unknown_recall_native are its parts: known_acc_native is the (C+1)-way
+                       accuracy on target knowns that ODG-CLIP and SeeCLIP report as "Acc".
   h_score_swept_oracle MEDIC/DAML's sweep: 10 thresholds EVENLY SPACED between the min and max
                        confidence on the target, the best H reported: uses target labels (oracle).
 known_acc / unknown_recall belong to the common rule; auroc, oscr need no threshold.
-Record fields: closed_acc, known_acc, unknown_recall, h_score, h_score_native,
-h_score_swept_oracle, auroc, oscr, threshold.
+OSCR tie rule: samples with EQUAL confidence enter the CCR/FPR curve together (one point per
+distinct confidence, trapezoids between points), so the value does not depend on the order of
+tied samples. (MEDIC's and ARPL's implementations differ on ties: one sorts and steps sample by
+sample, the other thresholds at each score; both agree with this rule when there are no ties.)
+Record fields: closed_acc, known_acc, unknown_recall, h_score, known_acc_native,
+unknown_recall_native, h_score_native, h_score_swept_oracle, auroc, oscr, threshold (a log
+confidence).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["accuracy", "closed_set_accuracy", "known_accuracy", "unknown_recall", "h_score",
+__all__ = ["known_log_confidence", "accuracy", "closed_set_accuracy", "known_accuracy", "unknown_recall", "h_score",
            "threshold_swept_h_score", "auroc", "oscr", "unknown_scores", "known_confidence",
            "calibrate_threshold", "threshold_predictions", "native_predictions", "open_set_predictions",
            "open_set_metrics", "OPEN_SET_METRICS", "DEFAULT_ACCEPT_RATE"]
 
-OPEN_SET_METRICS = ("closed_acc", "known_acc", "unknown_recall", "h_score", "h_score_native",
-                    "h_score_swept_oracle", "auroc", "oscr")
+OPEN_SET_METRICS = ("closed_acc", "known_acc", "unknown_recall", "h_score", "known_acc_native",
+                    "unknown_recall_native", "h_score_native", "h_score_swept_oracle", "auroc", "oscr")
 DEFAULT_ACCEPT_RATE = 0.95  # the common rule accepts 95% of the source-validation knowns
 
 
 def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    if isinstance(x, torch.Tensor):  # float64: confidences are differences of logsumexps
+        return x.detach().double().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -66,19 +82,28 @@ def _check_columns(x: np.ndarray, num_known: int) -> None:
         raise ValueError(f"logits have shape {x.shape}; expected [N, C={num_known}] or [N, C+1]")
 
 
-def known_confidence(logits, num_known: int) -> np.ndarray:
-    """Higher = more likely known: 1 - p(unknown) for C+1 logits, max softmax for C logits."""
-    x = _np(logits)
+def known_log_confidence(logits, num_known: int) -> np.ndarray:
+    """float64 log of the known-class confidence, from the logits without forming 1 - p:
+    log(1 - p(unknown)) = logsumexp(x[:, :C]) - logsumexp(x) for C+1 logits; log max softmax
+    = max(x) - logsumexp(x) for C logits."""
+    x = np.asarray(_np(logits), dtype=np.float64)
     _check_columns(x, num_known)
-    p = _softmax(x)
+    if x.shape[0] == 0:
+        return np.zeros(0)
     if x.shape[1] == num_known + 1:
-        return 1.0 - p[:, num_known]
-    return p.max(axis=1)
+        return _logsumexp(x[:, :num_known]) - _logsumexp(x)
+    return x.max(axis=1) - _logsumexp(x)
+
+
+def known_confidence(logits, num_known: int) -> np.ndarray:
+    """Higher = more likely known (a log probability, see `known_log_confidence`)."""
+    return known_log_confidence(logits, num_known)
 
 
 def unknown_scores(logits, num_known: int) -> np.ndarray:
-    """Higher = more likely unknown: p(unknown) for C+1 logits, 1 - max softmax for C logits."""
-    return 1.0 - known_confidence(logits, num_known)
+    """Higher = more likely unknown: the negative known log-confidence (same order as p(unknown)
+    for C+1 logits and 1 - max softmax for C logits, without their float saturation)."""
+    return -known_log_confidence(logits, num_known)
 
 
 def calibrate_threshold(source_val_logits, num_known: int, accept_rate: float = DEFAULT_ACCEPT_RATE) -> float:
@@ -180,7 +205,7 @@ def oscr(logits, labels, num_known: int) -> float:
     samples with c >= theta. Tied confidences enter the curve together; trapezoidal area.
     """
     x, y = _np(logits), _np(labels)
-    c = -unknown_scores(x, num_known)
+    c = known_log_confidence(x, num_known)
     known = y < num_known
     n_k, n_u = int(known.sum()), int((~known).sum())
     if n_k == 0 or n_u == 0:
@@ -206,14 +231,16 @@ def open_set_metrics(logits, labels, num_known: int, threshold: float) -> dict[s
     ka, ur = known_accuracy(pred, y, num_known), unknown_recall(pred, y, num_known)
     swept, _ = threshold_swept_h_score(x, y, num_known)
     native = native_predictions(x, num_known)
-    h_native = float("nan") if native is None else h_score(known_accuracy(native, y, num_known),
-                                                         unknown_recall(native, y, num_known))
+    ka_native = float("nan") if native is None else known_accuracy(native, y, num_known)
+    ur_native = float("nan") if native is None else unknown_recall(native, y, num_known)
     return {
         "closed_acc": closed_set_accuracy(x, y, num_known),
         "known_acc": ka,
         "unknown_recall": ur,
         "h_score": h_score(ka, ur),
-        "h_score_native": h_native,
+        "known_acc_native": ka_native,
+        "unknown_recall_native": ur_native,
+        "h_score_native": h_score(ka_native, ur_native),
         "threshold": float(threshold),
         "h_score_swept_oracle": swept,
         "auroc": auroc(unknown_scores(x, num_known), y >= num_known),

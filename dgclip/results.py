@@ -1,9 +1,9 @@
 """`dgclip results DIR`: DomainBed-style tables from results.jsonl files.
 
 Per (dataset, method, selection): one column per held-out domain and "Avg". A cell is the mean
-+- standard error over seeds (sample std / sqrt(n)); "Avg" averages the domains within each seed
-first, then takes mean +- s.e. over the seeds that have every domain. Also writes CSV and a PNG
-bar chart.
++- DomainBed's error over seeds (population std / sqrt(n), collect_results.format_mean:
+dgclip.selection.mean_and_error); "Avg" averages the domains within each seed first, then takes
+mean +- error over the seeds that have every domain. Also writes CSV and a PNG bar chart.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ METRIC_LABELS = {
     "auroc": "AUROC known vs unknown (known-class confidence, no threshold)",
     "oscr": "OSCR (no threshold)",
     "known_acc": "(C+1)-way accuracy on target knowns under the common rule",
+    "known_acc_native": "(C+1)-way accuracy on target knowns under each method's own rule (ODG-CLIP/SeeCLIP 'Acc')",
+    "unknown_recall_native": "unknown recall under each method's own rule",
     "unknown_recall": "unknown recall under the common rule",
 }
 
@@ -50,15 +52,16 @@ def load_results(path) -> list[dict]:
 
 
 def select_sweep(records: list[dict]) -> list[dict]:
-    """DomainBed model selection over a sweep: one record per (dataset, method, test domain, trial
-    seed) and selection, holding the test accuracy of the chosen hyper-parameter seed.
+    """DomainBed model selection over a sweep (dgclip.selection): one record per (dataset, method,
+    test domain, trial seed) and selection, holding the test accuracy of the chosen hparam seed.
 
     training-domain: each run at its best source-validation step (ties: earliest), then the
-      hparam seed with the highest such validation accuracy (ties: lowest seed).
+      hparam seed with the highest such validation accuracy (ties: the LARGER seed).
     oracle: each run at its LAST step (no early stopping, as DomainBed), then the hparam seed
-      with the highest test-domain out-split accuracy; needs runs that tracked it (sweep jobs do).
+      with the highest test-domain out-split accuracy (ties: the larger seed); needs runs that
+      tracked it (sweep jobs do).
     """
-    from .engine import _select
+    from .selection import select_hparams_seed, select_in_run
 
     groups = defaultdict(dict)  # (dataset, method, test_domain, seed) -> hparams_seed -> record
     for r in records:
@@ -68,23 +71,23 @@ def select_sweep(records: list[dict]) -> list[dict]:
     for (dataset, method, test_domain, seed), runs in sorted(groups.items()):
         base = {"dataset": dataset, "method": method, "test_domain": test_domain, "seed": seed,
                 "n_hparams": len(runs)}
-        picks = {"training-domain": [(_select(r["history"], "training-domain"), h) for h, r in runs.items()]}
+        sels = ["training-domain"]
         if all("oracle_acc" in r["history"][-1] for r in runs.values()):
-            picks["oracle"] = [(r["history"][-1], h) for h, r in runs.items()]
-        for sel, cands in picks.items():
+            sels.append("oracle")
+        for sel in sels:
             key = "oracle_acc" if sel == "oracle" else "val_acc"
-            entry, h = max(cands, key=lambda c: (c[0][key], -c[1]))
+            chosen = {h: select_in_run(r["history"], sel) for h, r in runs.items()}
+            h = select_hparams_seed((h, c[key]) for h, c in chosen.items())
+            entry = chosen[h]
             out.append({**base, "selection": SWEEP_SELECTIONS[sel], "hparams_seed": h, "test_acc": entry["test_acc"],
                         "val_acc": entry[key], "selected_step": entry["step"]})
     return out
 
 
 def _mse(vals) -> tuple[float, float, int]:
-    v = np.asarray([x for x in vals if x is not None and not math.isnan(x)], dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan"), 0
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
-    return float(v.mean()), se, int(v.size)
+    from .selection import mean_and_error
+
+    return mean_and_error(vals)
 
 
 def summarise(records: list[dict], metric: str = "test_acc") -> list[dict]:
@@ -124,8 +127,8 @@ def format_table(rows: list[dict]) -> str:
                 + [_fmt(r["cells"].get(d, (0, 0, 0))) for d in domains] + [_fmt(r["avg"])] for r in sub]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         nseeds = max(r["avg"][2] for r in sub)
-        out.append(f"{dataset} | {metric} (%) | selection: {selection} | mean +- s.e. over seeds "
-                   f"(up to {nseeds})")
+        out.append(f"{dataset} | {metric} (%) | selection: {selection} | mean +- population std / sqrt(n) "
+                   f"over seeds (DomainBed; up to {nseeds})")
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
         out += [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
         if metric in METRIC_LABELS:

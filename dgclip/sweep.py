@@ -139,7 +139,7 @@ def launch(jobs: list[Job], launcher: str = "local", **launcher_options) -> dict
     _write_manifest(Path(jobs[0].sweep_dir), jobs)
     todo = [j for j in jobs if job_status(j) != "done"]
     if todo:
-        launchers.get(launcher)(todo, **launcher_options)
+        launchers.get(launcher)(todo, run_job, **launcher_options)
     return {j.key: job_status(j) for j in jobs}
 
 
@@ -154,3 +154,14 @@ def delete_incomplete(jobs: list[Job]) -> list[str]:
 
 def list_jobs(jobs: list[Job]) -> list[tuple[str, str]]:
     return [(job_status(j), j.key) for j in jobs]
+
+
+def _main(argv) -> int:  # a multi_gpu child: run one job described by a job.json
+    run_job(Job(**json.loads(Path(argv[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

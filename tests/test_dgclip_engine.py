@@ -30,11 +30,11 @@ def _interrupted_run(cfg, fail_at_update, monkeypatch):
 
     orig, calls = CoOp.update, {"n": 0}
 
-    def flaky(self, batch):
+    def flaky(self, batch, forward=None):
         calls["n"] += 1
         if calls["n"] == fail_at_update:
             raise KeyboardInterrupt
-        return orig(self, batch)
+        return orig(self, batch, forward)
 
     monkeypatch.setattr(CoOp, "update", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -159,19 +159,25 @@ def test_cli_train_results_datasets(data_root, cache_dir, tmp_path, capsys):
 
 
 def test_batches_draw_batch_size_per_source_domain(data_root, cache_dir, tmp_path, monkeypatch):
-    """DomainBed / DPL: every step holds batch_size images of EACH source domain."""
+    """DomainBed / DPL (batch_scope "per_domain"): every step holds batch_size images of EACH
+    source domain; Dassl's loader (CoOp's released default, "total"): batch_size in all."""
     from dgclip.methods.coop import CoOp
 
     seen = []
     orig = CoOp.update
 
-    def spy(self, batch):
+    def spy(self, batch, forward=None):
         seen.append(torch.bincount(batch.domains, minlength=self.num_domains).tolist())
-        return orig(self, batch)
+        return orig(self, batch, forward)
 
     monkeypatch.setattr(CoOp, "update", spy)
-    run_training(_cfg(data_root, cache_dir, tmp_path, steps=3, eval_every=3))
+    run_training(_cfg(data_root, cache_dir, tmp_path / "a", steps=3, eval_every=3,
+                      hparams={"batch_size": 8, "n_ctx": 4, "batch_scope": "per_domain"}))
     assert seen == [[8] * 5] * 3
+    seen.clear()
+    run_training(_cfg(data_root, cache_dir, tmp_path / "b", steps=3, eval_every=3,
+                      hparams={"batch_size": 8, "n_ctx": 4}))
+    assert [sum(s) for s in seen] == [8] * 3 and CoOp.all_defaults()["batch_scope"] == "total"
 
 
 def test_domain_balanced_batches_errors_and_resume():

@@ -51,7 +51,7 @@ def test_training_reduces_loss_and_keeps_backbone_frozen(backbone, name, hp):
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     # AdamW: the random-weight tower gives near-identical features; SGD at paper lr crawls there
-    m = get_method(name)(backbone, NAMES, 3, {"optimizer": "adamw", "lr": 0.02, "weight_decay": 0.0, **hp})
+    m = get_method(name)(backbone, NAMES, 3, {"optimizer": "adamw", "lr": 0.02, "weight_decay": 0.0, "warmup_fraction": 0.0, **hp})
     m.configure_optimizers(1000)
     b = _batch()
     b.features = backbone.image_features(b.images)
@@ -115,10 +115,13 @@ def test_hparam_draws_are_seeded_per_name():
         assert {k: b[k] for k in a} == a
     assert len({coop.hparams_for(s)["lr"] for s in range(1, 6)}) == 5
     assert get_method("dpl").hparams_for(4)["weight_decay"] == 0.0  # a paper's 0 is not searched
-    for name in ("dalsclip", "gopro", "seeclip"):  # lr / batch_size / weight_decay drawn once, in the base
-        hp = get_method(name).hparams_for(5)
-        lo, hi = get_method(name).lr_log10_range
-        assert lo <= np.log10(hp["lr"]) <= hi and hp["batch_size"] in get_method(name).batch_sizes
+    for name in ("coop", "cocoop", "dpl", "dalsclip", "gopro", "seeclip"):
+        # one search rule for every method: lr log-uniform over [default / 10, default * 10]
+        cls = get_method(name)
+        centre = np.log10(cls.all_defaults()["lr"])
+        for seed in range(1, 6):
+            hp = cls.hparams_for(seed)
+            assert centre - 1 <= np.log10(hp["lr"]) <= centre + 1 and hp["batch_size"] in cls.batch_sizes
 
 
 def test_dpl_init_and_weight_decay_as_released(backbone):
@@ -141,8 +144,14 @@ def test_train_augment_option(backbone):
     from torchvision import transforms as T
 
     base = backbone.preprocess_val
+    for name in ("dpl", "dalsclip"):  # released DPL: CLIP's eval preprocess, cacheable
+        assert get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base) is base
+    for name in ("coop", "cocoop"):  # released CoOp / CoCoOp: Dassl's crop + flip, bicubic
+        tf = get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base)
+        crop = tf.transforms[0].transforms[0]
+        assert crop.scale == (0.08, 1.0) and any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
+        assert get_method(name).defaults_for(embedded=True)["train_augment"] == "crop"  # a mirrored digit is another symbol
     for name in ("coop", "cocoop", "dpl", "dalsclip"):
-        assert get_method(name)(backbone, NAMES, 3, {}).make_train_transform(base) is base  # cacheable
         tf = get_method(name)(backbone, NAMES, 3, {"train_augment": "crop"}).make_train_transform(base)
         assert isinstance(tf, T.Compose) and tf.transforms[-1] is base
         assert not any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms[0].transforms)
@@ -152,11 +161,75 @@ def test_train_augment_option(backbone):
         get_method("coop")(backbone, NAMES, 3, {"train_augment": "jitter"}).make_train_transform(base)
 
 
-def test_embedded_defaults_apply_only_on_the_embedded_dataset():
-    dpl = get_method("dpl")
-    assert dpl.hparams_for(0) == dpl.all_defaults() and dpl.all_defaults()["lr"] == 1e-3
-    emb = dpl.hparams_for(0, embedded=True)
-    assert emb == {**dpl.all_defaults(), **dpl.embedded_hparams} and emb["ctx_init"] == "a photo of a"
-    # a random-search trial draws its searched names and keeps the embedded values of the rest
-    trial = dpl.hparams_for(3, embedded=True)
-    assert trial["ctx_init"] == "a photo of a" and trial["lr"] == dpl.hparams_for(3)["lr"]
+def test_embedded_defaults_hold_only_data_facts():
+    """No tuned value on the embedded default: only overrides that follow from what the data is
+    (no flip on digits), each with its reason; a random-search trial keeps them."""
+    for name in list_methods():
+        cls = get_method(name)
+        assert set(cls.embedded_hparams) <= {"train_augment", "hflip"}, name
+        assert set(cls.embedded_hparams) == set(cls.embedded_sources), name
+        emb = cls.hparams_for(0, embedded=True)
+        assert emb == {**cls.all_defaults(), **cls.embedded_hparams}
+    gopro = get_method("gopro")
+    trial = gopro.hparams_for(3, embedded=True)
+    assert trial["hflip"] is False and trial["lr"] == gopro.hparams_for(3)["lr"]
+
+
+def test_every_default_has_a_source():
+    from dgclip.provenance import SOURCE_KINDS
+
+    for name in list_methods():
+        table = get_method(name).sourced_defaults(embedded=True)
+        assert set(table) == set(get_method(name).all_defaults())
+        assert all(e.source.split(":", 1)[0] in SOURCE_KINDS and len(e.source) > 12 for e in table.values()), name
+
+
+def test_dpl_loss_forms(backbone):
+    """Released DPLCLIP.update: [B, D*K] logits against every domain's prompts, labels in [0, K);
+    options: each image against its own domain's prompts, or the fixed index d*K + y."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = get_method("dpl")(backbone, NAMES, 3, {"dropout": 0.0})
+    b = _batch()
+    b.features = backbone.image_features(b.images)
+    f = b.features.pooled
+    tok = m.tokens(f)
+    doms = torch.unique(b.domains)
+    mean_tok = torch.stack([tok[b.domains == d].mean(0) for d in doms])
+    text = F.normalize(m.prompt_encoder(mean_tok), dim=-1)  # [D, K, E]
+    k = len(NAMES)
+    logits = backbone.logit_scale * F.normalize(f, dim=-1) @ text.reshape(-1, text.shape[-1]).t()  # [B, D*K]
+    assert logits.shape[1] == len(doms) * k
+    d_idx = torch.searchsorted(doms, b.domains)
+    want = {"released": F.cross_entropy(logits, b.labels),
+            "all_prompts_own_label": F.cross_entropy(logits, d_idx * k + b.labels),
+            "own_domain": F.cross_entropy(logits.view(len(f), len(doms), k)[torch.arange(len(f)), d_idx], b.labels)}
+    assert m.hparams["loss_form"] == "released"
+    for form, value in want.items():
+        m.hparams["loss_form"] = form
+        torch.testing.assert_close(m.training_losses(b)["loss"], value, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_form must be one of"):
+        get_method("dpl")(backbone, NAMES, 3, {"loss_form": "mine"})
+
+
+def test_update_returns_losses_on_the_device_without_a_host_sync(backbone):
+    """update() hands back detached tensors (no float() per step); the engine syncs when it logs."""
+    m = get_method("dpl")(backbone, NAMES, 3, {"batch_scope": "per_domain"})
+    m.configure_optimizers(10)
+    b = _batch()
+    b.features = backbone.image_features(b.images)
+    out = m.update(b)
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad and v.dim() == 0 for v in out.values())
+
+
+def test_one_optimizer_factory_with_constant_warmup(backbone):
+    m = get_method("coop")(backbone, NAMES, 3, {})
+    m.configure_optimizers(100)  # released: 1 of 50 epochs at a constant 1e-5, then cosine from 2e-3
+    lrs = []
+    for _ in range(4):
+        lrs.append(m.optimizer.param_groups[0]["lr"])
+        m.optimizer.step()
+        m.scheduler.step()
+    assert lrs[:2] == pytest.approx([1e-5, 1e-5]) and lrs[2] == pytest.approx(2e-3)
+    assert isinstance(get_method("seeclip").all_defaults()["optimizer"], str)

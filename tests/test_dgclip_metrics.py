@@ -36,8 +36,9 @@ def test_known_accuracy_unknown_recall_h():
 
 def test_closed_logits_threshold_rule():
     logits = np.log(np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]]))
-    assert list(M.threshold_predictions(logits, 3, 0.5)) == [0, 3]
-    np.testing.assert_allclose(M.unknown_scores(logits, 3), [0.1, 0.6], rtol=1e-6)
+    # thresholds are log confidences (metrics.py: no float saturation of 1 - p)
+    assert list(M.threshold_predictions(logits, 3, np.log(0.5))) == [0, 3]
+    np.testing.assert_allclose(M.unknown_scores(logits, 3), -np.log([0.9, 0.4]), rtol=1e-6)
     assert M.native_predictions(logits, 3) is None  # a closed-set method has no native unknown
 
 
@@ -77,11 +78,11 @@ def test_threshold_swept_h_uses_medic_evenly_spaced_thresholds():
 
 def test_open_set_metrics_names_and_rules():
     # threshold 0.5 on 1 - p(unknown): rows 2 and 4 are unknown, the rest argmax over known columns
-    m = M.open_set_metrics(LOGITS, LABELS, 3, threshold=0.5)
+    m = M.open_set_metrics(LOGITS, LABELS, 3, threshold=np.log(0.5))
     assert set(m) == set(M.OPEN_SET_METRICS) | {"threshold"}
     assert m["known_acc"] == pytest.approx(2 / 4) and m["unknown_recall"] == pytest.approx(1 / 2)
     assert m["h_score_native"] == pytest.approx(0.5)
-    closed = M.open_set_metrics(LOGITS[:, :3], LABELS, 3, threshold=0.5)
+    closed = M.open_set_metrics(LOGITS[:, :3], LABELS, 3, threshold=np.log(0.5))
     assert math.isnan(closed["h_score_native"]) and 0 <= closed["h_score"] <= 1
 
 
@@ -93,7 +94,7 @@ def test_common_rule_threshold_accepts_95_percent_of_source_validation():
     assert 0.95 <= accepted <= 0.955
     # the same rule for a closed-set and an open-set method: confidence 1 - p(unknown) vs max softmax
     t_open = M.calibrate_threshold(np.c_[val, rng.normal(size=400)], 5)
-    assert 0 < t_open < 1
+    assert t_open < 0  # a log confidence
     with pytest.raises(ValueError, match="accept_rate"):
         M.calibrate_threshold(val, 5, accept_rate=0.0)
     with pytest.raises(ValueError, match="expected"):

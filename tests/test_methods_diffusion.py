@@ -75,15 +75,21 @@ def test_diffusion_generator_loads_and_makes_pseudo_unknowns(backbone, pipe_dir)
     gen = DiffusionUnknowns.from_pretrained(CLASSES, _encode(backbone), model_id=str(pipe_dir), local_files_only=True,
                                             ratio=0.5, num_inference_steps=2)
     assert gen.guidance_scale == 15.0 and gen.negative_prompt == "cat, dog, bird"
-    # class-name token positions: SOS, "a photo of a" (one token per letter here), then the name
-    mask = gen._class_token_mask(["cat", "bird"], 32, "cpu")
-    n_prefix = len("aphotoofa")
-    assert mask[0].nonzero().flatten().tolist() == list(range(1 + n_prefix, 1 + n_prefix + 3))
-    assert mask[1].nonzero().flatten().tolist() == list(range(1 + n_prefix, 1 + n_prefix + 4))
+    # the paper's prompt "a [source domain] of an unknown class"; the perturbation sits on the
+    # "unknown class" tokens (one token per letter here), right before EOS
+    gen.domain_names = ["sketch", "photo"]
+    prompts = [gen.template.format(gen.domain_name(d)) for d in (0, 1)]
+    assert prompts == ["a sketch of an unknown class", "a photo of an unknown class"]
+    mask = gen._unknown_token_mask(prompts, 48, "cpu")
+    n_tail = len("unknownclass")
+    for row, p in zip(mask, prompts):
+        end = 1 + len(p.replace(" ", ""))
+        assert row.nonzero().flatten().tolist() == list(range(end - n_tail, end))
     feats = backbone.image_features(torch.randn(4, 3, 32, 32), patches=True)
     req = UnknownRequest(feats.pooled, feats.patches, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0, 1]))
     out = gen(req, generator=torch.Generator().manual_seed(0))
-    assert out.pooled.shape == (2, feats.pooled.shape[1]) and out.patches.shape == (2,) + feats.patches.shape[1:]
+    # max(1, int(0.5 * 4)) = 2 per source domain (B = the whole batch), 2 domains
+    assert out.pooled.shape == (4, feats.pooled.shape[1]) and out.patches.shape == (4,) + feats.patches.shape[1:]
     assert torch.isfinite(out.pooled).all()
     again = gen(req, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.pooled, again.pooled)  # seeded: reproducible
@@ -101,13 +107,22 @@ def test_seeclip_trains_with_diffusion_unknowns(backbone, pipe_dir):
     m.configure_optimizers(10)
     batch = Batch(images=torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 2, 0]), domains=torch.tensor([0, 1, 0, 1]))
     pooled, patches, labels = m.training_inputs(batch, generator=torch.Generator().manual_seed(0))
-    assert labels.tolist() == [0, 1, 2, 0, 3, 3]
+    assert labels.tolist() == [0, 1, 2, 0, 3, 3, 3, 3]
+    assert m.run_notes()["unknown_generator"] == "diffusion"
+    auto = get_method("seeclip")(backbone, CLASSES, 2, {"diffusion_model_id": str(pipe_dir), "diffusion_steps": 2})
+    assert auto.run_notes()["unknown_generator"] == "diffusion"  # "auto": the paper's generator when present
     out = m.update(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
 
 
 def test_missing_weights_error_names_the_model(backbone, tmp_path):
-    from dgclip.methods.pseudo_unknown import DiffusionUnknowns
+    from dgclip.methods import get_method
+    from dgclip.methods.pseudo_unknown import DiffusionUnknowns, FeatureSpaceUnknowns
+
+    auto = get_method("seeclip")(backbone, CLASSES, 2, {"diffusion_model_id": str(tmp_path / "nowhere")})
+    notes = auto.run_notes()  # "auto" without weights: the named fallback, and the record says so
+    assert notes["unknown_generator"] == "feature" and "fallback" in notes["unknown_generator_note"]
+    assert isinstance(auto.generator, FeatureSpaceUnknowns)
 
     with pytest.raises(OSError, match="could not load the diffusion model"):
         DiffusionUnknowns.from_pretrained(CLASSES, _encode(backbone), model_id=str(tmp_path / "nowhere"), local_files_only=True)

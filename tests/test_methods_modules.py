@@ -69,16 +69,17 @@ def test_semantic_tokenizer_formula():
 
 
 def test_feature_unknowns_mix_different_classes_and_shift_tokens_by_eps():
-    gen = FeatureSpaceUnknowns(ratio=0.5, noise_std=0.2)
+    gen = FeatureSpaceUnknowns(ratio=0.25, noise_std=0.2)
     labels = torch.tensor([0, 0, 1, 2, 1, 0, 2, 1])
     pooled, patches = torch.randn(8, 4), torch.randn(8, 5, 4)
     g = torch.Generator().manual_seed(3)
     domains = torch.arange(8) % 2
     out = gen(UnknownRequest(pooled, patches, labels, domains), generator=g)
+    # max(1, int(0.25 * 8)) = 2 per source domain (B = the whole batch)
     assert out.pooled.shape == (4, 4) and out.patches.shape == (4, 5, 4) and out.domains.tolist() == [0, 0, 1, 1]
     # replay the draws: anchors (2 per domain), partners (other class, same domain), lam, eps
     g = torch.Generator().manual_seed(3)
-    anchors = per_domain_anchors(domains, 0.5, g)
+    anchors = per_domain_anchors(domains, 0.25, g)
     partners = different_class_partner(labels, anchors, g, domains)
     assert (labels[anchors] != labels[partners]).all() and (domains[anchors] == domains[partners]).all()
     lam = 0.3 + 0.4 * torch.rand(4, 1, generator=g)
@@ -99,7 +100,9 @@ def test_feature_unknowns_counts_and_single_class_batch():
     assert count_for(16, 0.1) == 1 and count_for(19, 0.1) == 1
     dom = torch.tensor([0] * 16 + [1] * 32 + [2] * 5)
     anchors = per_domain_anchors(dom[torch.randperm(53)], 0.1, torch.Generator().manual_seed(0))
-    assert anchors.numel() == 1 + 3 + 1
+    assert anchors.numel() == 5 + 5 + 5  # max(1, int(0.1 * 53)) per source domain
+    anchors = per_domain_anchors(dom[torch.randperm(53)], 0.2, torch.Generator().manual_seed(0))
+    assert anchors.numel() == 10 + 10 + 5  # capped at the domain's images in the batch
     labels = torch.zeros(4, dtype=torch.long)
     partners = different_class_partner(labels, torch.tensor([1, 3]), None)
     assert partners.tolist() == [1, 3]  # no other class: the anchor itself (noise only)
@@ -138,7 +141,7 @@ def test_seeclip_loss_terms_against_formulas():
     tn = F.normalize(t, dim=-1)
     centroid = tn.mean(1)
     want_coh = ((F.normalize(u, dim=-1) - centroid) ** 2).mean()
-    torch.testing.assert_close(cohesion_loss(u, t), want_coh)
+    torch.testing.assert_close(cohesion_loss(u, t, "image"), want_coh)
     w = torch.randn(2, 3, 4)
     torch.testing.assert_close(l1_regularizer(w, "sum"), w.abs().sum())
     torch.testing.assert_close(l1_regularizer(w, "mean"), w.abs().mean())

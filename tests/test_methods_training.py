@@ -103,7 +103,8 @@ def test_gopro_losses_match_formulas(backbone):
                         for i in range(3 * B)]).view(3, B, len(CLASSES), -1)
     pooled = feats.pooled.view(3, B, -1)
     p_o, p_m = m.project(pooled[0]), m.project(pooled[1])
-    logits = backbone.logit_scale * F.normalize(p_o, dim=-1)[:, None, :].mul(F.normalize(text[0], dim=-1)).sum(-1)
+    # released code: the RAW image feature feeds the logits, P_v only the SimCLR term
+    logits = backbone.logit_scale * F.normalize(pooled[0], dim=-1)[:, None, :].mul(F.normalize(text[0], dim=-1)).sum(-1)
     ce = F.cross_entropy(logits, batch.labels)
     t = F.normalize(text, dim=-1)
     cons = ((t[0] - t[1]) ** 2).mean() + ((t[0] - t[2]) ** 2).mean()
@@ -130,24 +131,30 @@ def test_gopro_projector_option(backbone):
         torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
 
 
-def test_gopro_defaults_start_from_zero_shot(backbone):
-    """P_v feeds the logits by default, so it must start as the identity: GOPro's
-    first predictions are zero-shot CLIP's ("a photo of a {}."), in train and eval mode."""
+def test_gopro_defaults_are_the_released_code(backbone):
+    """Released GOPro: raw image feature in the logits, P_v = Linear + BatchNorm1d and the layer
+    mix with PyTorch's default init, 4 images per step in total. The paper figure's reading (P_v in
+    the logits) is an option that then starts P_v as the identity: zero-shot CLIP at step 0."""
     from dgclip.methods import get_method
 
+    gopro = get_method("gopro")
+    d = gopro.all_defaults()
+    assert (d["projector_feeds_logits"], d["projector_init"], d["shift_init"]) == (False, "random", "default")
+    assert (d["batch_size"], d["batch_scope"]) == (4, "total")
     batch = _batch(views=True)
-    m = _make("gopro", backbone)
-    zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
     feats = backbone.image_features(batch.images["original"], layer_stats=True)
-    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
-    torch.testing.assert_close(m.predict(batch.images), zs.predict(batch.images["original"]), atol=1e-4, rtol=1e-4)
-    m.train()
-    torch.testing.assert_close(m.project(feats.pooled), feats.pooled, atol=0, rtol=0)
-    assert m.projector[1].weight.requires_grad
-    old = _make("gopro", backbone, projector_init="random")
-    assert not torch.allclose(old.project(feats.pooled), feats.pooled)
+    m = _make("gopro", backbone)
+    assert m.shift.layer_mix.weight.abs().sum() > 0  # nn.Linear's init, not zeros
+    assert not torch.allclose(m.project(feats.pooled), feats.pooled)  # P_v random: kept out of the logits
+    zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
+    paper = _make("gopro", backbone, projector_feeds_logits=True, projector_init="zero_residual", shift_init="zero")
+    paper.eval()
+    torch.testing.assert_close(paper.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    torch.testing.assert_close(paper.predict(batch.images), zs.predict(batch.images["original"]), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="projector_init must be one of"):
         _make("gopro", backbone, projector_init="eye")
+    with pytest.raises(ValueError, match="shift_init must be one of"):
+        _make("gopro", backbone, shift_init="eye")
 
 
 def test_gopro_trains_frozen_backbone(backbone):
@@ -183,7 +190,10 @@ def test_seeclip_losses_match_formulas(backbone):
     ali = F.cross_entropy(logits, labels)
     cos = torch.einsum("be,bke->bk", F.normalize(unk, dim=-1), F.normalize(known, dim=-1))
     rep = (cos - 0.5).clamp_min(0).mean()
-    coh = ((F.normalize(unk, dim=-1) - F.normalize(known, dim=-1).mean(1)) ** 2).mean()
+    # L_coh as released: MSE(mean_b u_b, mean_b t_{b, y_b}) over the known samples
+    kn = labels < len(CLASSES)
+    own = F.normalize(known, dim=-1)[kn.nonzero()[:, 0], labels[kn]]
+    coh = ((F.normalize(unk[kn], dim=-1).mean(0) - own.mean(0)) ** 2).mean()
     reg = m.psi.weight.abs().sum()
     torch.testing.assert_close(out["ali"], ali, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["rep"], rep, atol=1e-5, rtol=1e-4)
@@ -191,6 +201,10 @@ def test_seeclip_losses_match_formulas(backbone):
     torch.testing.assert_close(out["reg"], reg)
     # effective L_reg weight 1e-4: lambda 0.01 (Eq. 7) inside gamma 0.01 (Eq. 11)
     torch.testing.assert_close(out["loss"], ali + rep + 0.5 * coh + 1e-4 * reg, atol=1e-4, rtol=1e-4)
+    image_coh = _make("seeclip", backbone, unknown_generator="none", coh_centroid="image")
+    image_coh.load_state_dict(m.state_dict())
+    want = ((F.normalize(unk, dim=-1) - F.normalize(known, dim=-1).mean(1)) ** 2).mean()
+    torch.testing.assert_close(image_coh.losses(feats.pooled, feats.patches, labels)["coh"], want, atol=1e-5, rtol=1e-4)
     batch_coh = _make("seeclip", backbone, unknown_generator="none", coh_centroid="batch")
     batch_coh.load_state_dict(m.state_dict())
     want = ((F.normalize(unk, dim=-1) - F.normalize(known, dim=-1).mean((0, 1))) ** 2).mean()
@@ -199,8 +213,9 @@ def test_seeclip_losses_match_formulas(backbone):
 
 
 def test_seeclip_pseudo_unknowns_join_the_batch(backbone):
-    # released scripts: max(1, int(0.1 B)) PER SOURCE DOMAIN per step: 3 images per domain here
-    for ratio, n in ((0.1, 2), (0.5, 2), (0.7, 4)):
+    # paper: max(1, int(ratio * B)) PER SOURCE DOMAIN per step, B = the whole batch (6 here, 3 per
+    # domain, 2 domains), capped at the domain's images in the batch
+    for ratio, n in ((0.1, 2), (0.2, 2), (0.34, 4), (0.5, 6), (0.7, 6)):
         m = _make("seeclip", backbone, unknown_ratio=ratio)
         pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
         assert pooled.shape[0] == patches.shape[0] == labels.shape[0] == B + n, ratio
@@ -215,7 +230,7 @@ def test_seeclip_pixel_composite_unknowns(backbone):
     m = _make("seeclip", backbone, unknown_generator="pixel_composite", unknown_ratio=0.5)
     assert not m.uses_frozen_features and isinstance(m.generator, PixelCompositeUnknowns)
     pooled, patches, labels = m.training_inputs(_batch(), generator=torch.Generator().manual_seed(0))
-    assert pooled.shape[0] == B + 2 and (labels[B:] == len(CLASSES)).all()
+    assert pooled.shape[0] == B + 6 and (labels[B:] == len(CLASSES)).all()
     a, b = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
     out = PixelCompositeUnknowns.compose(a, b, torch.tensor([0, 1, 2]))
     torch.testing.assert_close(out[0], torch.maximum(a[0], b[0]))
@@ -227,7 +242,7 @@ def test_seeclip_pixel_composite_unknowns(backbone):
     imgs = torch.rand(6, 3, 8, 8)
     res = gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.tensor([0, 1, 2, 3, 4, 1]),
                              torch.tensor([0, 0, 1, 1, 0, 1]), imgs), generator=torch.Generator().manual_seed(1))
-    assert seen["x"].shape == (2, 3, 8, 8) and res.domains.tolist() == [0, 1]
+    assert seen["x"].shape == (6, 3, 8, 8) and sorted(res.domains.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="images"):
         gen(UnknownRequest(torch.zeros(6, 3), torch.zeros(6, 64, 3), torch.zeros(6, dtype=torch.long),
                            torch.zeros(6, dtype=torch.long)))
@@ -262,7 +277,7 @@ def test_seeclip_predictions_ignore_labels(backbone):
 # DALSCLIP
 def test_dalsclip_schedule_and_losses(backbone):
     # the first reading of the abstract, still available through options
-    m = _make("dalsclip", backbone, head_fraction=0.2, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", train_context="domain", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 100 steps: 20 head steps
+    m = _make("dalsclip", backbone, head_fraction=0.2, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", generator_attention="batch", train_context="domain", test_context="instance", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 100 steps: 20 head steps
     batch = _batch()
     pooled = backbone.image_features(batch.images).pooled
     assert m.stage() == "heads"
@@ -295,7 +310,7 @@ def test_dalsclip_schedule_and_losses(backbone):
 def test_dalsclip_trains_in_both_stages_on_cached_features(backbone):
     from dgclip.methods.base import Batch
 
-    m = _make("dalsclip", backbone, head_fraction=0.05, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", train_context="domain", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 5 head steps of 100
+    m = _make("dalsclip", backbone, head_fraction=0.05, removal="learned", prompt_residual=False, n_ctx=16, ctx_init="", generator_attention="batch", train_context="domain", test_context="instance", head_logit_weight=0.0, schedule="two_stage", lr=2e-3, head_lr_mult=10.0)  # 5 head steps of 100
     batch = _batch()
     cached = Batch(images=None, labels=batch.labels, domains=batch.domains, features=backbone.image_features(batch.images))
     heads = _train(m, cached, 5)
@@ -305,39 +320,80 @@ def test_dalsclip_trains_in_both_stages_on_cached_features(backbone):
     mapping = _train(m, cached, 6)
     assert mapping[-1] < mapping[0]
     torch.testing.assert_close(m.head_weight, head_w, rtol=0, atol=0)  # heads frozen in stage 2
+    m.eval()  # the engine sets the mode (dropout off for prediction)
     logits = m.predict(batch.images)
     assert logits.shape == (B, len(CLASSES))
     torch.testing.assert_close(m.predict(batch.images[:2]), logits[:2], atol=1e-5, rtol=1e-5)
 
 
-def test_dalsclip_defaults_start_from_zero_shot_and_remove_head_directions(backbone):
-    """Default DALSCLIP: residual prompts on "a photo of a" (zero-shot at start, per image), the
-    directions separating the domain heads projected out, heads aggregated with the prompt logits."""
+def test_dalsclip_defaults_start_from_zero_shot_with_every_step_on(backbone):
+    """Default DALSCLIP: every step of the abstract on (per-domain heads, a LEARNED removal mapping,
+    the heads aggregated into the prediction, attention over several tokens per image); residual
+    prompts on "a photo of a" so the first predictions are zero-shot CLIP's (per image)."""
     from dgclip.methods import get_method
+    from dgclip.methods.prompt_modules import TokenAttentionPromptGenerator
 
     m = _make("dalsclip", backbone)
+    hp = m.hparams
+    assert (hp["removal"], hp["generator_attention"], hp["schedule"]) == ("learned", "tokens", "joint")
+    assert hp["head_logit_weight"] > 0 and isinstance(m.prompt_generator, TokenAttentionPromptGenerator)
     batch = _batch()
     zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
     pooled = backbone.image_features(batch.images).pooled
     m.eval()
-    # heads at zero: no removal, uniform head term -> the zero-shot ranking, zero-shot log-probs + const
+    # heads and mapping at zero: f' = f, uniform head term -> zero-shot log-probs + const
     want = F.log_softmax(zs.predict(batch.images), -1) + F.log_softmax(torch.zeros(B, len(CLASSES)), -1)
     torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
+    m.train()
+    out = m.losses(pooled, batch.labels, batch.domains)
+    assert set(out) == {"loss", "ce", "heads", "agreement", "stay"}
+    _check_grads_and_frozen(m, backbone, batch)
+    assert not m.transductive
+    assert _make("dalsclip", backbone, generator_attention="batch", test_context="batch").transductive
+
+
+def test_dalsclip_head_directions_option(backbone):
+    m = _make("dalsclip", backbone, removal="head_directions")
+    pooled = backbone.image_features(_batch().images).pooled
     with torch.no_grad():
         m.head_weight.normal_()
     u = m.removal_basis()
     assert u.shape == (pooled.shape[-1], 2)
     dev = (m.head_weight - m.head_weight.mean(0)).reshape(-1, pooled.shape[-1])
-    f_map = m.mapped(pooled)
-    torch.testing.assert_close(f_map @ u, torch.zeros(B, 2), atol=1e-5, rtol=0)
-    # the removed directions are the top singular vectors of the heads' deviations
+    torch.testing.assert_close(m.mapped(pooled) @ u, torch.zeros(B, 2), atol=1e-5, rtol=0)
     s_all = torch.linalg.svdvals(dev)
     torch.testing.assert_close((dev @ u).norm(dim=0), s_all[:2], atol=1e-4, rtol=1e-4)
-    m.train()
-    out = m.losses(pooled, batch.labels, batch.domains)
-    assert set(out) == {"loss", "ce", "heads"}
-    _check_grads_and_frozen(m, backbone, batch)
-    assert not m.transductive and _make("dalsclip", backbone, test_context="batch").transductive
+
+
+def test_dalsclip_attention_is_not_an_mlp(backbone):
+    """The attention attends over more than one token: with the image feature fixed, the domain
+    heads (other tokens) change the generated prompt, the attention weights spread over several
+    tokens, and the output differs from the same module with the attention reduced to the image
+    token alone (what a one-token "attention" is: an MLP of f)."""
+    torch.manual_seed(0)
+    m = _make("dalsclip", backbone)
+    m.eval()
+    with torch.no_grad():
+        m.head_weight.normal_()
+        m.map_weight.normal_(std=0.05)
+        for p in m.prompt_generator.parameters():
+            p.normal_(std=0.2)
+    pooled = backbone.image_features(_batch().images).pooled
+    gen = m.prompt_generator
+    tokens = m.generator_tokens(pooled, m.mapped(pooled))
+    assert tokens.shape[1] == m.num_domains + 2
+    attended, weights = gen.attention(tokens)
+    assert (weights.max(-1).values < 0.99).all() and ((weights > 0.01).sum(-1) >= 2).all()
+    out = gen(tokens)
+    # attention over the image token only: softmax of one score is 1, the value is v(f): an MLP of f
+    h_mlp = tokens[:, 0] + gen.out(gen.kv(gen.norm(tokens[:, :1]))[:, 0].chunk(2, dim=-1)[1])
+    as_mlp = gen.mlp(h_mlp).view_as(out)
+    assert (out - as_mlp).abs().max() > 1e-3
+    with torch.no_grad():  # same image features, other domain heads: another prompt
+        m.head_weight.normal_()
+    assert (gen(m.generator_tokens(pooled, m.mapped(pooled))) - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="T >= 2"):
+        gen(tokens[:, :1])
 
 
 def test_registry_and_search_spaces():

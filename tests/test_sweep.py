@@ -132,3 +132,23 @@ def test_multi_gpu_launcher_runs_jobs_in_pinned_subprocesses(tmp_path, data_root
         launch(jobs, "multi_gpu", gpus=[])
     assert launch(jobs, "multi_gpu", gpus=["0"], poll_s=0.2) == {jobs[0].key: "done"}
     assert json.loads((jobs[0].folder / "job.json").read_text())["method"] == "coop"
+
+
+def test_launchers_take_the_job_runner_and_never_import_the_sweep():
+    """No sweep <-> launcher cycle: a launcher gets `run_job` as an argument."""
+    import ast
+    import inspect
+
+    import dgclip.launchers as launchers
+
+    tree = ast.parse(inspect.getsource(launchers))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.endswith("sweep") for m in imported)
+    ran = []
+
+    class FakeJob:
+        key, folder = "k", "f"
+
+    launchers.get("local")([FakeJob(), FakeJob()], ran.append)
+    assert len(ran) == 2

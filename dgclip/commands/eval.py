@@ -55,11 +55,11 @@ def _stored(checkpoint: str) -> int:
 
     import torch
 
-    from ..engine import _select
+    from ..selection import select_in_run
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    chosen = _select(state["history"], cfg.get("selection", "training-domain"))
+    chosen = select_in_run(state["history"], cfg.get("selection", "training-domain"))
     print(json.dumps({"method": cfg["method"], "dataset": cfg["dataset"], "test_domain": "+".join(cfg["test_domains"]),
                       "seed": cfg["seed"], "step_in_checkpoint": state["step"], "selected_step": chosen["step"],
                       "test_acc": chosen["test_acc"], "val_acc": chosen["val_acc"],

@@ -51,7 +51,7 @@ def run(args) -> int:
         records = select_sweep(records)
         n_h = max((r["n_hparams"] for r in records), default=0)
         print(f"sweep {args.dir}: {len(records)} selections over up to {n_h} hparam seed(s) each; "
-              "mean +- s.e. over trial seeds")
+              "mean +- population std / sqrt(n) over trial seeds (DomainBed)")
     present = _metrics_in(records)
     if args.metric not in present:
         print(f"dgclip results: error: argument --metric: {args.metric!r} is not in these records; valid metrics "

@@ -28,7 +28,7 @@ def split_in_out(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     keys = np.random.RandomState(seed).permutation(n)
-    n_out = int(round(n * holdout_fraction))
+    n_out = int(n * holdout_fraction)  # truncated, as DomainBed (scripts/train.py:L119-129)
     return keys[n_out:], keys[:n_out]
 
 

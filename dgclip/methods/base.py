@@ -13,7 +13,6 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..backbone import CLIPBackbone, ImageFeatures
@@ -98,23 +97,6 @@ def check_choice(hparams: dict, key: str, allowed: tuple) -> str:
     return value
 
 
-def _grad_buckets(grads: list, cap_bytes: int) -> list:
-    """Consecutive gradients grouped by (dtype, device), each group cut at `cap_bytes`."""
-    buckets, current, size, key = [], [], 0, None
-    for g in grads:
-        k = (g.dtype, g.device)
-        nbytes = g.numel() * g.element_size()
-        if current and (k != key or size + nbytes > cap_bytes):
-            buckets.append(current)
-            current, size = [], 0
-        current.append(g)
-        size += nbytes
-        key = k
-    if current:
-        buckets.append(current)
-    return buckets
-
-
 def cosine_logits(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * cos(image, text) for image [B, E] and text [K, E] (shared) or [B, K, E] (per image)."""
     image = nn.functional.normalize(image.float(), dim=-1)
@@ -135,21 +117,36 @@ class Method(nn.Module):
                            original view, so the engine may cache them on disk
       needs_patches / needs_layer_stats: which optional ImageFeatures fields the method reads
       eval_batch_size      the paper's evaluation batch size; only used when `transductive`
-      embedded_hparams     overrides of default_hparams on the embedded default (tiny 64-d CLIP,
-                           200-step schedule), as DomainBed's SMALL_IMAGES defaults: the papers'
-                           settings are for ViT-B/16 and thousands of steps; picked by
-                           training-domain validation on seed 0 (benchmarks/results/embedded_default.md)
+      hparam_sources       name -> source of each default (dgclip.provenance forms)
+      embedded_hparams     overrides on the embedded default, each with its reason in
+                           embedded_sources: data facts only (no tuned value)
     """
 
     name: str = "base"
     open_set: bool = False
-    default_hparams: dict = {"lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9,
-                             "weight_decay": 5e-4, "warmup_steps": 0}
+    default_hparams: dict = {"lr": 2e-3, "batch_size": 32, "batch_scope": "per_domain", "optimizer": "sgd",
+                             "momentum": 0.9, "weight_decay": 5e-4, "warmup_fraction": 0.0, "warmup_lr": 1e-5}
+    # name -> where the default comes from ("paper: ...", "released: repo/path:Lnn", "project: why");
+    # merged along the class hierarchy like default_hparams; every default must have one
+    hparam_sources: dict = {
+        "lr": "project: base-class placeholder, every trainable method sets its own",
+        "batch_size": "released: facebookresearch/DomainBed domainbed/hparams_registry.py:L210-233 (batch 32)",
+        "batch_scope": "released: facebookresearch/DomainBed domainbed/scripts/train.py:L146-152 "
+                       "(batch_size images from EACH training env per step)",
+        "optimizer": "project: base-class placeholder, every trainable method sets its own",
+        "momentum": "released: KaiyangZhou/Dassl.pytorch dassl/config/defaults.py:L151-156 (SGD momentum 0.9)",
+        "weight_decay": "released: KaiyangZhou/Dassl.pytorch dassl/config/defaults.py:L151-156 (5e-4)",
+        "warmup_fraction": "project: no warm-up unless the method's released config has one",
+        "warmup_lr": "released: KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16_ep50.yaml (WARMUP_CONS_LR 1e-5)",
+    }
     uses_frozen_features: bool = False
     needs_patches: bool = False
     needs_layer_stats: bool = False
     eval_batch_size: int = 64  # DomainBed's evaluation loaders
+    # Overrides of default_hparams on the embedded default (32 px rotated digits): only settings
+    # that follow from what the data IS (mirroring changes a digit), never a tuned number.
     embedded_hparams: dict = {}
+    embedded_sources: dict = {}
 
     @property
     def transductive(self) -> bool:
@@ -178,8 +175,33 @@ class Method(nn.Module):
             merged.update(getattr(klass, "default_hparams", {}) or {})
         return merged
 
-    # search ranges shared by every trainable method (subclasses narrow them by class attribute)
-    lr_log10_range: Optional[tuple] = None  # None: log10(default lr) - 1 .. + 0.5
+    @classmethod
+    def all_sources(cls) -> dict:
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "hparam_sources", {}) or {})
+        return merged
+
+    @classmethod
+    def sourced_defaults(cls, embedded: bool = False) -> dict:
+        """name -> provenance.Sourced(value, source) for every default (embedded overrides on top)."""
+        from ..provenance import Sourced
+
+        sources = cls.all_sources()
+        missing = sorted(set(cls.all_defaults()) - set(sources))
+        if missing:
+            raise ValueError(f"{cls.name}: hyper-parameters without a source: {missing}")
+        out = {k: Sourced(v, sources[k]) for k, v in cls.all_defaults().items()}
+        if embedded:
+            for k, v in cls.embedded_hparams.items():
+                out[k] = Sourced(v, cls.embedded_sources[k])
+        return out
+
+    # The random search (one rule for every method, so no method gets a wider net): lr
+    # log-uniform over [default / 10, default * 10], batch size from `batch_sizes`, weight decay
+    # log-uniform over `weight_decay_log10_range` (1e-6..1e-3; GOPro 1e-5..1e-3) when the default is
+    # not 0; subclasses add their own names.
+    lr_log10_halfwidth: float = 1.0
     weight_decay_log10_range: tuple = (-6.0, -3.0)
     batch_sizes: tuple = (16, 32, 64)
 
@@ -190,7 +212,8 @@ class Method(nn.Module):
         seeded by (hparams_seed, name) only, so adding an option never changes another draw."""
         hp = cls.all_defaults()
         if "lr" in hp:
-            lo, hi = cls.lr_log10_range or (math.log10(hp["lr"]) - 1, math.log10(hp["lr"]) + 0.5)
+            centre = math.log10(hp["lr"])
+            lo, hi = centre - cls.lr_log10_halfwidth, centre + cls.lr_log10_halfwidth
             hp["lr"] = float(10 ** rng("lr").uniform(lo, hi))
         if "batch_size" in hp:
             hp["batch_size"] = int(rng("batch_size").choice(cls.batch_sizes))
@@ -256,69 +279,52 @@ class Method(nn.Module):
         return [{"params": self.trainable_parameters()}]
 
     def configure_optimizers(self, total_steps: int):
-        """Build self.optimizer / self.scheduler from hparams (SGD or AdamW, cosine, warm-up)."""
+        """self.optimizer / self.scheduler from hparams: the one factory (methods/training.py) of
+        every method: SGD or AdamW, CoOp's constant warm-up lr for `warmup_fraction` of the steps,
+        then cosine to 0."""
+        from .training import cosine_with_constant_warmup, make_optimizer
+
         hp = self.hparams
         groups = [g for g in self.param_groups() if g["params"]]
         if not groups:
             self.optimizer, self.scheduler = None, None
             return None
-        if hp.get("optimizer", "sgd") == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp.get("momentum", 0.9),
-                                  weight_decay=hp.get("weight_decay", 0.0))
-        elif hp["optimizer"] == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp['optimizer']!r}")
-        warm = int(hp.get("warmup_steps", 0))
         total = max(int(total_steps), 1)
-
-        def factor(step):
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
-
-        self.optimizer = opt
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return opt
+        self.optimizer = make_optimizer(hp.get("optimizer", "sgd"), groups, lr=hp["lr"],
+                                        weight_decay=hp.get("weight_decay", 0.0), momentum=hp.get("momentum", 0.9))
+        self.scheduler = cosine_with_constant_warmup(
+            self.optimizer, total_steps=total, warmup_steps=int(round(float(hp.get("warmup_fraction", 0.0)) * total)),
+            warmup_lr=float(hp.get("warmup_lr", 1e-5)))
+        return self.optimizer
 
     def step(self, loss: torch.Tensor) -> None:
-        """Backward + (data-parallel gradient average) + optimiser and scheduler step."""
+        """Backward + optimiser and scheduler step (DDP, when the engine wraps the method, averages
+        the gradients during the backward)."""
         if self.optimizer is None:
             raise RuntimeError(f"{self.name}: configure_optimizers() was not called")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._sync_gradients()
+        loss.backward()  # under torchrun the engine wraps the method in DDP: gradients averaged here
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def _sync_gradients(self) -> None:
-        """Average the gradients over the ranks as DDP does: buckets of at most 25 MiB of one
-        dtype/device (DDP's bucket_cap_mb), each all-reduced as one tensor flattened with
-        torch's own utilities, every bucket in flight before the first wait. A parameter without
-        a gradient on this rank contributes zeros (its peers may have one)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        params = self.trainable_parameters()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        pending = []
-        for bucket in _grad_buckets([p.grad for p in params], 25 << 20):
-            flat = _flatten_dense_tensors(bucket)
-            pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
-        world = dist.get_world_size()
-        for work, flat, bucket in pending:
-            work.wait()
-            flat.div_(world)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
-
     # ----- API -------------------------------------------------------------------------------
-    def update(self, batch: Batch) -> dict[str, float]:
+    def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The step's losses as tensors on the device ("loss" = the total that is minimised)."""
         raise NotImplementedError
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        # the training forward: DistributedDataParallel(method)(batch) runs this, so DDP's
+        # gradient hooks see the forward that produced the loss
+        return self.training_losses(batch)
+
+    def update(self, batch: Batch, forward: Optional[Callable] = None) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch already on the method's device. `forward` is the
+        engine's DDP wrapper under torchrun (default: this method). Returns the detached losses,
+        still on the device: the caller decides when to pay for a host sync."""
+        out = (forward or self)(batch)
+        self.step(out["loss"])
+        return {k: v.detach() for k, v in out.items()}
 
     def predict(self, x) -> torch.Tensor:
         raise NotImplementedError

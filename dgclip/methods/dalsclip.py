@@ -3,32 +3,29 @@ CLIP image features and put it into the prompts instead.
 
 Only the abstract is public ("train a classifier per source domain to capture domain-specific
 information, then learn a mapping that removes it; an attention-based MLP produces prompts that
-carry domain-specific information"). Everything below beyond that is INFERRED (DESIGN.md sec. 2),
-and every reading is a named option (defaults picked by training-domain validation on the
-embedded default, seed 0):
+carry domain-specific information"). Every step of the abstract is ON by default; everything
+beyond it is INFERRED (DESIGN.md sec. 2) and a named option:
 
 1. Domain heads h_d (linear [K, E] per source domain) trained on the frozen features of domain d
-   only (`dgkernels.domain_cross_entropy`), on normalize(f) * sqrt(E) (unit variance per
-   dimension, as in linear probing). schedule="joint" (default): the heads train at every step;
-   "two_stage": the first head_fraction of the steps train only the heads, then they are frozen.
-2. Removal of the domain-specific information, option `removal`:
-   "head_directions" (default): f' = normalize(f - U U^T f) with U the top `removal_rank` right
-     singular vectors of the heads' per-class deviations from their mean over domains
-     (W_d - mean_d W_d, [D*K, E]): the directions along which the domain heads disagree; no
-     trainable weights, recomputed from the current (detached) heads;
-   "learned": f' = normalize(f - g(f)), g linear and zero-initialised (`dgkernels.mapper_project`),
-     trained with + agreement_weight * the heads' disagreement on f' (`dgkernels.head_agreement`)
-     + stay_weight * ||f' - normalize(f)||^2;
-   "none": f' = normalize(f).
-3. Prompts: an attention-based MLP (`AttentionPromptGenerator`) maps image features to n_ctx
-   context tokens. prompt_residual=True (default): the tokens are a residual on the embedding of
-   ctx_init ("a photo of a") with the MLP's last layer zero-initialised, so training starts from
-   the zero-shot prompt. Conditioning (train_context / test_context): "instance" (default, B x K
-   prompts, the same in training and test) or "domain"/"batch" (attention and mean within a
-   source domain in training, within the test batch at test time: transductive).
+   only (`dgkernels.domain_cross_entropy`), on normalize(f) * sqrt(E). schedule="joint" (default):
+   the heads train at every step; "two_stage": the first head_fraction of the steps train only
+   the heads, then they are frozen.
+2. The LEARNED mapping that removes the domain-specific information (removal="learned", default):
+   f' = normalize(f - g(f)), g linear and zero-initialised (`dgkernels.mapper_project`), trained
+   with + agreement_weight * the heads' disagreement on f' (`dgkernels.head_agreement`) +
+   stay_weight * ||f' - normalize(f)||^2. Options: "head_directions" (project out the top
+   removal_rank directions along which the heads disagree, no trainable weights), "none".
+3. Prompts: an attention-based MLP over SEVERAL tokens per image (generator_attention="tokens",
+   default; `TokenAttentionPromptGenerator`): the image feature attends over [f, f - f' (what the
+   mapping removed), e_1..e_D (e_d = softmax(h_d(f)) W_d, what domain head d sees)], then the MLP
+   gives n_ctx context tokens, a residual on the embedding of ctx_init ("a photo of a") with the
+   last layer zero-initialised, so training starts from the zero-shot prompt (prompt_residual).
+   Option "batch": self-attention over the images of a source domain (training) or of the test
+   batch (test; transductive), `train_context` / `test_context`.
 4. Logits: log_softmax(logit_scale * cos(f', text)) + head_logit_weight * log_softmax(mean_d h_d(f'))
-   (the domain heads aggregated with the prompt logits; head_logit_weight=0: prompts only),
-   trained with CE (heads detached in this term) and used for prediction.
+   (the domain heads aggregated with the prompt logits, default weight 1: the heads reach the
+   prediction; 0 = prompts only), trained with CE (heads detached in this term) and used for
+   prediction.
 Trains on cached frozen features unless train_augment is set.
 """
 from __future__ import annotations
@@ -44,7 +41,11 @@ import dgkernels
 from . import register_method
 from ..backbone import ImageFeatures
 from .base import Batch, Method, check_choice, cosine_logits
-from .prompt_modules import AttentionPromptGenerator, initial_context, make_prompt_encoder
+from .prompt_modules import (AttentionPromptGenerator, TokenAttentionPromptGenerator, initial_context,
+                             make_prompt_encoder)
+
+ABSTRACT = "paper: Image and Vision Computing 154:105359 (2025), abstract"
+INFERRED = "project: INFERRED beyond the abstract"
 
 
 @register_method("dalsclip")
@@ -53,21 +54,24 @@ class DALSCLIP(Method):
     uses_frozen_features = True
     default_hparams = {
         "optimizer": "sgd",
-        "lr": 0.05,
+        "lr": 2e-3,
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "batch_size": 32,
-        "warmup_steps": 0,
+        "batch_scope": "per_domain",
+        "warmup_fraction": 0.0,
+        "warmup_lr": 1e-5,
         "train_augment": "none",  # | "crop" | "crop_flip" (then no feature cache)
         "n_ctx": 4,
         "ctx_init": "a photo of a",
-        "prompt_residual": True,  # tokens = embed(ctx_init) + MLP(f), last layer zero-initialised
+        "prompt_residual": True,  # tokens = embed(ctx_init) + MLP(...), last layer zero-initialised
+        "generator_attention": "tokens",  # | "batch"
         "generator_hidden": 0,  # 0 = the embedding width (DPL's 512 for ViT-B/16)
         "generator_dropout": 0.1,
         "generator_input": "raw",  # "raw" f (domain information for the prompts) | "mapped" f'
-        "train_context": "instance",  # "instance" (B x K) | "domain" (D x K prompts)
-        "test_context": "instance",  # "instance" | "batch" (transductive)
-        "removal": "head_directions",  # | "learned" | "none"
+        "train_context": "domain",  # generator_attention="batch" only: "domain" (D x K) | "instance"
+        "test_context": "batch",  # generator_attention="batch" only: "batch" (transductive) | "instance"
+        "removal": "learned",  # | "head_directions" | "none"
         "removal_rank": 2,
         "head_logit_weight": 1.0,
         "schedule": "joint",  # | "two_stage"
@@ -78,11 +82,38 @@ class DALSCLIP(Method):
         "stay_weight": 0.1,
         "prompt_chunk_size": 0,
     }
-    # embedded default, picked by source validation (seed 0, 200 steps): no removal and no head
-    # aggregation (val 73.1) beat head_directions removal (68.9) and removal + aggregation (64.6);
-    # the general defaults stay the full inferred design
-    embedded_hparams = {"removal": "none", "head_logit_weight": 0.0}
-    lr_log10_range = (-2.5, -0.8)
+    hparam_sources = {
+        "optimizer": f"{INFERRED}: CoOp's SGD recipe, the prompt-learning default (no published value)",
+        "lr": f"{INFERRED}: CoOp's lr 0.002 (no published value)",
+        "momentum": f"{INFERRED}: CoOp's SGD momentum 0.9 (no published value)",
+        "weight_decay": f"{INFERRED}: CoOp's 5e-4 (no published value)",
+        "batch_size": "released: facebookresearch/DomainBed domainbed/hparams_registry.py:L210-233 (32 per env)",
+        "batch_scope": "released: facebookresearch/DomainBed domainbed/scripts/train.py:L146-152 (per-domain heads "
+                       "need every source domain in each step)",
+        "warmup_fraction": f"{INFERRED}: no warm-up (none published)",
+        "warmup_lr": "project: unused while warmup_fraction is 0",
+        "train_augment": f"{INFERRED}: frozen features of the eval transform (none published)",
+        "n_ctx": f"{INFERRED}: the 4 tokens of ctx_init",
+        "ctx_init": f"{INFERRED}: CoCoOp's 'a photo of a' initialisation",
+        "prompt_residual": f"{INFERRED}: training starts from the zero-shot prompt",
+        "generator_attention": f"{ABSTRACT} ('an attention-based MLP'); over several tokens per image so the "
+                               f"attention is not an identity",
+        "generator_hidden": f"{INFERRED}: DPL's MLP width = the embedding width",
+        "generator_dropout": "released: shogi880/DPLCLIP domainbed/hparams_registry.py:L86-101 (mlp_dropout 0.1)",
+        "generator_input": f"{ABSTRACT} (prompts carry the domain-specific information: the raw feature)",
+        "train_context": f"{INFERRED}: generator_attention='batch' only, DPL's per-domain means",
+        "test_context": f"{INFERRED}: generator_attention='batch' only, DPL's test-batch mean",
+        "removal": f"{ABSTRACT} ('learn a mapping that removes it')",
+        "removal_rank": f"{INFERRED}: removal='head_directions' only",
+        "head_logit_weight": f"{ABSTRACT} (the per-domain classifiers reach the prediction); weight 1 = equal vote",
+        "schedule": f"{INFERRED}: heads and mapping trained together",
+        "head_fraction": f"{INFERRED}: schedule='two_stage' only",
+        "head_lr_mult": f"{INFERRED}: one learning rate",
+        "agreement_weight": f"{INFERRED}: the removal term weighted as the CE",
+        "agreement_kind": f"{INFERRED}: KL between each head and the heads' mean",
+        "stay_weight": f"{INFERRED}: small pull to CLIP's space",
+        "prompt_chunk_size": "project: speed only (0 = the encoder's default); never changes results",
+    }
     weight_decay_log10_range = (-6.0, -3.0)
     batch_sizes = (16, 32, 64)
 
@@ -104,7 +135,8 @@ class DALSCLIP(Method):
         hp = self.hparams
         for key, allowed in (("schedule", ("two_stage", "joint")), ("train_context", ("domain", "instance")),
                              ("test_context", ("instance", "batch")), ("generator_input", ("raw", "mapped")),
-                             ("removal", ("head_directions", "learned", "none"))):
+                             ("removal", ("head_directions", "learned", "none")),
+                             ("generator_attention", ("tokens", "batch"))):
             check_choice(hp, key, allowed)
         dim, width, k = backbone.embed_dim, backbone.text_width, self.num_classes
         n_ctx = int(hp["n_ctx"])
@@ -113,8 +145,9 @@ class DALSCLIP(Method):
         if hp["removal"] == "learned":
             self.map_weight = nn.Parameter(torch.zeros(dim, dim))  # g = 0 at start: f' = f
             self.map_bias = nn.Parameter(torch.zeros(dim))
-        self.prompt_generator = AttentionPromptGenerator(dim, width, n_ctx, int(hp["generator_hidden"]) or dim,
-                                                         float(hp["generator_dropout"]))
+        gen_cls = TokenAttentionPromptGenerator if hp["generator_attention"] == "tokens" else AttentionPromptGenerator
+        self.prompt_generator = gen_cls(dim, width, n_ctx, int(hp["generator_hidden"]) or dim,
+                                        float(hp["generator_dropout"]))
         chunk = int(hp["prompt_chunk_size"]) or None
         self.encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
         base = torch.zeros(n_ctx, width)
@@ -128,11 +161,10 @@ class DALSCLIP(Method):
         self.head_scale = math.sqrt(dim)
         self.total_steps = 0
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.to(backbone.device)
 
     @property
     def transductive(self) -> bool:
-        return self.hparams["test_context"] == "batch"
+        return self.hparams["generator_attention"] == "batch" and self.hparams["test_context"] == "batch"
 
     # -- optimisation ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -179,8 +211,25 @@ class DALSCLIP(Method):
     def head_input(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(f, dim=-1) * self.head_scale
 
+    def generator_tokens(self, pooled: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+        """[B, D + 2, E] unit-norm tokens per image: the image feature (raw or mapped, option
+        generator_input), the part the mapping removed (f - f'), and e_d = softmax(h_d(f)) W_d for
+        each domain head d (heads detached: they stay the domain classifiers)."""
+        f = F.normalize(pooled.float(), dim=-1)
+        first = f if self.hparams["generator_input"] == "raw" else mapped
+        w, b = self.head_weight.detach(), self.head_bias.detach()
+        probs = torch.softmax(torch.einsum("be,dke->bdk", self.head_input(f), w) + b, dim=-1)  # [B, D, K]
+        seen = torch.einsum("bdk,dke->bde", probs, w)  # [B, D, E]
+        removed = f - mapped
+        tokens = torch.cat([first[:, None], removed[:, None], seen], dim=1)
+        # the removed part is 0 at start (g = 0): F.normalize keeps a zero vector at zero
+        return F.normalize(tokens, dim=-1)
+
     def prompt_text(self, pooled: torch.Tensor, mapped: torch.Tensor, group: torch.Tensor | None,
                     num_groups: int | None, pool: bool) -> torch.Tensor:
+        if self.hparams["generator_attention"] == "tokens":
+            ctx = self.ctx_base + self.prompt_generator(self.generator_tokens(pooled, mapped))
+            return self.encoder(ctx).float()  # [B, K, E]
         source = pooled if self.hparams["generator_input"] == "raw" else mapped
         ctx = self.ctx_base + self.prompt_generator(F.normalize(source, dim=-1), group, pool=pool, num_groups=num_groups)
         return self.encoder(ctx).float()  # [G, K, E]
@@ -199,7 +248,9 @@ class DALSCLIP(Method):
 
     def mapping_losses(self, pooled, labels, domains) -> dict[str, torch.Tensor]:
         f_map = self.mapped(pooled)
-        if self.hparams["train_context"] == "domain":
+        if self.hparams["generator_attention"] == "tokens":
+            text = self.prompt_text(pooled, f_map, None, None, pool=False)  # B x K prompts
+        elif self.hparams["train_context"] == "domain":
             text = self.prompt_text(pooled, f_map, domains, self.num_domains, pool=True)[domains]  # D x K prompts
         else:
             own = torch.arange(pooled.shape[0], device=pooled.device)  # each image alone, as at test time
@@ -225,30 +276,25 @@ class DALSCLIP(Method):
             out["loss"] = out["loss"] + out["heads"]
         return out
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        self.train()
-        batch = batch.to(self.backbone.device)
+    def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         pooled = self.batch_features(batch).pooled.float()
         out = self.losses(pooled, batch.labels, batch.domains)
-        self.step(out["loss"])
-        self.steps_done += 1
-        return {k: float(v.detach()) for k, v in out.items()}
+        if self.training:
+            self.steps_done += 1  # the two-stage schedule counts optimisation steps
+        return out
 
     @torch.no_grad()
     def predict(self, x) -> torch.Tensor:
         """[B, K] logits from images or cached features (mapped features, test-time prompts)."""
-        was = self.training
-        self.eval()
-        try:
-            if isinstance(x, dict):
-                x = x["original"]
-            pooled = self.features(x if isinstance(x, ImageFeatures) else x.to(self.backbone.device)).pooled.float()
-            f_map = self.mapped(pooled)
-            if self.hparams["test_context"] == "instance":
-                group = torch.arange(pooled.shape[0], device=pooled.device)
-                text = self.prompt_text(pooled, f_map, group, None, pool=False)  # [B, K, E]
-            else:
-                text = self.prompt_text(pooled, f_map, None, None, pool=True)[0]  # [K, E]
-            return self.aggregated_logits(f_map, text)
-        finally:
-            self.train(was)
+        if isinstance(x, dict):
+            x = x["original"]
+        pooled = self.features(x).pooled.float()
+        f_map = self.mapped(pooled)
+        if self.hparams["generator_attention"] == "tokens":
+            text = self.prompt_text(pooled, f_map, None, None, pool=False)  # [B, K, E]
+        elif self.hparams["test_context"] == "instance":
+            group = torch.arange(pooled.shape[0], device=pooled.device)
+            text = self.prompt_text(pooled, f_map, group, None, pool=False)  # [B, K, E]
+        else:
+            text = self.prompt_text(pooled, f_map, None, None, pool=True)[0]  # [K, E]
+        return self.aggregated_logits(f_map, text)

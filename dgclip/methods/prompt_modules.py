@@ -115,6 +115,46 @@ class AttentionPromptGenerator(nn.Module):
         return tokens.view(tokens.shape[0] if pool else n, self.n_ctx, self.ctx_dim)
 
 
+class TokenAttentionPromptGenerator(nn.Module):
+    """DALSCLIP's attention-based MLP over SEVERAL tokens per image: image features -> M context tokens.
+
+    tokens [B, T, F] (T >= 2; DALSCLIP: the image feature, the domain-specific part the mapping
+    removes, and what each domain head sees); the first token queries all T (single-head scaled
+    dot-product attention, pre-LayerNorm), the attended value is added to it (residual), then a
+    DPL-style 3-layer MLP maps it to M * ctx_dim. With T = 1 the softmax is 1 and the module is an
+    MLP: the caller must give it more than one token.
+    """
+
+    def __init__(self, feat_dim: int, ctx_dim: int, n_ctx: int, hidden: int | None = None, dropout: float = 0.1):
+        super().__init__()
+        hidden = hidden or feat_dim
+        self.n_ctx, self.ctx_dim = n_ctx, ctx_dim
+        self.norm = nn.LayerNorm(feat_dim)
+        self.q = nn.Linear(feat_dim, feat_dim)
+        self.kv = nn.Linear(feat_dim, 2 * feat_dim)
+        self.out = nn.Linear(feat_dim, feat_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, n_ctx * ctx_dim),
+        )
+
+    def attention(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attended [B, F], weights [B, T]) of the first token over all T."""
+        if tokens.dim() != 3 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [B, T >= 2, F]; got {tuple(tokens.shape)}")
+        x = self.norm(tokens.to(self.q.weight.dtype))
+        q = self.q(x[:, 0])  # [B, F]
+        k, v = self.kv(x).chunk(2, dim=-1)  # [B, T, F] each
+        w = torch.softmax(torch.einsum("bf,btf->bt", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+        return torch.einsum("bt,btf->bf", w, v), w
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.attention(tokens)
+        h = tokens[:, 0].to(attended.dtype) + self.out(attended)
+        return self.mlp(h).view(tokens.shape[0], self.n_ctx, self.ctx_dim)
+
+
 class SemanticTokenizer(nn.Module):
     """SeeCLIP's semantic tokens: K_s learnable queries attend over an image's patch features.
 

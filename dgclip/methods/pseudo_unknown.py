@@ -51,7 +51,8 @@ def count_for(batch_size: int, ratio: float) -> int:
 
 
 def per_domain_anchors(domains: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
-    """count_for(B_d, ratio) random anchor indices from EACH source domain d of the batch.
+    """min(B_d, count_for(B, ratio)) random anchor indices from EACH source domain d present in
+    the batch (B = the whole batch: the paper's max(1, int(0.1 B)) per source domain).
 
     Batched: a random key per image, ranked within its domain; the first count_for(B_d) of each
     domain are its anchors. Returned in domain order.
@@ -66,7 +67,7 @@ def per_domain_anchors(domains: torch.Tensor, ratio: float, generator: torch.Gen
     starts = torch.cumsum(counts, 0) - counts
     group = torch.searchsorted(uniq, dom[order])
     rank = torch.arange(b) - starts[group]
-    quota = torch.tensor([count_for(int(c), ratio) for c in counts])
+    quota = torch.clamp(torch.full_like(counts, count_for(b, ratio)), max=counts)
     return order[rank < quota[group]].to(domains.device)
 
 
@@ -176,8 +177,9 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class DiffusionUnknowns:
     """Pseudo-unknown images from a Stable Diffusion pipeline (`diffusers`), encoded by the backbone.
 
-    Per anchor image (max(1, int(ratio * B_d)) per source domain d): prompt = prompt_template.format(class name); the
-    text-encoder outputs at the class-name token positions get Gaussian noise of std
+    Per anchor image (max(1, int(ratio * B)) per source domain d): the paper's positive prompt
+    "a [source domain] of an unknown class" (prompt_template.format(domain name of d)); the
+    text-encoder outputs at the "unknown class" token positions get Gaussian noise of std
     token_noise_std * rms (INFERRED reading of "perturbing extracted semantic tokens ... as control
     conditions": the perturbation lives in the diffusion model's own conditioning space);
     negative prompt = all known class names; guidance 15, 20 steps (paper). The images are
@@ -186,8 +188,8 @@ class DiffusionUnknowns:
 
     def __init__(self, pipeline, classnames: list[str], encode_images: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                  *, ratio: float = 0.1, guidance_scale: float = 15.0, num_inference_steps: int = 20,
-                 token_noise_std: float = 0.2, prompt_template: str = "a photo of a {}.", height: int | None = None,
-                 width: int | None = None):
+                 token_noise_std: float = 0.2, prompt_template: str = "a {} of an unknown class",
+                 domain_names: list[str] | None = None, height: int | None = None, width: int | None = None):
         self.pipe = pipeline
         self.classnames = list(classnames)
         self.encode_images = encode_images
@@ -195,6 +197,10 @@ class DiffusionUnknowns:
         self.token_noise_std, self.template = token_noise_std, prompt_template
         self.height, self.width = height, width
         self.negative_prompt = ", ".join(self.classnames)
+        self.domain_names = list(domain_names) if domain_names else None  # None: "photo" for every domain
+
+    def domain_name(self, d: int) -> str:
+        return self.domain_names[d] if self.domain_names else "photo"
 
     @classmethod
     def from_pretrained(cls, classnames: list[str], encode_images, *, model_id: str = SD15_MODEL_ID,
@@ -218,15 +224,15 @@ class DiffusionUnknowns:
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, classnames, encode_images, **kwargs)
 
-    def _class_token_mask(self, names: list[str], length: int, device) -> torch.Tensor:
-        """[N, length] True at the class-name token positions of each prompt (after the SOS token)."""
+    def _unknown_token_mask(self, prompts: list[str], length: int, device) -> torch.Tensor:
+        """[N, length] True at the tokens of "unknown class" (the last words of the paper's prompt),
+        after the SOS token."""
         tok = self.pipe.tokenizer
-        prefix = self.template.split("{}")[0].strip()
-        n_prefix = len(tok(prefix, add_special_tokens=False).input_ids) if prefix else 0
-        n_name = torch.tensor([len(ids) for ids in tok(names, add_special_tokens=False).input_ids], device=device)
+        n_all = torch.tensor([len(ids) for ids in tok(prompts, add_special_tokens=False).input_ids], device=device)
+        n_tail = len(tok("unknown class", add_special_tokens=False).input_ids)
         pos = torch.arange(length, device=device)[None, :]
-        start = 1 + n_prefix
-        return (pos >= start) & (pos < start + n_name[:, None])
+        end = 1 + n_all[:, None]
+        return (pos >= end - n_tail) & (pos < end)
 
     @torch.no_grad()
     def __call__(self, request: UnknownRequest, *, generator: torch.Generator | None = None) -> PseudoUnknowns | None:
@@ -235,11 +241,10 @@ class DiffusionUnknowns:
         n = anchors.numel()
         if n == 0:
             return None
-        names = [self.classnames[i] for i in labels[anchors].tolist()]
+        prompts = [self.template.format(self.domain_name(d)) for d in request.domains[anchors].tolist()]
         device = self.pipe.device
-        embeds, negative = self.pipe.encode_prompt([self.template.format(c) for c in names], device, 1, True,
-                                                   negative_prompt=[self.negative_prompt] * n)
-        mask = self._class_token_mask(names, embeds.shape[1], device)
+        embeds, negative = self.pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[self.negative_prompt] * n)
+        mask = self._unknown_token_mask(prompts, embeds.shape[1], device)
         rms = embeds.float().pow(2).mean((-2, -1), keepdim=True).sqrt()
         noise = torch.randn(embeds.shape, generator=generator).to(device, torch.float32)
         embeds = (embeds.float() + self.token_noise_std * rms * noise * mask[..., None]).to(embeds.dtype)

@@ -14,16 +14,28 @@ def repulsion_loss(unknown: torch.Tensor, known: torch.Tensor, margin: float = 0
     return F.relu(sign * (cos - margin)).mean()
 
 
-COH_CENTROIDS = ("image", "batch")
+COH_CENTROIDS = ("released", "image", "batch")
 
 
-def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor, centroid: str = "image") -> torch.Tensor:
-    """MSE between the normalised unknown text feature and a centroid of the normalised known ones.
+def cohesion_loss(unknown: torch.Tensor, known: torch.Tensor, centroid: str = "released",
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
+    """L_coh on L2-normalised text features.
 
-    centroid="image": per image, the mean over its C known prompts ([N, E]); "batch": one centroid
-    over every image and class of the batch (the unknown prompts are pulled to a single point).
+    centroid="released" (the released code's form): MSE(mean_b u_b, mean_b t_{b, y_b}), the batch
+    mean of the unknown text feature against the batch mean of each sample's OWN-class text
+    feature, over the known samples (labels < C; needs `labels`).
+    "image": MSE(u_b, mean_k t_{b,k}) per image; "batch": MSE(u_b, mean_{b,k} t_{b,k}).
     """
     t = F.normalize(known, dim=-1)
+    if centroid == "released":
+        if labels is None:
+            raise ValueError("coh_centroid='released' needs the labels")
+        keep = labels < known.shape[1]
+        if not bool(keep.any()):
+            return unknown.new_zeros(())
+        rows = torch.nonzero(keep).squeeze(1)
+        own = t[rows, labels[rows]]  # [N_known, E]
+        return F.mse_loss(F.normalize(unknown[rows], dim=-1).mean(0), own.mean(0))
     if centroid == "image":
         c = t.mean(dim=1)
     elif centroid == "batch":

@@ -7,7 +7,12 @@ import torch
 
 
 def make_optimizer(kind: str, params, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """params: parameters or param-group dicts (a group's own "lr" etc. win over the arguments)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if kind == "adamw":

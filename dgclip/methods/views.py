@@ -29,14 +29,16 @@ class PILGaussianBlur:
 
 
 class _OwnSizeCrop:
-    """RandomResizedCrop back to the image's own size (the base transform resizes afterwards)."""
+    """RandomResizedCrop back to the image's own size (the base transform resizes afterwards),
+    bicubic as the CoOp/GOPro configs (INPUT.INTERPOLATION "bicubic"; Dassl's own default is
+    bilinear)."""
 
     def __init__(self, scale: tuple[float, float]):
         self.scale = scale
 
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size
-        return T.RandomResizedCrop((h, w), scale=self.scale)(img)
+        return T.RandomResizedCrop((h, w), scale=self.scale, interpolation=T.InterpolationMode.BICUBIC)(img)
 
 
 def _flip(hflip: bool) -> list:

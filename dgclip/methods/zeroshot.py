@@ -17,6 +17,11 @@ class ZeroShot(Method):
     open_set = False
     uses_frozen_features = True
     default_hparams = {"template": "a photo of a {}.", "ensemble": False}
+    hparam_sources = {
+        "template": "paper: Radford et al., ICML 2021 (CLIP) §3.1.4 'A photo of a {label}.'; DPL Table 1 "
+                    "'template prompt'",
+        "ensemble": "project: single template by default (DPL Table 1's zero-shot row); ensemble is an option",
+    }
 
     def __init__(self, backbone, classnames, num_domains, hparams):
         super().__init__(backbone, classnames, num_domains, hparams)
