@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .protocols import cli as protocols_cli
+
 __all__ = ["main", "QUICKSTART"]
 
 # quickstart: 200 steps per run (eval every 50) so 4 methods x 6 held-out domains stay within
@@ -87,6 +89,8 @@ def cmd_train(args) -> int:
 
     get_method(args.method)
     hparams = json.loads(args.hparams) if args.hparams else {}
+    if protocols_cli.is_suite_run(args):  # the CoOp few-shot suite (dgclip.protocols)
+        return protocols_cli.run_train(args, hparams)
     started, ok = _init_distributed(), False
     try:
         _ensure_pretrained(args)
@@ -104,6 +108,8 @@ def cmd_train(args) -> int:
 def cmd_results(args) -> int:
     from .results import format_table, load_results, plot, select_sweep, summarise, write_csv
 
+    if getattr(args, "paper", None) is not None or not any(True for _ in _loo_records(args.dir)):
+        return protocols_cli.run_results(args)
     records = load_results(args.dir)
     sweep = Path(args.dir).is_dir() and (Path(args.dir) / "sweep.json").exists()
     if sweep:  # DomainBed: the best hparam seed per (method, dataset, test domain, trial) and selection
@@ -121,6 +127,12 @@ def cmd_results(args) -> int:
     plot(rows, out / f"results_{args.metric}.png")
     print(f"wrote {out / f'results_{args.metric}.csv'} and {out / f'results_{args.metric}.png'}")
     return 0
+
+
+def _loo_records(path):
+    from .results import load_results
+
+    return (r for r in load_results(path) if not isinstance(r.get("protocol"), str))
 
 
 def cmd_datasets(args) -> int:
@@ -146,7 +158,7 @@ def cmd_datasets(args) -> int:
         for p in rep["problems"]:
             print(f"      - {p}")
     print(f"{found} dataset(s) found under {args.root}")
-    return 0
+    return protocols_cli.print_suite_datasets(args)
 
 
 def cmd_pretrain(args) -> int:
@@ -198,6 +210,8 @@ def cmd_quickstart(args) -> int:
     print(format_table(rows))
     write_csv(rows, Path(args.output_dir) / "results_test_acc.csv")
     plot(rows, Path(args.output_dir) / "results_test_acc.png")
+    print()
+    protocols_cli.quickstart_base2new(args)
     print(f"quickstart finished in {time.time() - t0:.0f} s; results in {args.output_dir}")
     return 0
 
@@ -252,7 +266,9 @@ def _add_common(p, *, steps_default=300):
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--hparams-seed", type=int, default=0, help="0 = paper defaults, >0 = random search draw")
     p.add_argument("--holdout-fraction", type=float, default=0.2)
-    p.add_argument("--selection", choices=["training-domain", "oracle"], default="training-domain")
+    p.add_argument("--selection", choices=["training-domain", "oracle", "last-epoch", "oracle-best-test-epoch"],
+                   default="training-domain", help="loo: training-domain | oracle; CoOp suite: last-epoch "
+                   "(default) | oracle-best-test-epoch")
     p.add_argument("--train-domains", nargs="+", default=None, help="sources (one = single-source DG)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -288,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-domain", default="all", help="a domain, 'a,b' (held out together) or 'all'")
     p.add_argument("--hparams", default=None, help="JSON overrides of the method's hyper-parameters")
     _add_common(p)
+    protocols_cli.add_train_arguments(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="report the selected evaluation stored in a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -295,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="DomainBed-style table (+ CSV, PNG) from results.jsonl")
     p.add_argument("dir")
     p.add_argument("--metric", default="test_acc")
+    protocols_cli.add_results_arguments(p)
     p.set_defaults(fn=cmd_results)
     p = sub.add_parser("sweep", help="DomainBed-style grid: launch | delete_incomplete | list")
     p.add_argument("action", choices=["launch", "delete_incomplete", "list"])
