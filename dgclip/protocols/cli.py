@@ -115,8 +115,11 @@ def quickstart_base2new(args) -> list[dict]:
     recs = []
     for method in QUICKSTART_BASE2NEW["methods"]:
         for seed in args.seeds:
+            explicit = lambda v: None if v is None or isinstance(v, ParserDefault) else str(v)  # noqa: E731
             cfg = ProtocolConfig(method=method, dataset=QUICKSTART_BASE2NEW["dataset"], root=args.root,
                                  protocol="base2new", shots=QUICKSTART_BASE2NEW["shots"], seed=seed,
+                                 epochs=getattr(args, "epochs", None), backbone=explicit(getattr(args, "backbone", None)),
+                                 pretrained=explicit(getattr(args, "pretrained", None)),
                                  output_dir=str(args.output_dir) + "/base2new", cache_dir=args.cache_dir,
                                  device=args.device, precision=args.precision, progress=not args.no_progress,
                                  workers=args.workers)
