@@ -110,7 +110,7 @@ def cmd_results(args) -> int:
 
     if getattr(args, "paper", None) is not None or not any(True for _ in _loo_records(args.dir)):
         return protocols_cli.run_results(args)
-    records = load_results(args.dir)
+    records = list(_loo_records(args.dir))  # CoOp-suite records have their own tables (--paper)
     sweep = Path(args.dir).is_dir() and (Path(args.dir) / "sweep.json").exists()
     if sweep:  # DomainBed: the best hparam seed per (method, dataset, test domain, trial) and selection
         records = select_sweep(records)

@@ -164,3 +164,36 @@ def test_subsample_classes_relabels_from_first_list():
     assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
     with pytest.raises(ValueError):
         subsample_classes(train, subsample="half")
+
+
+def test_dassl_epoch_schedule():
+    import torch
+
+    from dgclip.protocols.schedule import dassl_epoch_lr, dassl_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.002)
+    sched = dassl_scheduler(opt, steps_per_epoch=3, max_epoch=4, warmup_epochs=1, warmup_lr=1e-5)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    per_epoch = seen[::3]
+    assert all(seen[i] == seen[i - i % 3] for i in range(12))  # constant within an epoch
+    # epoch 0 at the warm-up lr, then cosine over epochs from the base lr (Dassl, WARMUP_RECOUNT)
+    expected = [1e-5] + [0.002 * 0.5 * (1 + math.cos(math.pi * (e - 1) / 4)) for e in (1, 2, 3)]
+    assert per_epoch == pytest.approx(expected)
+    assert dassl_epoch_lr(1, 0.002, 4) == pytest.approx(0.002)
+
+
+def test_dgclip_datasets_lists_the_suite(tmp_path, capsys):
+    from dgclip.cli import main
+
+    make_caltech101(tmp_path)
+    make_fgvc_aircraft(tmp_path)
+    (tmp_path / "fgvc_aircraft" / "images_variant_val.txt").unlink()
+    assert main(["datasets", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "caltech101       OK: 7 classes, train 28, val 14, test 21" in out
+    assert "images_variant_val.txt" in out and "imagenet_r       not found" in out
