@@ -142,3 +142,20 @@ def test_quickstart_base2new_table(tmp_path, capsys, monkeypatch):
     assert "base-to-new" in text and "HM" in text
     for m in pcli.QUICKSTART_BASE2NEW["methods"]:
         assert any(line.startswith("rotated-digits") and m in line for line in text.splitlines())
+
+
+def test_same_run_with_any_worker_count(caltech_root, tmp_path):
+    """Few-shot lists, batches and augmentations do not depend on the loader's worker count."""
+    from dgclip.protocols.runner import ProtocolConfig, run_protocol
+
+    recs = []
+    for workers in (0, 2):
+        recs.append(run_protocol(ProtocolConfig(
+            method="gopro", dataset="caltech101", root=str(caltech_root), protocol="base2new", shots=3, seed=2,
+            output_dir=str(tmp_path / f"w{workers}"), backbone="tiny-digits", pretrained="none",
+            cache_dir=str(tmp_path / f"cache{workers}"), epochs=1, progress=False, workers=workers)))
+    a, b = recs
+    assert json.loads(Path(a["fewshot_cache"]).read_text())["train"] == \
+        json.loads(Path(b["fewshot_cache"]).read_text())["train"]
+    assert a["loss_first"] == b["loss_first"] and a["loss_last"] == b["loss_last"]
+    assert (a["base_acc"], a["new_acc"]) == (b["base_acc"], b["new_acc"])
