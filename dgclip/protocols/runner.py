@@ -273,7 +273,8 @@ def run_protocol(cfg: ProtocolConfig) -> dict:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     trainable = bool(method.trainable_parameters())
-    steps = epochs * batches_src.per_epoch if trainable else 0
+    epochs = epochs if trainable else 0  # zero-shot: nothing to train, one evaluation
+    steps = epochs * batches_src.per_epoch
     if trainable:
         method.configure_optimizers(steps)
         if method.optimizer is not None:
