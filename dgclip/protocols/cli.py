@@ -39,7 +39,14 @@ def add_results_arguments(p) -> None:
 
 
 def is_suite_run(args) -> bool:
-    return getattr(args, "protocol", "loo") != "loo"
+    """True for a CoOp-suite protocol. For `loo` the backbone flags go back to plain strings, so
+    the engine's records and checkpoints hold no marker object."""
+    suite = getattr(args, "protocol", "loo") != "loo"
+    if not suite:
+        for k in ("backbone", "pretrained"):
+            if isinstance(getattr(args, k, None), ParserDefault):
+                setattr(args, k, str(getattr(args, k)))
+    return suite
 
 
 def _selection(args) -> str:
