@@ -197,3 +197,42 @@ def test_dgclip_datasets_lists_the_suite(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "caltech101       OK: 7 classes, train 28, val 14, test 21" in out
     assert "images_variant_val.txt" in out and "imagenet_r       not found" in out
+
+
+def test_coop_suite_presets_are_sourced_and_known_to_the_methods():
+    from dgclip.methods import get_method
+    from dgclip.presets.coop_suite import PRESETS, RUN_SETTINGS, TRAINABLE_DATASETS
+    from dgclip.provenance import Sourced
+
+    for method in ("coop", "cocoop", "gopro"):
+        known = set(get_method(method).all_defaults())
+        for ds in TRAINABLE_DATASETS:
+            preset = PRESETS[(method, ds)]
+            assert all(isinstance(v, Sourced) for v in preset.values())
+            # every value is a run setting or a hyper-parameter of the method (none silently dropped)
+            assert set(preset) - set(RUN_SETTINGS) <= known, (method, sorted(set(preset) - set(RUN_SETTINGS) - known))
+    assert PRESETS[("coop", "imagenet")]["epochs"].value == 50
+    assert PRESETS[("coop", "dtd")]["epochs"].value == 200 and PRESETS[("coop", "dtd")]["n_ctx"].value == 16
+    assert PRESETS[("cocoop", "dtd")]["batch_size"].value == 1 and PRESETS[("cocoop", "dtd")]["epochs"].value == 10
+    g = PRESETS[("gopro", "eurosat")]
+    assert (g["batch_size"].value, g["epochs"].value, g["lr"].value, g["weight_decay"].value) == (4, 50, 0.002, 5e-4)
+    assert g["ctx_init"].value == "a photo of a" and g["n_ctx"].value == 4
+
+
+def test_published_tables_are_consistent():
+    from dgclip.protocols.report import load_published
+
+    b2n = load_published("gopro-base2new")
+    for method, row in b2n["rows"].items():
+        assert set(row) == set(b2n["columns"])
+        for col in b2n["columns"]:
+            if col.endswith(":hm") and not (method == "CoCoOp" and col.startswith(("oxford_flowers", "average"))):
+                ds = col[:-3]
+                b, n = row[f"{ds}:base"], row[f"{ds}:new"]
+                assert abs(2 * b * n / (b + n) - row[col]) < 0.015, (method, col)
+    cd = load_published("gopro-cross-dataset")
+    for method, row in cd["rows"].items():
+        targets = [c for c in cd["columns"] if c not in ("imagenet", "average")]
+        assert len(targets) == 10 and abs(sum(row[t] for t in targets) / 10 - row["average"]) < 0.015, method
+    assert "oracle" in b2n["caveats"]["GOPro"] and "oracle" in cd["caveats"]["GOPro"]
+    assert load_published("gopro-imagenet-shift")["rows"]["GOPro"]["imagenet_r"] == 78.02
