@@ -136,7 +136,7 @@ def format_paper_comparison(records: list[dict], table: str = "auto") -> str:
         doc = load_published(t)
         out.append(f"{doc['title']}\nsource: {doc['source']}")
         out.append(f"{'method':22s} {'column':22s} {'ours':>13s} {'paper':>8s} {'diff':>7s}")
-        shown = set()
+        shown, n_lines = set(), len(out)
         for key in sorted(agg):
             protocol, method, oracle, shots = key
             if _TABLE_FOR.get(protocol) != t:
@@ -153,6 +153,9 @@ def format_paper_comparison(records: list[dict], table: str = "auto") -> str:
                            f"{(f'{ref:.2f}' if ref is not None else '-'):>8s} {diff}")
                 if ref is not None:
                     shown.add(paper_row)
+        if len(out) == n_lines:
+            ours = sorted({c.split(":")[0] for k in agg if _TABLE_FOR.get(k[0]) == t for c in agg[k]})
+            out.append(f"  (no published cell for {', '.join(ours)}: the table covers {', '.join(sorted({c.split(':')[0] for c in doc['columns']}))})")
         for row in sorted(shown):
             if row in doc["caveats"]:
                 out.append(f"caveat ({row}, paper): {doc['caveats'][row]}")
