@@ -45,6 +45,7 @@ def test_base2new_cli_on_caltech_layout(method, caltech_root, tmp_path, capsys):
     assert rec["selection"] == "last epoch" and rec["selected_epoch"] == rec["epochs"] == 1
     assert rec["steps"] == rec["steps_per_epoch"] >= 1
     assert rec["loss_first"] is not None
+    assert rec["train_transform"].startswith("dassl" if method in ("coop", "cocoop") else "gopro's own")
     printed = capsys.readouterr().out
     assert "base=" in printed and "hm=" in printed
 

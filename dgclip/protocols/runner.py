@@ -234,8 +234,10 @@ def run_protocol(cfg: ProtocolConfig) -> dict:
     eval_tf = backbone.preprocess_val
     if run["transforms"] == "dassl" and method.uses_frozen_features:
         train_tf = dassl_train_transform(eval_tf)  # CoOp / CoCoOp: Dassl's crop + flip
+        train_view = "dassl: random resized crop (0.08-1, bicubic) + flip"
     elif run["transforms"] in ("dassl", "method"):
         train_tf = method.make_train_transform(eval_tf)  # GOPro: its own views; embedded: as tuned
+        train_view = "eval view" if train_tf is eval_tf else f"{cfg.method}'s own training views"
     else:
         raise ValueError(f"transforms must be 'dassl' or 'method', got {run['transforms']!r}")
     wid = str(getattr(backbone, "weights_id", f"{backbone.name}:{backbone.pretrained}"))
@@ -347,7 +349,7 @@ def run_protocol(cfg: ProtocolConfig) -> dict:
         "n_train_images": len(train_items), "n_val_images": len(val_items), "n_test_images": len(test_items),
         "n_new_test_images": len(new_test) if new_test is not None else 0,
         "fewshot_cache": few.get("cache"), "train_features_cached": train.feats is not None,
-        "train_transform": run["transforms"] if train_tf is not eval_tf else "eval view",
+        "train_transform": train_view,
         "hparams": hparams, "settings": run, "sources": srcs, "config": asdict(cfg), "versions": _versions(),
         "backbone": {"name": backbone.name, "pretrained": backbone.pretrained},
         "history": history, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
