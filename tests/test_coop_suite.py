@@ -139,6 +139,12 @@ def test_fewshot_identical_across_processes_and_cached_as_json(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path / "c2")], capture_output=True,
                          text=True, env=env, check=True).stdout
     assert json.loads(out) == [list(x) for x in first["train"] + first["val"]]
+    # the same split under another folder reuses the cache (paths are relative to the dataset folder)
+    moved = tmp_path / "moved"
+    mv = fewshot_split("toy", [it._replace(impath=it.impath.replace(str(data_dir), str(moved))) for it in train],
+                       [it._replace(impath=it.impath.replace(str(data_dir), str(moved))) for it in val], 4, 2,
+                       base_dir=moved, cache_dir=tmp_path / "c1")
+    assert [it.impath for it in mv["train"]] == [it.impath.replace(str(data_dir), str(moved)) for it in first["train"]]
     # a cache drawn from another split is refused
     with pytest.raises(DataError, match="fingerprint"):
         fewshot_split("toy", train[:-1], val, 4, 2, base_dir=data_dir, cache_dir=tmp_path / "c1")

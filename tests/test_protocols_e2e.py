@@ -161,3 +161,15 @@ def test_same_run_with_any_worker_count(caltech_root, tmp_path):
         json.loads(Path(b["fewshot_cache"]).read_text())["train"]
     assert a["loss_first"] == b["loss_first"] and a["loss_last"] == b["loss_last"]
     assert (a["base_acc"], a["new_acc"]) == (b["base_acc"], b["new_acc"])
+
+
+def test_few_shot_protocol_all_classes(caltech_root, tmp_path):
+    out = tmp_path / "runs"
+    assert main(["train", "--protocol", "few-shot", "--method", "coop", "--dataset", "caltech101", "--root",
+                 str(caltech_root), "--shots", "3", "--epochs", "1", "--seeds", "4", "--output-dir", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), *TINY]) == 0
+    rec = read_records(out / "results.jsonl")[-1]
+    assert rec["protocol"] == "few-shot" and 0.0 <= rec["test_acc"] <= 1.0 and "hm" not in rec
+    assert len(rec["base_classes"]) == 7 and rec["new_classes"] == []
+    assert rec["n_train_images"] == 7 * 3 and rec["n_val_images"] == 7 * 2  # val: min(k, 4), 2 per class here
+    assert rec["n_test_images"] == 7 * 3

@@ -54,11 +54,12 @@ def generate_fewshot(items: list[Item], k: int, rng: random.Random, *, repeat: b
     return out
 
 
-def split_fingerprint(train: list[Item], val: list[Item]) -> str:
+def split_fingerprint(train: list[Item], val: list[Item], base_dir: Path) -> str:
+    """Of the split as listed relative to the dataset folder: a moved dataset keeps its cache."""
     h = hashlib.sha256()
     for part in (train, val):
         for it in part:
-            h.update(f"{it.impath}\0{it.label}\0{it.classname}\n".encode())
+            h.update(f"{os.path.relpath(it.impath, base_dir)}\0{it.label}\0{it.classname}\n".encode())
         h.update(b"|")
     return h.hexdigest()[:20]
 
@@ -81,7 +82,7 @@ def fewshot_split(dataset: str, train: list[Item], val: list[Item], k: int, seed
     if k < 1:
         raise ValueError(f"shots must be >= 1, got {k}")
     base_dir = Path(base_dir)
-    fp = split_fingerprint(train, val if sample_val else [])
+    fp = split_fingerprint(train, val if sample_val else [], base_dir)
     path = Path(cache_dir) / dataset / f"shot_{k}-seed_{seed}.json" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
