@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from .results import format_table, load_results, plot, select_sweep, summarise, write_csv
+    from .results import format_table, plot, select_sweep, summarise, write_csv
 
     if getattr(args, "paper", None) is not None or not any(True for _ in _loo_records(args.dir)):
         return protocols_cli.run_results(args)

@@ -17,7 +17,6 @@ whatever the number of classes.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..domainbed import DataError
 from .items import Item, classnames_by_label
 from .readers import SPECS, SuiteSpec, read
-from .templates import TEMPLATE_SOURCE, template_for
+from .templates import template_for
 
 __all__ = ["Item", "SuiteData", "SuiteSpec", "SPECS", "SUITE_DATASETS", "CROSS_DATASET_TARGETS",
            "IMAGENET_SHIFT_TARGETS", "load_suite", "verify_suite", "is_suite_dataset"]

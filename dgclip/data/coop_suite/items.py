@@ -8,7 +8,6 @@ files instead of failing on an assertion.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 from ..domainbed import DataError
@@ -54,7 +53,3 @@ def classnames_by_label(items: list[Item], what: str) -> list[str]:
     if absent or min(names) < 0:
         raise DataError(f"{what}: labels must be 0..{n - 1} with every label present; missing {absent[:5]}")
     return [names[i] for i in range(n)]
-
-
-def as_path(p) -> Path:
-    return Path(os.fspath(p))

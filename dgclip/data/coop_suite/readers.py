@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from ..domainbed import DataError
 from .items import Item, check_exists, listdir_nohidden
