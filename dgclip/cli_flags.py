@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-__all__ = ["METHODS", "DATASETS", "PROTOCOLS", "UNTRAINED_METHODS", "given", "int_at_least", "float_range", "json_object", "reject",
+__all__ = ["METHODS", "DATASETS", "SUITE_DATASETS", "PROTOCOLS", "UNTRAINED_METHODS", "given", "int_at_least", "float_range", "json_object", "reject",
            "add_flags", "TRAIN_FLAGS", "help_epilog", "HelpFormatter", "TopHelpFormatter", "default_root", "resolve_device"]
 
 METHODS = ("zero-shot", "coop", "cocoop", "dpl", "dalsclip", "gopro", "seeclip")
@@ -23,12 +23,21 @@ DATASETS = ("pacs", "vlcs", "officehome", "terraincognita", "domainnet", "digits
             "rotated-digits", "pacs-open", "pacs-open-odgclip", "vlcs-open", "vlcs-open-odgclip",
             "officehome-open", "officehome-open-medic", "mini-domainnet-open", "digits-dg-open",
             "digits-dg-open-odgclip", "rotated-digits-open")
+# the CoOp few-shot suite (--protocol few-shot | base2new | cross-dataset | imagenet-shift)
+SUITE_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch",
+                  "imagenet_a", "imagenet_r")
 # methods with nothing to train: --steps / --eval-every given to them would be ignored
 UNTRAINED_METHODS = ("zero-shot",)
 PROTOCOLS = {
     "loo": "leave-one-domain-out (default): each --test-domain in turn, the others are sources; "
            "--train-domains picks the sources (one = single-source DG); open-set with a *-open dataset "
            "or an open-set split file",
+    "few-shot": "CoOp suite, all classes, --shots K per class, last epoch reported (train)",
+    "base2new": "CoOp suite: train on the base half (first ceil(n/2) sorted labels), test base and new; "
+                "base_acc, new_acc, hm (train)",
+    "cross-dataset": "CoOp suite: train on ImageNet, test on the 10 other datasets (train)",
+    "imagenet-shift": "CoOp suite: train on ImageNet, test on ImageNet-V2/-Sketch/-A/-R (train)",
 }
 
 
@@ -149,8 +158,11 @@ TRAIN_FLAGS = {
                                                help="0 = the method's defaults, >0 = a random-search draw")),
     "holdout-fraction": (("--holdout-fraction",), dict(type=float_range(0.0, 1.0), default=0.2,
                                                        help="per-domain validation (out) split, as DomainBed")),
-    "selection": (("--selection",), dict(choices=["training-domain", "oracle"], default="training-domain",
-                                         help="model selection; oracle uses the target and is labelled so")),
+    "selection": (("--selection",), dict(choices=["training-domain", "oracle", "last-epoch", "oracle-best-test-epoch"],
+                                         default="training-domain",
+                                         help="model selection; loo: training-domain | oracle (uses the target, "
+                                              "labelled so); CoOp suite: last-epoch (what training-domain means "
+                                              "there) | oracle-best-test-epoch (GOPro's released selection)")),
     "train-domains": (("--train-domains",), dict(nargs="+", default=None, help="sources (one = single-source DG); "
                                                                               "default: every other domain")),
     "device": (("--device",), dict(default="auto", help="auto = cuda when available, else cpu")),
@@ -195,6 +207,7 @@ def help_epilog() -> str:
         item("datasets:", ", ".join(DATASETS) + "; or a path: a DomainBed-layout folder "
              "<folder>/<domain>/<class>/<image>, or an open-set split file (.json) of class-name lists "
              "(docs/guides/own-data.md)"),
+        item("", "CoOp suite (with --protocol): " + ", ".join(SUITE_DATASETS)),
         *[item("protocols:" if i == 0 else "", f"{k}: {v}") for i, (k, v) in enumerate(PROTOCOLS.items())],
         item("defaults:", f"data root $DGCLIP_DATA, else {default_cache_dir() / 'data'}; cache $DGCLIP_CACHE, "
              f"else {default_cache_dir()}; device cuda when available, else cpu"),

@@ -18,6 +18,11 @@ def test_static_names_match_the_registries():
 
     assert cli_flags.METHODS == tuple(_MODULES)
     assert cli_flags.DATASETS == tuple(list_datasets())
+    from dgclip.data.coop_suite import SUITE_DATASETS
+    from dgclip.protocols import PROTOCOLS
+
+    assert cli_flags.SUITE_DATASETS == SUITE_DATASETS
+    assert tuple(cli_flags.PROTOCOLS) == PROTOCOLS
 
 
 def test_parser_and_argument_errors_import_no_torch():

@@ -52,6 +52,9 @@ def run(args) -> int:
         found += 1
         errors += rep["errors"]
         _print_report(spec.name, rep)
+    from ..data.coop_suite import SPECS as SUITE_SPECS
+
+    seen |= {Path(s.path(root)).relative_to(root).parts[0] for s in SUITE_SPECS.values()}  # listed below
     others = sorted(p for p in root.iterdir() if p.name not in seen and not p.name.startswith("."))
     if others:
         print(f"not a registered dataset folder under {root}:")
@@ -71,4 +74,7 @@ def run(args) -> int:
               f"classes): use it with --dataset {p}")
         _print_report("", rep)
     print(f"{found} dataset(s) found under {root}" + (f"; {errors} problem(s) that would stop a run" if errors else ""))
-    return 1 if errors else 0
+    from ..protocols import cli as protocols_cli
+
+    suite_rc = protocols_cli.print_suite_datasets(args)
+    return 1 if errors or suite_rc else 0

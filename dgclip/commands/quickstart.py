@@ -1,4 +1,5 @@
-"""`dgclip quickstart`: the embedded default end to end (pretrain, 4 baselines, the table)."""
+"""`dgclip quickstart`: the embedded default end to end (pretrain, 4 baselines, the leave-one-domain-out
+table, then the base-to-new table of the CoOp-suite protocol)."""
 from __future__ import annotations
 
 from ..cli_flags import HelpFormatter, add_flags, reject
@@ -60,5 +61,9 @@ def run(args) -> int:
     print(format_table(rows))
     write_csv(rows, Path(args.output_dir) / "results_test_acc.csv")
     plot_or_say(rows, Path(args.output_dir) / "results_test_acc.png")
+    print()
+    from ..protocols import cli as protocols_cli
+
+    protocols_cli.quickstart_base2new(args)  # the CoOp-suite protocol offline: digits 0-4 base, 5-9 new
     print(f"quickstart finished in {time.time() - t0:.0f} s; results in {args.output_dir}")
     return 0

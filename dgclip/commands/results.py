@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..cli_flags import HelpFormatter
+from ..protocols import cli as protocols_cli
 
 # metrics every record has, and those open-set records add (dgclip.results.METRIC_LABELS)
 KNOWN_METRICS = ("test_acc", "val_acc", "closed_acc", "h_score", "h_score_native", "h_score_swept_oracle", "auroc", "oscr",
@@ -14,6 +15,7 @@ def add_parser(subparsers):
     p.add_argument("dir", help="a results.jsonl, a folder holding them, or a sweep folder")
     p.add_argument("--metric", default="test_acc", help="one of the numeric fields of the records: "
                    + ", ".join(KNOWN_METRICS) + " (open-set records have the last eight)")
+    protocols_cli.add_results_arguments(p)  # --paper [TABLE]
     return p
 
 
@@ -46,6 +48,10 @@ def run(args) -> int:
     from ..results import format_table, load_results, select_sweep, summarise, write_csv
 
     records = load_results(args.dir)
+    loo = [r for r in records if not isinstance(r.get("protocol"), str)]  # CoOp-suite records: their own tables
+    if getattr(args, "paper", None) is not None or (records and not loo):
+        return protocols_cli.run_results(args)
+    records = loo
     sweep = Path(args.dir).is_dir() and (Path(args.dir) / "sweep.json").exists()
     if sweep:  # DomainBed: the best hparam seed per (method, dataset, test domain, trial) and selection
         records = select_sweep(records)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..presets.apply import add_preset_flag
+from ..protocols import cli as protocols_cli
 from ..cli_flags import METHODS, UNTRAINED_METHODS, HelpFormatter, add_flags, given, json_object
 
 FLAGS = ("root", "output-dir", "seeds", "backbone", "pretrained", "cache-dir", "steps", "eval-every",
@@ -22,6 +23,7 @@ def add_parser(subparsers):
                    help="JSON overrides of the method's hyper-parameters, e.g. '{\"lr\": 0.002}'")
     add_flags(p, FLAGS)
     add_preset_flag(p)
+    protocols_cli.add_train_arguments(p)  # --protocol, --shots, --epochs, --targets (the CoOp suite)
     return p
 
 
@@ -43,6 +45,8 @@ def run(args) -> int:
     from ..presets.apply import apply_to_train_args
 
     apply_to_train_args(args, args._argv)
+    if protocols_cli.is_suite_run(args):  # the CoOp few-shot suite (dgclip.protocols)
+        return protocols_cli.run_train(args, args.hparams or {})
     configs = list(train_configs(args, args.method, args.dataset, args.test_domain, args.hparams or {}))
     check_images_first([(c.dataset, c.test_domains, c.train_domains) for c in configs], args.root, args.cache_dir,
                        args.skip_unreadable)
