@@ -142,11 +142,16 @@ def test_quickstart_runs_its_fixed_settings_and_the_flags_it_takes(tmp_path, mon
 
     monkeypatch.setattr(train, "run_training_verbose", fake_run)
     monkeypatch.setattr(_training, "ensure_pretrained", lambda args: None)
+    from dgclip.protocols import cli as protocols_cli
+
+    base2new = []  # the base-to-new part runs for real in tests/test_protocols_e2e.py
+    monkeypatch.setattr(protocols_cli, "quickstart_base2new", base2new.append)
     assert cli.main(["quickstart", "--output-dir", str(tmp_path / "out"), "--seeds", "0", "--steps", "7",
                      "--root", str(tmp_path), "--device", "cpu"]) == 0
     assert {c.method for c in seen} == {"zero-shot", "coop", "cocoop", "dpl"} and len(seen) == 4 * 6
     assert {(c.backbone, c.pretrained, c.steps, c.eval_every, c.seed) for c in seen} == {("tiny-digits", "default", 7, 50, 0)}
     assert "| coop" in capsys.readouterr().out
+    assert len(base2new) == 1 and base2new[0].seeds == [0]
 
 
 def test_a_missing_dependency_behind_a_wrapping_error_is_named(monkeypatch, capsys):
