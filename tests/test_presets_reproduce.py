@@ -29,13 +29,16 @@ def test_dpl_paper_preset_values_and_sources():
 def test_every_preset_value_is_sourced_and_known_to_its_method():
     from dgclip.methods import get_method
 
+    from dgclip.presets.coop_suite import RUN_SETTINGS as SUITE_RUN_SETTINGS
+
     table = all_presets()
     assert table, "no presets collected"
     for (method, dataset), values in table.items():
         keys = set(get_method(method).all_defaults())
         for name, v in values.items():
             assert isinstance(v, Sourced) and v.source.split(":")[0] in SOURCE_KINDS, (method, dataset, name)
-            assert name in RUN_KEYS or name in keys, f"{method} has no hyper-parameter {name!r}"
+            assert name in RUN_KEYS or name in SUITE_RUN_SETTINGS or name in keys, \
+                f"{method} has no hyper-parameter {name!r}"
 
 
 def test_embedded_is_the_toy_default_and_unknown_pairs_are_clear():
@@ -275,3 +278,13 @@ def test_dry_run_turns_epochs_into_steps_when_the_data_is_there(tmp_path):
     assert row.steps == math.ceil(20 * 0.8 * 120 / (4 * 16)) and row.steps_how.startswith("project: 20 epochs")
     (row,) = plan(TABLES["odgclip-open"], root=tmp_path / "absent", methods=["seeclip"], datasets=["pacs-open-odgclip"])
     assert row.steps is None and "computed from the data at launch" in row.steps_how
+
+
+def test_a_suite_preset_is_refused_outside_its_protocol():
+    from dgclip.presets.apply import resolve_run
+
+    with pytest.raises(ValueError, match="--protocol base2new"):
+        resolve_run("paper", "coop", "caltech101", explicit_run={}, explicit_hparams={})
+    with pytest.raises(ValueError, match="--preset applies to leave-one-domain-out"):
+        _train_args(["train", "--method", "coop", "--dataset", "caltech101", "--protocol", "base2new",
+                     "--preset", "paper"])

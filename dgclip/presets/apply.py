@@ -45,7 +45,8 @@ def explicit_dests(argv) -> set:
                 action.default = argparse.SUPPRESS
         p.set_defaults(**{k: argparse.SUPPRESS for k in list(p._defaults)})
     ns, _ = parser.parse_known_args(list(argv))
-    return set(vars(ns))
+    # parser-level defaults (set_defaults) are copied into the namespace even when SUPPRESS
+    return {k for k, v in vars(ns).items() if v != argparse.SUPPRESS}
 
 
 def epochs_to_steps(dataset: str, root, epochs: int, batch_size: int, holdout: float) -> tuple:
@@ -66,6 +67,15 @@ def epochs_to_steps(dataset: str, root, epochs: int, batch_size: int, holdout: f
                    f"({d} domains x batch {batch_size})) = {steps} steps")
 
 
+def _suite_run_settings() -> tuple:
+    """Run settings that only the CoOp-suite protocols read (dgclip.presets.coop_suite)."""
+    try:
+        from .coop_suite import RUN_SETTINGS
+    except ModuleNotFoundError:
+        return ()
+    return RUN_SETTINGS
+
+
 def _method_keys(method: str) -> set:
     from ..methods import get_method
 
@@ -80,6 +90,11 @@ def resolve_run(preset: str, method: str, dataset: str, *, explicit_run: dict, e
     method. record = {"name", "values", "sources"}: what the run used and where each value is from.
     """
     table = resolve(preset, method, dataset)
+    suite_only = sorted(k for k in table if k in _suite_run_settings() and k not in RUN_KEYS)
+    if suite_only:
+        raise ValueError(f"the {preset} preset for ({method}, {dataset}) configures the CoOp few-shot suite "
+                         f"(it sets {', '.join(suite_only)}): run it with `dgclip train --protocol base2new` "
+                         "(or few-shot, cross-dataset, imagenet-shift), which applies it by itself")
     keys = _method_keys(method)
     unknown = sorted(k for k in table if k not in RUN_KEYS and k not in keys)
     if unknown:
@@ -116,6 +131,10 @@ def apply_to_train_args(args, argv) -> None:
     """`dgclip train --preset NAME`: fill the run flags and hparams from the preset in place."""
     if getattr(args, "preset", None) is None:
         return
+    if getattr(args, "protocol", "loo") != "loo":
+        raise ValueError(f"--preset applies to leave-one-domain-out runs; --protocol {args.protocol} always uses "
+                         "its paper configuration (dgclip/presets/coop_suite.py), overridden by --shots/--epochs "
+                         "and --hparams")
     dests = explicit_dests(argv)
     user_hp = _hparams_dict(args.hparams)
     run, hparams, record = resolve_run(args.preset, args.method, args.dataset, explicit_run=_explicit(args, dests),

@@ -89,7 +89,7 @@ def run_train(args, hparams: dict) -> int:
 
     if args.protocol not in SUITE_PROTOCOLS:
         raise ValueError(f"unknown protocol {args.protocol!r}")
-    from ..cli import _ensure_pretrained
+    from ..commands._training import ensure_pretrained as _ensure_pretrained
     from .embedded import EMBEDDED_SUITE
 
     if args.dataset == EMBEDDED_SUITE:
