@@ -162,11 +162,11 @@ def test_training_identical_for_0_and_2_workers_and_resume_exact(data_root, cach
 
     calls, orig = {"n": 0}, GOPro.update
 
-    def flaky(self, batch):
+    def flaky(self, batch, *rest):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return orig(self, batch)
+        return orig(self, batch, *rest)
 
     monkeypatch.setattr(GOPro, "update", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -219,7 +219,8 @@ def test_cache_budget_switches_to_on_the_fly(data_root, cache_dir, tmp_path, bac
     assert big.cached and big.estimated_bytes == 1000 * backbone.image_features(ds[0][0][None]).pooled.numel() * 2
     cfg = dict(method="coop", dataset="rotated-digits", root=str(data_root), test_domains=["rot75"], seed=0,
                backbone="tiny-digits", pretrained="none", cache_dir=str(cache_dir), steps=2, eval_every=2,
-               hparams={"batch_size": 2, "n_ctx": 4}, train_domains=["rot0"], progress=False, workers=0)
+               hparams={"batch_size": 2, "n_ctx": 4, "train_augment": "none"},  # frozen features: cacheable
+               train_domains=["rot0"], progress=False, workers=0)
     cached = run_training(TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
     fly = run_training(TrainConfig(output_dir=str(tmp_path / "b"), feature_cache_budget_gb=1e-9, **cfg))
     assert cached["feature_cache"]["mode"] == "memmap-float16" and cached["feature_cache"]["keys"]["train"]

@@ -70,11 +70,11 @@ def test_interrupted_job_resumes_and_delete_incomplete(tmp_path, data_root, cach
     orig = CoOp.update
     calls = {"n": 0}
 
-    def flaky(self, batch):
+    def flaky(self, batch, *rest):
         calls["n"] += 1
         if calls["n"] == 2:  # after the first step: no checkpoint yet at eval_every=2
             raise RuntimeError("node lost")
-        return orig(self, batch)
+        return orig(self, batch, *rest)
 
     monkeypatch.setattr(CoOp, "update", flaky)
     launch(jobs)  # the local launcher reports the failure and carries on
