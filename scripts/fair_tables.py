@@ -15,6 +15,11 @@ No number of a target domain enters any choice; the oracle column is not compute
 Usage (what produced benchmarks/results/fair_tables.md):
   OMP_NUM_THREADS=1 nice python scripts/fair_tables.py --out runs/fair --n-hparams 3 --n-trials 2
 Re-running with the same --out resumes (finished jobs are skipped) and rewrites the tables.
+`--methods M ...` launches only those methods' jobs; the tables are still built from every method's
+finished runs. A job key names the hparams seed, not the values a seed resolves to, so a changed
+default keeps the key: a finished run whose recorded hyper-parameters differ from what its seed
+resolves to now is stale. Stale runs of launched methods are deleted and rerun; a stale run of a
+method not launched stops the table build (never mixed into a table).
 """
 from __future__ import annotations
 
@@ -42,6 +47,77 @@ def _jobs(args, dataset, methods):
              "workers": 0}
     return make_grid(Path(args.out) / dataset, methods, [dataset], ["all"], args.n_hparams, trials,
                      steps=args.steps, **train)
+
+
+def _stale_reason(job, record) -> str:
+    """'' when the finished run used the hyper-parameters its seed resolves to now, else the diff."""
+    from dgclip.data.catalog import get_spec
+    from dgclip.methods import get_method
+
+    def norm(d):  # as the JSON record stores it
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    now = {**get_method(job.method).hparams_for(job.hparams_seed, embedded=get_spec(job.dataset).embedded),
+           **job.train.get("hparams", {})}
+    old, now = norm(record.get("hparams", {})), norm(now)
+    return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+                     for k in sorted(old.keys() | now.keys()) if old.get(k) != now.get(k))
+
+
+_NOT_RESULTS = ("output_dir", "progress", "workers", "resume", "preset", "track_oracle")
+
+
+def _same_settings(job, record) -> bool:
+    """The record's config equals the job's on every result field; a field the record lacks (added
+    to TrainConfig after the run) must be at its default, i.e. the behaviour the run had."""
+    from dataclasses import asdict, fields
+
+    from dgclip.engine import TrainConfig
+
+    def norm(d):
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    now = norm(asdict(TrainConfig(**job.config())))
+    defaults = norm({f.name: f.default for f in fields(TrainConfig) if isinstance(f.default, (bool, int, float, str, type(None)))})
+    old = norm(record.get("config") or {})
+    return all((old[k] if k in old else defaults.get(k, object())) == v for k, v in now.items() if k not in _NOT_RESULTS)
+
+
+def _run_folder(job):
+    """The job's folder; or, when the key's hash changed only because TrainConfig gained a field
+    since the run (a run made before that field behaves as its default), the one finished folder
+    of the same readable name whose recorded config equals the job's on every result field."""
+    from dgclip.engine import read_records
+
+    if (job.folder / "done").exists():
+        return job.folder
+    name = job.key.rsplit("__", 1)[0]
+    matches = [f for f in Path(job.sweep_dir).glob(f"{name}__*") if (f / "done").exists()
+               and any(_same_settings(job, r) for r in read_records(f / "results.jsonl"))]
+    if len(matches) > 1:
+        raise SystemExit(f"several finished runs match {job.key}: {[str(m) for m in matches]}")
+    return matches[0] if matches else None
+
+
+def _finished_records(job) -> list:
+    from dgclip.engine import read_records
+
+    folder = _run_folder(job)
+    return read_records(folder / "results.jsonl") if folder else []
+
+
+def _delete_stale(jobs) -> int:
+    """Delete finished runs made with other hyper-parameters than their seed resolves to now."""
+    import shutil
+
+    n = 0
+    for j in jobs:
+        folder = _run_folder(j)
+        if folder is not None and any(_stale_reason(j, r) for r in _finished_records(j)):
+            print(f"stale run deleted (rerun): {folder.name}: {_stale_reason(j, _finished_records(j)[-1])}")
+            shutil.rmtree(folder)
+            n += 1
+    return n
 
 
 def _cell(mean, err, n) -> str:
@@ -93,13 +169,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--closed", nargs="*", default=CLOSED)
     ap.add_argument("--open", nargs="*", default=OPEN)
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="launch only these methods' jobs (default: all); the tables include every method")
     ap.add_argument("--tables-only", action="store_true", help="rebuild the tables from finished jobs")
     ap.add_argument("--note", action="append", default=[], help="a line to add under the header (e.g. how long the runs took)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "fair_tables.md"))
     args = ap.parse_args(argv)
 
-    from dgclip.engine import read_records
-    from dgclip.sweep import job_status, launch
+    from dgclip.sweep import launch
 
     t0 = time.time()
     plan = [("rotated-digits", args.closed), ("rotated-digits-open", args.open)]
@@ -109,7 +186,11 @@ def main(argv=None) -> int:
 
         pretrain_tiny_clip(Path(args.cache_dir) if args.cache_dir else None, progress=False)
         for dataset, methods in plan:
-            launch(_jobs(args, dataset, methods), "local")
+            chosen = [m for m in methods if args.methods is None or m in args.methods]
+            if chosen:
+                jobs = _jobs(args, dataset, chosen)
+                _delete_stale(jobs)
+                launch(jobs, "local")
     elapsed = time.time() - t0
     out = [f"# Fair tables: one random search per method, source-validation selection",
            "",
@@ -125,11 +206,16 @@ def main(argv=None) -> int:
            *args.note, ""]
     for dataset, methods in plan:
         jobs = _jobs(args, dataset, methods)
-        records = []
+        records, n_done = [], 0
         for j in jobs:
-            if job_status(j) == "done":
-                records += read_records(j.folder / "results.jsonl")
-        n_done = sum(job_status(j) == "done" for j in jobs)
+            recs = _finished_records(j)
+            n_done += bool(recs)
+            if recs:
+                stale = [_stale_reason(j, r) for r in recs if _stale_reason(j, r)]
+                if stale:
+                    raise SystemExit(f"stale run {j.folder}: made with other hyper-parameters than hparams seed "
+                                     f"{j.hparams_seed} resolves to now ({stale[0]}); rerun with --methods {j.method}")
+                records += recs
         notes = {r["method"]: r.get("method_notes", {}).get("unknown_generator_note") for r in records
                  if r.get("method_notes", {}).get("unknown_generator_note")}
         metrics = ["test_acc"] + (["h_score_native", "known_acc_native", "h_score", "auroc", "oscr"]

@@ -102,7 +102,8 @@ def test_gopro_losses_match_formulas(backbone):
     text = torch.stack([m.encoder(m.ctx + m.shift(feats.layer_mean[i:i + 1], feats.layer_std[i:i + 1])[0]) [0]
                         for i in range(3 * B)]).view(3, B, len(CLASSES), -1)
     pooled = feats.pooled.view(3, B, -1)
-    p_o, p_m = m.project(pooled[0]), m.project(pooled[1])
+    # released code: P_v = Linear + BatchNorm1d applied to the L2-normalised image feature
+    p_o, p_m = m.projector(F.normalize(pooled[0], dim=-1)), m.projector(F.normalize(pooled[1], dim=-1))
     # released code: the RAW image feature feeds the logits, P_v only the SimCLR term
     logits = backbone.logit_scale * F.normalize(pooled[0], dim=-1)[:, None, :].mul(F.normalize(text[0], dim=-1)).sum(-1)
     ce = F.cross_entropy(logits, batch.labels)
@@ -119,13 +120,41 @@ def test_gopro_losses_match_formulas(backbone):
     torch.testing.assert_close(out["loss"], ce + cons + 0.1 * nce, atol=1e-4, rtol=1e-4)
 
 
+def test_gopro_projector_sees_the_normalised_feature_by_default(backbone):
+    """Released GOPro divides the image feature by its norm before self.simproj; the raw pooled
+    feature is the named option projector_raw_input. The backbone's pooled features are far from
+    unit norm, so P_v's output (and the SimCLR term) tell the two inputs apart."""
+    batch = _batch(views=True)
+    feats = backbone.image_features(torch.cat([batch.images[v] for v in ("original", "moco", "augmix")]),
+                                    layer_stats=True)
+    pooled = feats.pooled.view(3, B, -1)
+    assert not torch.allclose(pooled[0].norm(dim=-1), torch.ones(B), atol=1e-2)  # the check can fail
+    seen = []
+    for raw in (False, True):
+        m = _make("gopro", backbone, projector_raw_input=raw)
+        m.train()
+        m.projector[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+        out = m.losses(batch.images, batch.labels)
+        want_in = [pooled[0], pooled[1]] if raw else [F.normalize(pooled[0], dim=-1), F.normalize(pooled[1], dim=-1)]
+        got = seen[-2:]
+        for g, w in zip(got, want_in):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        z = F.normalize(torch.cat([m.projector(w) for w in want_in]), dim=-1)
+        sim = z @ z.t() / 0.1
+        sim.fill_diagonal_(float("-inf"))
+        pos = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
+        torch.testing.assert_close(out["contrastive"], F.cross_entropy(sim, pos), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="projector_raw_input must be one of"):
+        _make("gopro", backbone, projector_raw_input="yes")
+
+
 def test_gopro_projector_option(backbone):
     batch = _batch(views=True)
     for feeds in (True, False):
         m = _make("gopro", backbone, projector_feeds_logits=feeds)
         m.eval()
         feats = backbone.image_features(batch.images["original"], layer_stats=True)
-        image = m.project(feats.pooled) if feeds else feats.pooled
+        image = m.projector(F.normalize(feats.pooled, dim=-1)) if feeds else feats.pooled
         want = backbone.logit_scale * torch.einsum("be,bke->bk", F.normalize(image, dim=-1),
                                                    F.normalize(m.text_features(feats), dim=-1))
         torch.testing.assert_close(m.predict(batch.images), want, atol=1e-4, rtol=1e-4)
@@ -140,6 +169,7 @@ def test_gopro_defaults_are_the_released_code(backbone):
     gopro = get_method("gopro")
     d = gopro.all_defaults()
     assert (d["projector_feeds_logits"], d["projector_init"], d["shift_init"]) == (False, "random", "default")
+    assert d["projector_raw_input"] is False and "L389-390" in gopro.hparam_sources["projector_raw_input"]
     assert (d["batch_size"], d["batch_scope"]) == (4, "total")
     batch = _batch(views=True)
     feats = backbone.image_features(batch.images["original"], layer_stats=True)
@@ -149,7 +179,7 @@ def test_gopro_defaults_are_the_released_code(backbone):
     zs = get_method("zero-shot")(backbone, CLASSES, 2, {})
     paper = _make("gopro", backbone, projector_feeds_logits=True, projector_init="zero_residual", shift_init="zero")
     paper.eval()
-    torch.testing.assert_close(paper.project(feats.pooled), feats.pooled, atol=0, rtol=0)
+    torch.testing.assert_close(paper.project(feats.pooled), F.normalize(feats.pooled, dim=-1), atol=0, rtol=0)
     torch.testing.assert_close(paper.predict(batch.images), zs.predict(batch.images["original"]), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="projector_init must be one of"):
         _make("gopro", backbone, projector_init="eye")

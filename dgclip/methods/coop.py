@@ -17,6 +17,7 @@ import dgkernels
 from ..prompting import ClassPromptEncoder, init_context
 from . import register_method
 from .base import Batch, Method, cosine_logits
+from .eval_cache import EvalTextCache
 
 COOP = "released: KaiyangZhou/CoOp"
 DASSL = "released: KaiyangZhou/Dassl.pytorch"
@@ -61,6 +62,8 @@ class CoOp(Method):
         if self.hparams["class_specific"]:
             ctx = ctx.unsqueeze(0).repeat(self.num_classes, 1, 1)
         self.ctx = nn.Parameter(ctx)
+        # the class text features do not depend on the image: one text-tower pass per evaluation
+        self._eval_text = EvalTextCache()
 
     @classmethod
     def search_space(cls, rng) -> dict:
@@ -73,7 +76,14 @@ class CoOp(Method):
         return self.prompt_encoder(self.ctx, class_specific=self.hparams["class_specific"])[0]
 
     def logits(self, x) -> torch.Tensor:
-        return cosine_logits(self.features(x).pooled, self.text_features(), self.backbone.logit_scale)
+        text = self._eval_text.get(self, self.text_features)  # recomputed unless eval mode without grad
+        return cosine_logits(self.features(x).pooled, text, self.backbone.logit_scale)
+
+    def train(self, mode: bool = True):
+        # every mode change (the engine's eval() before each evaluation pass, train() after) drops
+        # the cached text features
+        self._eval_text.clear()
+        return super().train(mode)
 
     def training_losses(self, batch: Batch) -> dict:
         f = self.batch_features(batch).pooled

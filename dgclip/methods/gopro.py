@@ -8,12 +8,13 @@ generator, so one step encodes 3 x B x K prompt sequences through `dgkernels.Pro
 (prefix sharing, chunking).
 
 Loss = CE(original view) + consistency_weight * [MSE(T_o, T_moco) + MSE(T_o, T_augmix)]
-       + contrastive_weight * NT-Xent(tau) on normalised P_v(f_o), P_v(f_moco)
+       + contrastive_weight * NT-Xent(tau) on normalised P_v(f_o / |f_o|), P_v(f_moco / |f_moco|)
 with T_v the L2-normalised text features of view v ([B, K, E]) and P_v = Linear(E, E) + BatchNorm1d.
 
 Defaults = the released code (mainaksingha01/GOPro trainers/gopro.py), which produced the
 published numbers: the RAW image feature feeds the logits and P_v feeds only the SimCLR loss
-(`projector_feeds_logits` False), P_v and the Linear(L -> 1) layer mix start with nn.Linear's
+(`projector_feeds_logits` False), P_v takes the L2-NORMALISED image feature
+(`projector_raw_input` False; True feeds it the pooled feature as it comes), P_v and the Linear(L -> 1) layer mix start with nn.Linear's
 default init (`projector_init` "random", `shift_init` "default"), 4 images per step IN TOTAL
 (Dassl's sampler over the pooled training set: `batch_scope` "total").
 The paper figure's reading is an option: projector_feeds_logits=True, and then
@@ -62,6 +63,7 @@ class GOPro(Method):
         "contrastive_weight": 0.1,
         "temperature": 0.1,
         "projector_feeds_logits": False,
+        "projector_raw_input": False,  # True: P_v sees the pooled feature unnormalised
         "consistency_on_normalized": True,
         "moco_blur_p": 1.0,
         "prompt_chunk_size": 0,  # 0 = the encoder's default
@@ -87,6 +89,8 @@ class GOPro(Method):
         "temperature": f"{GOPRO} trainers/gopro.py SIMCLRLoss(temperature=0.1)",
         "projector_feeds_logits": f"{GOPRO} trainers/gopro.py CustomCLIP.forward (logits from image_features; "
                                   f"simproj only feeds SIMCLRLoss)",
+        "projector_raw_input": f"{GOPRO} trainers/gopro.py:L350,L367,L389-390 (commit e284586d: image_features and "
+                               f"mocov3_features divided by their norm before self.simproj)",
         "consistency_on_normalized": f"{GOPRO} trainers/gopro.py CustomCLIP.forward (text features normalised before "
                                      f"GOProLoss's mse_loss)",
         "moco_blur_p": "paper: MoCo v3 (Chen et al., ICCV 2021) augmentation, blur on view 1 with p=1.0",
@@ -121,6 +125,7 @@ class GOPro(Method):
         check_choice(hp, "projector_init", ("zero_residual", "random"))
         check_choice(hp, "augmix_ops", ("tpt", "torchvision"))
         check_choice(hp, "shift_init", ("default", "zero"))
+        check_choice(hp, "projector_raw_input", (False, True))
         self.n_ctx = int(hp["n_ctx"])
         chunk = int(hp["prompt_chunk_size"]) or None
         self.encoder = make_prompt_encoder(backbone, self.classnames, chunk_size=chunk)
@@ -134,7 +139,11 @@ class GOPro(Method):
             nn.init.zeros_(self.projector[1].weight)  # P_v(f) = f + 0 at start: the identity
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
-        """P_v: Linear + BatchNorm, as a residual on f when projector_init='zero_residual'."""
+        """P_v of the pooled image feature f: Linear + BatchNorm on f / |f| (the released code's
+        input; f itself with projector_raw_input), as a residual on that input when
+        projector_init='zero_residual'."""
+        if not self.hparams["projector_raw_input"]:
+            f = F.normalize(f, dim=-1)
         out = self.projector(f)
         return f.to(out.dtype) + out if self.residual_projector else out
 
