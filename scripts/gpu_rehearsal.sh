@@ -164,7 +164,8 @@ if [ "$DO_REPORT" = 1 ]; then step report report; fi
 # ---- 5. the Triton value and gradient tests, interpreter, these versions --------------------
 if [ "$DO_TESTS" = 1 ]; then
   step tests env TRITON_INTERPRET=1 "$PY" -m pytest -q -x -p no:cacheprovider -o timeout=600 \
-    tests/test_contrastive.py tests/test_heads.py tests/test_prompt_backends.py -k "triton and not large" -m "not slow"
+    tests/test_contrastive.py tests/test_heads.py tests/test_prompt_backends.py tests/test_triton_grids.py \
+    -k "triton and not large or grid or split" -m "not slow"
 fi
 
 # ---- 6. gpu_check.sh end to end in its dry mode ---------------------------------------------
