@@ -93,9 +93,9 @@ env_setup() {
   [ -x "$PY" ] || "$PYBASE" -m venv "$VENV" || return 1
   # What the GPU machine's image has and the tests or the carried wheels import (versions as read
   # there where known), plus the extension's build tools.
-  # numpy below 2.5: Triton 3.6's interpreter converts one-element arrays with int(), which numpy
-  # 2.5 refuses (the GPU machine's numpy 2.5.2 never meets the interpreter: its kernels compile).
-  "$PY" -m pip install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "torchvision==0.26.0" "numpy<2.5" pytest \
+  # numpy below 2.4: Triton 3.6's interpreter converts one-element arrays with int(), which numpy
+  # 2.4 and 2.5 refuse (the GPU machine's numpy 2.5.2 never meets the interpreter: kernels compile).
+  "$PY" -m pip install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "torchvision==0.26.0" "numpy<2.4" pytest \
     pytest-timeout einops timm "huggingface_hub==1.33.0" "safetensors==0.8.0" regex tqdm pillow \
     setuptools wheel ninja pybind11 || return 1
   "$PY" -c "import sys, torch, triton
