@@ -146,7 +146,7 @@ step install install
 export PYTHONPATH="$ROOT:$SITE"
 
 # ---- 4. sm_90 compile and resource report under Triton 3.6 ----------------------------------
-REPORT_MD="$ROOT/benchmarks/results/triton_sm90_resources_triton36.md"
+REPORT_MD="benchmarks/results/triton_sm90_resources_triton36.md"  # relative: its header shows the command
 report() {
   local mod=dgkernels._triton_compile tool=""
   for f in tools/triton_compile.py scripts/triton_compile.py tools/_triton_compile.py scripts/_triton_compile.py; do
