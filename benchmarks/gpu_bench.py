@@ -518,6 +518,9 @@ def maxn(rep: Report, device: str, smoke: bool, clock: Clock, budget: Budget) ->
             rep.row([IMPL_LABEL[impl], "–", "–", "–", f"not installed ({exc})"])
             continue
         dtype = torch.float32 if impl == "inf_cl" else torch.bfloat16
+        if impl == "inf_cl" and _inf_cl_refusal("clip_loss", d):
+            rep.row([IMPL_LABEL[impl], "–", "–", "–", _inf_cl_refusal("clip_loss", d)])
+            continue
         for n in s["maxn"]:
             if budget.left() <= 0:
                 why = "time budget"

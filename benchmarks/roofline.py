@@ -78,9 +78,10 @@ def cosine_grid(B=4096, K=345, E=512):
     cfg = cosine.cce_config(torch.bfloat16, E)
     lse = -(-B // cfg["lse"][0]["BLOCK_M"])
     dx = lse * -(-E // cfg["dx"][0]["BLOCK_EO"])
+    dx_before = lse * -(-E // min(256, cfg["dx"][0]["BLOCK_E"]))  # 256 output features per program before
     blocks = -(-K // cfg["dc"][0]["BLOCK_K"]) * -(-E // cfg["dc"][0]["BLOCK_EO"])
     splits, rows = cosine.row_split(B, K, E, blocks, cfg["dc"][0]["BLOCK_M"])
-    return [("lse (forward)", lse, lse), ("dx", dx, dx), ("dc", blocks, blocks * splits)], splits, rows
+    return [("lse (forward)", lse, lse), ("dx", dx_before, dx), ("dc", blocks, blocks * splits)], splits, rows
 
 
 def head_rows(B=4096, D=4, K=345, F=512, esize=2):

@@ -2,6 +2,7 @@
 sizes) writes every section with measured rows, and scripts/gpu_check.sh parses, prints its plan and
 runs end to end in its dry mode (CPU, TRITON_INTERPRET=1)."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -86,20 +87,28 @@ def test_gpu_check_dry_mode_runs_every_step(tmp_path):
         assert title in table, table[-3000:]
 
 
-def test_roofline_covers_every_benchmark_row_and_the_grids():
+def test_roofline_covers_every_benchmark_row_and_the_grids(tmp_path):
     pytest.importorskip("triton")
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_bench
-    import roofline
-
-    text = roofline.markdown()
-    s = gpu_bench.sizes(False)
+    out = tmp_path / "roofline.md"
+    # in a subprocess: the benchmark modules put benchmarks/ on sys.path, whose test_*.py files
+    # would shadow the test modules of the same name
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"), "--out", str(out)],
+                          cwd=tmp_path, env=dict(_env(), TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    probe = ("import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_bench; "
+             "print(json.dumps([gpu_bench.sizes(False), gpu_bench.CONTRASTIVE_OPS, gpu_bench.HEAD_OPS]))")
+    sizes = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert sizes.returncode == 0, sizes.stderr[-3000:]
+    s, contrastive_ops, head_ops = json.loads(sizes.stdout)
     for n in s["ns"] + s["large_ns"]:
         for d in s["ds"]:
             for dtype in s["dtypes"]:
-                for op in gpu_bench.CONTRASTIVE_OPS:
+                for op in contrastive_ops:
                     assert f"| {op} | {n} | {d} | {dtype} |" in text, (op, n, d, dtype)
-    for op in gpu_bench.HEAD_OPS:
+    for op in head_ops:
         assert f"| {op} |" in text, op
     for n in (1024, 4096, 65536):
         for kernel in ("fwd", "bwd"):

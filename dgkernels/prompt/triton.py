@@ -47,6 +47,8 @@ from .packing import Windows, cached_windows
 BLOCK_DS = (16, 32, 64, 128)  # head-dim blocks
 HEAD_BLOCK_N, HEAD_BLOCK_K, HEAD_BLOCK_E = 16, 64, 64
 HEAD_FWD_WARPS = 8  # 4 warps spilled on sm_90 (255 registers); 8: 178, no spill
+HEAD_FWD_STAGES = 2  # 3 stages spilled 8-12 bytes at 8 warps under Triton 3.6 (the GPU machine's)
+_TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 
 
 def _attn_blocks(dtype) -> tuple[int, int]:
@@ -68,6 +70,11 @@ def _attn_launch(kernel: str, dtype, block_d: int) -> dict:
     fp32, 16 x 16 tiles, 4 warps: dq with 1 stage (2 stages spilled 4 B at D32/D128 tf32, 3 at
     D16 tf32; 1: at most 128 registers), fwd and dk/dv with 2 (at most 152)."""
     if dtype == torch.float32:
+        # The fp32 16 x 16 tiles spill a few bytes at low register counts in ptxas, differently under
+        # each Triton: these are the stage counts without a spill under Triton 3.6 (the GPU
+        # machine's: fwd 1, dq 2) and 3.8 (dq 1, fwd 2), each checked by its resource report.
+        if _TRITON_VERSION < (3, 7):
+            return dict(num_warps=4, num_stages=1 if kernel == "fwd" else 2)
         return dict(num_warps=4, num_stages=1 if kernel == "dq" else 2)
     if kernel == "dkv" and block_d >= 128:
         return dict(num_warps=8, num_stages=2)
@@ -515,7 +522,7 @@ def _specs() -> list[CompileSpec]:
                 signature(_head_fwd_kernel, X=f"*{t}", ROWS="*i64", LNW="*fp32", LNB="*fp32", P="*fp32", PB="*fp32",
                           OUT=f"*{t}", Y="*fp32", Z="*fp32", MEAN="*fp32", RSTD="*fp32", eps="fp32"),
                 {"BLOCK_N": HEAD_BLOCK_N, "BLOCK_K": HEAD_BLOCK_K, "BLOCK_E": HEAD_BLOCK_E, "PREC": prec},
-                num_warps=HEAD_FWD_WARPS))
+                num_warps=HEAD_FWD_WARPS, num_stages=HEAD_FWD_STAGES))
         specs.append(CompileSpec(
             f"prompt_head_bwd_gz[{t}]", _head_bwd_gz_kernel,
             signature(_head_bwd_gz_kernel, GO=f"*{t}", Z="*fp32", GZ="*fp32"),
@@ -668,7 +675,7 @@ def head_fwd(x, rows, ln_w, ln_b, eps, proj, proj_b, normalize):
     _head_fwd_kernel[(triton.cdiv(n, HEAD_BLOCK_N),)](
         x, rows.long().contiguous(), lw, lb, p, pb, out, y, z, mean, rstd, n, w, e, float(eps), int(bool(normalize)),
         BLOCK_N=HEAD_BLOCK_N, BLOCK_K=HEAD_BLOCK_K, BLOCK_E=HEAD_BLOCK_E, PREC=_prec(torch.float32),
-        num_warps=HEAD_FWD_WARPS)
+        num_warps=HEAD_FWD_WARPS, num_stages=HEAD_FWD_STAGES)
     return out, y, z, mean, rstd
 
 

@@ -83,11 +83,14 @@ def _cos_ps_kernel(x_ptr, c_ptr, tgt_ptr, g_ptr, per_ptr, dot_ptr, dx_ptr, gc_pt
         tl.store(dot_ptr + b, d)
 
 def blocks(E):
-    """(BLOCK_K, BLOCK_E, num_warps): a [BLOCK_K, E] class chunk of at most 2**14 elements, at most
-    64 per thread (4 warps holding 128 each spilled on sm_90)."""
+    """(BLOCK_K, BLOCK_E, num_warps): a [BLOCK_K, E] class chunk of at most 2**14 elements (2**13
+    from E = 2048 on), 8 warps from 4096 elements on. Each choice is what did not spill (ptxas -v,
+    sm_90a) under both Triton 3.6 (the GPU machine's) and 3.8: 4 warps holding 128 elements each
+    spilled, so did 4 warps over a 64 x 64 chunk and 8 warps over an 8 x 2048 one under 3.6, and
+    chunks of 2**13 elements at E = 512-1024."""
     be = row_block(E)
-    bk = max(1, min(64, (1 << 14) // be))  # no tl.dot here: any power-of-two chunk works
-    return bk, be, 8 if bk * be >= 8192 else 4
+    bk = max(1, min(64, (1 << (13 if be >= 2048 else 14)) // be))  # no tl.dot here: any power of two
+    return bk, be, 8 if bk * be >= 4096 else 4
 
 
 def cos_per_sample(xn, cc, tgt, s, g, ls, per, dot, dxn, gc, normalize):
