@@ -8,7 +8,7 @@ __all__ = ["add_parser", "run"]
 # flags handed on to `dgclip sweep launch` unchanged when given (they override the paper preset)
 _PASS = (("--root", 1), ("--launcher", 1), ("--submitit-cluster", 1), ("--submitit-options", 1), ("--steps", 1),
          ("--eval-every", 1), ("--backbone", 1), ("--pretrained", 1), ("--cache-dir", 1), ("--device", 1),
-         ("--precision", 1), ("--workers", 1), ("--no-progress", 0), ("--hparams", 1))
+         ("--precision", 1), ("--workers", 1), ("--no-progress", 0), ("--hparams", 1), ("--epochs", 1))
 
 
 def add_parser(subparsers):
