@@ -208,3 +208,15 @@ def test_cross_dataset_reproduction_passes_the_targets(tmp_path, capsys):
                  "coop", "--datasets", "caltech101", "--targets", "dtd", "--n-trials", "1", "--root",
                  str(tmp_path), *TINY]) == 0
     assert "not launched  coop__caltech101__cross-dataset__k16__t0__s1__" in capsys.readouterr().out
+
+
+def test_suite_job_through_submitit_local_executor(caltech_root, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    argv = ["sweep", "launch", "--sweep-dir", str(tmp_path / "sweep"), "--protocol", "base2new", "--shots", "2",
+            "--methods", "zero-shot", "--datasets", "caltech101", "--n-trials", "1", "--root", str(caltech_root),
+            "--cache-dir", str(tmp_path / "c"), *TINY, "--launcher", "submitit", "--submitit-cluster", "local",
+            "--submitit-options", json.dumps({"timeout_min": 10})]
+    assert main(argv) == 0
+    assert "1/1 jobs done (1 launched now, 0 already done)" in capsys.readouterr().out
+    assert main(argv) == 0  # relaunch: nothing submitted
+    assert "(0 launched now, 1 already done)" in capsys.readouterr().out
