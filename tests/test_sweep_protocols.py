@@ -156,6 +156,13 @@ def test_suite_flags_are_refused_in_a_leave_one_domain_out_sweep(tmp_path, capsy
     assert "argument --shots: applies to the CoOp-suite protocols" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dataset, why", [("pacs", "is not one"), ("imagenet_a", "is test-only")])
+def test_datasets_outside_the_suite_are_refused_before_any_job(dataset, why, tmp_path, capsys):
+    assert main(["sweep", "launch", "--sweep-dir", str(tmp_path / "s"), "--protocol", "base2new", "--methods", "coop",
+                 "--datasets", dataset, "--root", str(tmp_path), *TINY]) == 2
+    assert why in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_suite_job_runs_in_a_multi_gpu_child(caltech_root, tmp_path):
     """The multi_gpu launcher's subprocess (`python -m dgclip.sweep JOB.json`) runs a suite job."""
     import argparse
@@ -220,3 +227,8 @@ def test_suite_job_through_submitit_local_executor(caltech_root, tmp_path, capsy
     assert "1/1 jobs done (1 launched now, 0 already done)" in capsys.readouterr().out
     assert main(argv) == 0  # relaunch: nothing submitted
     assert "(0 launched now, 1 already done)" in capsys.readouterr().out
+
+
+def test_reproduce_refuses_test_domains_for_a_suite_table(tmp_path, capsys):
+    assert main(["reproduce", "gopro-base2new", "--test-domains", "sketch", "--dry-run", "--root", str(tmp_path)]) == 2
+    assert "argument --test-domains: gopro-base2new runs a CoOp-suite protocol" in capsys.readouterr().err

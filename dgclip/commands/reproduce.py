@@ -43,6 +43,10 @@ def run(args) -> int:
             print(f"  {t.id:20s} {t.title}")
         return 0
     table = get_table(args.table)
+    if args.test_domains and all(g.protocol != "loo" for g in table.groups):
+        raise ValueError(f"argument --test-domains: {table.id} runs a CoOp-suite protocol "
+                         f"({', '.join(sorted({g.protocol for g in table.groups}))}), which has no held-out domains; "
+                         "restrict it with --datasets / --methods")
     if args.n_trials is not None and args.n_trials < 1:
         raise ValueError(f"--n-trials must be >= 1, got {args.n_trials}")
     overrides = {}

@@ -96,7 +96,7 @@ def make_suite_grid(sweep_dir, methods, datasets, protocol: str, n_trials: int, 
     """The jobs of a suite grid. `config`: the ProtocolConfig fields shared by every job (as
     `dgclip train --protocol` builds them; method, dataset, seed and output_dir are the job's).
     hparams: {method: {name: value}} or {name: value} (every method), as `--hparams`."""
-    from ..data.coop_suite import is_suite_dataset
+    from ..data.coop_suite import SPECS, is_suite_dataset
     from ..methods import get_method
     from . import SUITE_PROTOCOLS
     from .embedded import EMBEDDED_SUITE
@@ -113,6 +113,9 @@ def make_suite_grid(sweep_dir, methods, datasets, protocol: str, n_trials: int, 
         if dataset != EMBEDDED_SUITE and not is_suite_dataset(dataset):
             raise ValueError(f"--protocol {protocol} runs on the CoOp-suite datasets (or {EMBEDDED_SUITE}); "
                              f"{dataset!r} is not one")
+        if dataset in SPECS and SPECS[dataset].test_only:
+            raise ValueError(f"{dataset} is test-only (an ImageNet variant): train on imagenet "
+                             "(--protocol imagenet-shift tests on it)")
         for method in methods:
             get_method(method)  # unknown methods fail before anything runs
             for t, seed in enumerate(trial_seeds(method, dataset, n_trials)):
