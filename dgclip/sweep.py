@@ -11,6 +11,10 @@ engine's `--resume`). `delete_incomplete` removes incomplete jobs' folders (they
 scratch). `sweep.json` in the sweep folder lists the grid; `dgclip results <sweep dir>` builds the
 DomainBed table from the jobs' records (dgclip.results.select_sweep).
 
+With a CoOp-suite `--protocol` the jobs are dgclip.protocols.sweep.SuiteJob (one per method,
+dataset and trial seed, run by run_suite_job); they share this module's folders, statuses,
+manifest and launchers.
+
 Launchers (dgclip.launchers): local (one job after another in this process), multi_gpu (one
 subprocess per visible GPU, each pinned with CUDA_VISIBLE_DEVICES), submitit (SLURM through
 submitit, or its local executor; optional dependency `pip install dgclip[slurm]`).
