@@ -134,6 +134,27 @@ def test_incomplete_job_is_listed_and_deleted(caltech_root, tmp_path, capsys, mo
     assert "deleted 1 incomplete job(s)" in capsys.readouterr().out and not folder.exists()
 
 
+def test_incomplete_job_reruns_on_relaunch(caltech_root, tmp_path, capsys, monkeypatch):
+    import dgclip.protocols.runner as runner
+
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    argv = _argv("launch", sweep, caltech_root, cache, methods=("coop",), n_trials="1")
+    real = runner.run_protocol
+
+    def crash_after_record(cfg):  # dies after its record, before the job is marked done
+        real(cfg)
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(runner, "run_protocol", crash_after_record)
+    assert main(argv) == 1
+    monkeypatch.setattr(runner, "run_protocol", real)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "1/1 jobs done (1 launched now, 0 already done)" in capsys.readouterr().out
+    (folder,) = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(read_records(folder / "results.jsonl")) == 1 and not (folder / "error.txt").exists()
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--test-domains", "caltech101"], "--test-domains"),
     (["--n-hparams", "2"], "--n-hparams"),
