@@ -33,11 +33,11 @@ PROTOCOLS = {
     "loo": "leave-one-domain-out (default): each --test-domain in turn, the others are sources; "
            "--train-domains picks the sources (one = single-source DG); open-set with a *-open dataset "
            "or an open-set split file",
-    "few-shot": "CoOp suite, all classes, --shots K per class, last epoch reported (train)",
+    "few-shot": "CoOp suite, all classes, --shots K per class, last epoch reported (train, sweep)",
     "base2new": "CoOp suite: train on the base half (first ceil(n/2) sorted labels), test base and new; "
-                "base_acc, new_acc, hm (train)",
-    "cross-dataset": "CoOp suite: train on ImageNet, test on the 10 other datasets (train)",
-    "imagenet-shift": "CoOp suite: train on ImageNet, test on ImageNet-V2/-Sketch/-A/-R (train)",
+                "base_acc, new_acc, hm (train, sweep)",
+    "cross-dataset": "CoOp suite: train on ImageNet, test on the 10 other datasets (train, sweep)",
+    "imagenet-shift": "CoOp suite: train on ImageNet, test on ImageNet-V2/-Sketch/-A/-R (train, sweep)",
 }
 
 

@@ -11,6 +11,10 @@ engine's `--resume`). `delete_incomplete` removes incomplete jobs' folders (they
 scratch). `sweep.json` in the sweep folder lists the grid; `dgclip results <sweep dir>` builds the
 DomainBed table from the jobs' records (dgclip.results.select_sweep).
 
+With a CoOp-suite `--protocol` the jobs are dgclip.protocols.sweep.SuiteJob (one per method,
+dataset and trial seed, run by run_suite_job); they share this module's folders, statuses,
+manifest and launchers.
+
 Launchers (dgclip.launchers): local (one job after another in this process), multi_gpu (one
 subprocess per visible GPU, each pinned with CUDA_VISIBLE_DEVICES), submitit (SLURM through
 submitit, or its local executor; optional dependency `pip install dgclip[slurm]`).
@@ -130,8 +134,10 @@ def _write_manifest(sweep_dir: Path, jobs: list[Job]) -> None:
     tmp.replace(path)
 
 
-def launch(jobs: list[Job], launcher: str = "local", **launcher_options) -> dict:
-    """Run every job that is not done with the named launcher; returns {key: status after}."""
+def launch(jobs: list[Job], launcher: str = "local", run=None, **launcher_options) -> dict:
+    """Run every job that is not done with the named launcher; returns {key: status after}.
+    run: the job runner handed to the launcher (default run_job; CoOp-suite jobs pass
+    dgclip.protocols.sweep.run_suite_job)."""
     from . import launchers
 
     if not jobs:
@@ -139,7 +145,7 @@ def launch(jobs: list[Job], launcher: str = "local", **launcher_options) -> dict
     _write_manifest(Path(jobs[0].sweep_dir), jobs)
     todo = [j for j in jobs if job_status(j) != "done"]
     if todo:
-        launchers.get(launcher)(todo, run_job, **launcher_options)
+        launchers.get(launcher)(todo, run or run_job, **launcher_options)
     return {j.key: job_status(j) for j in jobs}
 
 
@@ -157,7 +163,13 @@ def list_jobs(jobs: list[Job]) -> list[tuple[str, str]]:
 
 
 def _main(argv) -> int:  # a multi_gpu child: run one job described by a job.json
-    run_job(Job(**json.loads(Path(argv[0]).read_text())))
+    spec = json.loads(Path(argv[0]).read_text())
+    if "protocol" in spec:  # a CoOp-suite job (dgclip.protocols.sweep)
+        from .protocols.sweep import SuiteJob, run_suite_job
+
+        run_suite_job(SuiteJob(**spec))
+    else:
+        run_job(Job(**spec))
     return 0
 
 

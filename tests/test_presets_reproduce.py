@@ -186,16 +186,6 @@ def test_tiny_dpl_table1_end_to_end(tmp_path, cache_dir, capsys):
     assert main(["results", str(sweep)]) == 0
 
 
-def test_gopro_tables_need_the_protocol_flag_to_run(tmp_path, capsys):
-    from dgclip.cli import main
-    from dgclip.reproduce import _sweep_has_protocol
-
-    if _sweep_has_protocol():
-        pytest.skip("this build has --protocol: the real run is exercised by the few-shot tests")
-    assert main(["reproduce", "gopro-base2new", "--root", str(tmp_path), "--sweep-dir", str(tmp_path / "s")]) == 2
-    assert "needs `dgclip sweep --protocol base2new`" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("table", ["dpl-table1", "odgclip-open"])
 def test_published_files_follow_the_schema(table):
     data = json.loads((PUBLISHED / f"{table}.json").read_text())

@@ -8,7 +8,7 @@ __all__ = ["add_parser", "run"]
 # flags handed on to `dgclip sweep launch` unchanged when given (they override the paper preset)
 _PASS = (("--root", 1), ("--launcher", 1), ("--submitit-cluster", 1), ("--submitit-options", 1), ("--steps", 1),
          ("--eval-every", 1), ("--backbone", 1), ("--pretrained", 1), ("--cache-dir", 1), ("--device", 1),
-         ("--precision", 1), ("--workers", 1), ("--no-progress", 0), ("--hparams", 1))
+         ("--precision", 1), ("--workers", 1), ("--no-progress", 0), ("--hparams", 1), ("--epochs", 1))
 
 
 def add_parser(subparsers):
@@ -43,6 +43,10 @@ def run(args) -> int:
             print(f"  {t.id:20s} {t.title}")
         return 0
     table = get_table(args.table)
+    if args.test_domains and all(g.protocol != "loo" for g in table.groups):
+        raise ValueError(f"argument --test-domains: {table.id} runs a CoOp-suite protocol "
+                         f"({', '.join(sorted({g.protocol for g in table.groups}))}), which has no held-out domains; "
+                         "restrict it with --datasets / --methods")
     if args.n_trials is not None and args.n_trials < 1:
         raise ValueError(f"--n-trials must be >= 1, got {args.n_trials}")
     overrides = {}

@@ -88,8 +88,17 @@ def _embedded(method: str) -> dict:
             "seeds": Sourced((1, 2, 3), f"{_COOP}/scripts/coop/main.sh:L14")}
 
 
+def _zeroshot(dataset: str) -> dict:
+    # CLIP's row of the base-to-new tables: CoOp's zero-shot trainer with its per-dataset template
+    from ..data.coop_suite.templates import TEMPLATE_SOURCE, template_for
+
+    keep = ("backbone", "pretrained", "shots", "transforms", "eval_batch_size", "seeds")
+    return {**{k: _COMMON[k] for k in keep}, "template": Sourced(template_for(dataset), TEMPLATE_SOURCE)}
+
+
 PRESETS: dict = {}
 for _ds in TRAINABLE_DATASETS:
+    PRESETS[("zero-shot", _ds)] = _zeroshot(_ds)
     PRESETS[("coop", _ds)] = _coop(_ds)
     PRESETS[("cocoop", _ds)] = _cocoop(_ds)
     PRESETS[("gopro", _ds)] = _gopro(_ds)

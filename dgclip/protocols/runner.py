@@ -65,6 +65,7 @@ def run_key(cfg: ProtocolConfig, shots: int) -> str:
 def resolve_settings(cfg: ProtocolConfig, method_cls) -> tuple[dict, dict, dict]:
     """(run settings, method hparams, sources): preset values for (method, dataset), then the
     config's explicit values on top."""
+    from ..cli_flags import UNTRAINED_METHODS
     from ..presets.coop_suite import PRESETS, RUN_SETTINGS
     from ..provenance import sources as sources_of
     from .embedded import EMBEDDED_SUITE
@@ -88,7 +89,7 @@ def resolve_settings(cfg: ProtocolConfig, method_cls) -> tuple[dict, dict, dict]
     run.setdefault("eval_batch_size", 100)
     run.setdefault("backbone", "ViT-B-16")
     run.setdefault("pretrained", "openai")
-    if "epochs" not in run and "budget_steps" not in run:
+    if "epochs" not in run and "budget_steps" not in run and cfg.method not in UNTRAINED_METHODS:
         raise ValueError(f"no preset for ({cfg.method}, {cfg.dataset}): pass --epochs")
     unknown = set(cfg.hparams) - known
     if unknown:
@@ -267,14 +268,17 @@ def run_protocol(cfg: ProtocolConfig) -> dict:
     bs = int(hparams.get("batch_size", 32))
     gen = torch.Generator().manual_seed(seed_hash(cfg.seed, "batches"))
     batches_src = _EpochBatches(len(train), bs, gen)
-    if "epochs" in run:
-        epochs = int(run["epochs"])
-    else:
-        epochs = max(1, math.ceil(int(run["budget_steps"]) / batches_src.per_epoch))
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
     trainable = bool(method.trainable_parameters())
-    epochs = epochs if trainable else 0  # zero-shot: nothing to train, one evaluation
+    if not trainable:
+        epochs = 0  # zero-shot: nothing to train, one evaluation
+    elif "epochs" in run:
+        epochs = int(run["epochs"])
+    elif "budget_steps" in run:
+        epochs = max(1, math.ceil(int(run["budget_steps"]) / batches_src.per_epoch))
+    else:
+        raise ValueError(f"no preset for ({cfg.method}, {cfg.dataset}): pass --epochs")
+    if trainable and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     steps = epochs * batches_src.per_epoch
     if trainable:
         method.configure_optimizers(steps)

@@ -4,7 +4,9 @@
 its test-domain groups, trial seeds, runs, training steps per run and where the steps come from.
 `--dry-run` prints them with the number of runs and, where a measured per-step time exists
 (`step_times.json`, or `--step-seconds`), the GPU hours. `launch()` issues one
-`dgclip sweep launch ... --preset paper` per group into the table's sweep folder.
+`dgclip sweep launch` per group into the table's sweep folder: `--preset paper` for the
+leave-one-domain-out tables, `--protocol P --shots K [--targets ...]` for the CoOp-suite ones
+(which apply their paper configuration themselves).
 """
 from __future__ import annotations
 
@@ -198,12 +200,16 @@ def sweep_argv(table: Table, group: Group, *, sweep_dir: str, methods, datasets,
     if not ms or not ds:
         return []
     argv = ["sweep", "launch", "--sweep-dir", sweep_dir, "--methods", *ms, "--datasets", *ds,
-            "--n-trials", str(n_trials or group.n_trials), "--preset", "paper"]
-    tds = list(test_domains) if test_domains and group.protocol == "loo" else list(group.targets or group.test_domains)
-    if tds:
-        argv += ["--test-domains", *tds]
-    if group.protocol != "loo":
+            "--n-trials", str(n_trials or group.n_trials)]
+    if group.protocol == "loo":
+        argv += ["--preset", "paper"]
+        tds = list(test_domains) if test_domains else list(group.test_domains)
+        if tds:
+            argv += ["--test-domains", *tds]
+    else:  # a CoOp-suite protocol applies its paper configuration (presets/coop_suite.py) by itself
         argv += ["--protocol", group.protocol] + (["--shots", str(group.shots)] if group.shots else [])
+        if group.targets:
+            argv += ["--targets", *group.targets]
     return argv + list(passthrough)
 
 
