@@ -242,3 +242,19 @@ def test_published_tables_are_consistent():
         assert len(targets) == 10 and abs(sum(row[t] for t in targets) / 10 - row["average"]) < 0.015, method
     assert "oracle" in b2n["caveats"]["GOPro"] and "oracle" in cd["caveats"]["GOPro"]
     assert load_published("gopro-imagenet-shift")["rows"]["GOPro"]["imagenet_r"] == 78.02
+
+
+def test_coop_base2new_runs_the_ctxv1_config():
+    """CoOp's base-to-new rows come from the ctxv1 configs ("a photo of a", 4 vectors); its few-shot
+    runs keep the 16 randomly initialised vectors."""
+    from dgclip.methods import get_method
+    from dgclip.protocols.runner import ProtocolConfig, resolve_settings
+
+    coop = get_method("coop")
+    run, hp, src = resolve_settings(ProtocolConfig("coop", "caltech101", "/nonexistent", protocol="base2new"), coop)
+    assert (hp["ctx_init"], hp["n_ctx"], run["epochs"]) == ("a photo of a", 4, 200)
+    assert "base2new_train.sh" in src["ctx_init"]
+    run, hp, _ = resolve_settings(ProtocolConfig("coop", "imagenet", "/nonexistent", protocol="base2new"), coop)
+    assert (hp["ctx_init"], run["epochs"]) == ("a photo of a", 50)
+    run, hp, _ = resolve_settings(ProtocolConfig("coop", "caltech101", "/nonexistent", protocol="few-shot"), coop)
+    assert (hp["ctx_init"], hp["n_ctx"], run["epochs"]) == ("", 16, 200)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..provenance import Sourced
 
-__all__ = ["PRESETS", "RUN_SETTINGS", "TRAINABLE_DATASETS", "EMBEDDED"]
+__all__ = ["PRESETS", "RUN_SETTINGS", "PROTOCOL_OVERRIDES", "protocol_overrides", "TRAINABLE_DATASETS", "EMBEDDED"]
 
 TRAINABLE_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
@@ -52,6 +52,26 @@ def _coop(dataset: str) -> dict:
             "class_specific": Sourced(False, f"{_COOP}/train.py:L90-95 (CSC False)"),
             "batch_size": Sourced(32, f"{_COOP}/configs/trainers/CoOp/vit_b16.yaml (DATALOADER.TRAIN_X.BATCH_SIZE 32)"),
             "lr": Sourced(0.002, f"{_COOP}/configs/trainers/CoOp/vit_b16.yaml (OPTIM.LR 0.002)")}
+
+
+def _coop_base2new(dataset: str) -> dict:
+    # CoOp's base-to-new rows (CoCoOp's and GOPro's tables) come from the ctxv1 configs: the context
+    # starts as "a photo of a" (so 4 vectors: CoOp sets N_CTX from the init's words).
+    src = f"{_COOP}/scripts/cocoop/base2new_train.sh:L14-15"
+    ep = (Sourced(50, f"{src} (ImageNet: vit_b16_ep50_ctxv1.yaml)") if dataset == "imagenet" else
+          Sourced(200, f"{src} (vit_b16_ctxv1.yaml, 200 epochs)"))
+    return {"epochs": ep, "ctx_init": Sourced("a photo of a", f"{src} (ctxv1: CTX_INIT 'a photo of a')"),
+            "n_ctx": Sourced(4, f"{_COOP}/trainers/coop.py:L90-91 (N_CTX = the words of CTX_INIT)")}
+
+
+# (method, protocol) -> the values that protocol's published runs changed from the method's preset
+PROTOCOL_OVERRIDES = {("coop", "base2new"): _coop_base2new}
+
+
+def protocol_overrides(method: str, protocol: str, dataset: str) -> dict:
+    """{name: Sourced} that replace the (method, dataset) preset under `protocol`."""
+    make = PROTOCOL_OVERRIDES.get((method, protocol))
+    return make(dataset) if make is not None and dataset != EMBEDDED else {}
 
 
 def _cocoop(dataset: str) -> dict:

@@ -66,12 +66,13 @@ def resolve_settings(cfg: ProtocolConfig, method_cls) -> tuple[dict, dict, dict]
     """(run settings, method hparams, sources): preset values for (method, dataset), then the
     config's explicit values on top."""
     from ..cli_flags import UNTRAINED_METHODS
-    from ..presets.coop_suite import PRESETS, RUN_SETTINGS
+    from ..presets.coop_suite import PRESETS, RUN_SETTINGS, protocol_overrides
     from ..provenance import sources as sources_of
     from .embedded import EMBEDDED_SUITE
 
     embedded = cfg.dataset == EMBEDDED_SUITE
-    preset = PRESETS.get((cfg.method, cfg.dataset), {})
+    preset = {**PRESETS.get((cfg.method, cfg.dataset), {}),
+              **protocol_overrides(cfg.method, cfg.protocol, cfg.dataset)}
     srcs = sources_of(preset)
     known = set(method_cls.all_defaults())
     hparams = method_cls.defaults_for(embedded)
