@@ -148,15 +148,8 @@ export PYTHONPATH="$ROOT:$SITE"
 # ---- 4. sm_90 compile and resource report under Triton 3.6 ----------------------------------
 REPORT_MD="benchmarks/results/triton_sm90_resources_triton36.md"  # relative: its header shows the command
 report() {
-  local mod=dgkernels._triton_compile tool=""
-  for f in tools/triton_compile.py scripts/triton_compile.py tools/_triton_compile.py scripts/_triton_compile.py; do
-    [ -f "$f" ] && tool="$f"
-  done
-  if [ -n "$tool" ]; then
-    env -u TRITON_INTERPRET "$PY" "$tool" --report --cc 90 --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
-  else
-    env -u TRITON_INTERPRET "$PY" -m "$mod" --report --cc 90 --workers 2 --markdown "$REPORT_MD" >/dev/null || return 1
-  fi
+  env -u TRITON_INTERPRET "$PY" tools/triton_resources.py --report --cc 90 --workers 2 --markdown "$REPORT_MD" \
+    >/dev/null || return 1
   grep -m1 '^\*\*sm_90' "$REPORT_MD"
   grep -q '0 fail to compile or exceed shared memory; 0 spill; 0 half-precision GEMM kernels without wgmma' \
     "$REPORT_MD"
