@@ -108,20 +108,26 @@ def job_status(job: Job) -> str:
     return "incomplete" if job.folder.exists() else "not launched"
 
 
-def run_job(job: Job) -> dict:
-    """Run (or resume) one job in this process; marks it done after its record is written."""
-    from .engine import run_training
-
+def run_in_job_folder(job, work) -> dict:
+    """`work()` for `job` in its folder: job.json first, the traceback in error.txt if it fails,
+    `done` only after its record is written."""
     job.folder.mkdir(parents=True, exist_ok=True)
     (job.folder / "job.json").write_text(json.dumps(asdict(job), indent=1, default=str))
     try:
-        record = run_training(job.train_config())
+        record = work()
     except BaseException:
         (job.folder / "error.txt").write_text(traceback.format_exc())
         raise
     (job.folder / "error.txt").unlink(missing_ok=True)
     (job.folder / "done").write_text(record["run_key"] + "\n")
     return record
+
+
+def run_job(job: Job) -> dict:
+    """Run (or resume) one job in this process; marks it done after its record is written."""
+    from .engine import run_training
+
+    return run_in_job_folder(job, lambda: run_training(job.train_config()))
 
 
 def _write_manifest(sweep_dir: Path, jobs: list[Job]) -> None:

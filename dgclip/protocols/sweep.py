@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -128,17 +127,9 @@ def make_suite_grid(sweep_dir, methods, datasets, protocol: str, n_trials: int, 
 
 def run_suite_job(job: SuiteJob) -> dict:
     """Run one job in this process (from its first epoch); marks it done after its record is written."""
+    from ..sweep import run_in_job_folder
     from .runner import run_protocol
 
-    job.folder.mkdir(parents=True, exist_ok=True)
-    (job.folder / "job.json").write_text(json.dumps(asdict(job), indent=1, default=str))
     # a record left by an attempt that died before `done`: this attempt's record replaces it
     (job.folder / "results.jsonl").unlink(missing_ok=True)
-    try:
-        record = run_protocol(job.protocol_config())
-    except BaseException:
-        (job.folder / "error.txt").write_text(traceback.format_exc())
-        raise
-    (job.folder / "error.txt").unlink(missing_ok=True)
-    (job.folder / "done").write_text(record["run_key"] + "\n")
-    return record
+    return run_in_job_folder(job, lambda: run_protocol(job.protocol_config()))
