@@ -35,13 +35,19 @@ def _ms(flops=0.0, hbm=0.0, exps=0.0, l2=0.0) -> tuple[float, str]:
 
 def contrastive_rows(ns, ds, dtypes):
     """(op, N, D, dtype, fwd GFLOP, fwd+bwd GFLOP, HBM MB, L2 atomic MB, predicted fwd ms, fwd+bwd ms, bound)."""
+    import torch
+
     from dgkernels.contrastive import triton as tri
 
-    bm, bn = tri.CONFIGS[("bwd", "half")][0][:2]
     rows = []
     for dname in dtypes:
         esize = 2
         for d in ds:
+            # the backward's first config at this D: held dQ (one fp32 write per element per column
+            # split) where D fits the register accumulator, per-tile dQ atomics otherwise
+            hold = tri._dq_hold("bwd", getattr(torch, dname), "tf32", -(-d // 16) * 16)["DQ_HOLD"]
+            cfg = tri._configs("bwd", getattr(torch, dname), "tf32", hold)[0]
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             for op in ("clip_loss", "info_nce", "multiview_info_nce"):
                 for n in ns:
                     sym = op != "info_nce"  # row and column statistics (clip, supcon on the joint matrix)
@@ -49,7 +55,10 @@ def contrastive_rows(ns, ds, dtypes):
                     fb = 8 * n * n * d  # forward S, backward S recomputed, dQ and dK GEMMs
                     exps_f = (2 if sym else 1) * n * n
                     hbm = 2 * n * d * esize + 2 * n * d * 4 + 2 * n * d * esize  # inputs, fp32 grads, cast out
-                    l2 = n * n * d * 4 * (1 / bn + 1 / bm)  # dQ and dK atomics, one tile each per tile pair
+                    dk_l2 = n * n * d * 4 / bm  # dK atomics, one BLOCK_N x D tile per tile pair
+                    # dQ: one BLOCK_M x D tile per tile pair, or once per row block and column split
+                    dq_l2 = n * d * 4 * tri.column_split(n, n)[0] if hold else n * n * d * 4 / bn
+                    l2 = dk_l2 + dq_l2
                     f_ms, _ = _ms(flops=fwd, hbm=2 * n * d * esize, exps=exps_f)
                     fb_ms, bound = _ms(flops=fb, hbm=hbm, exps=2 * exps_f, l2=l2)
                     rows.append((op, n, d, dname, fwd / 1e9, fb / 1e9, hbm / 1e6, l2 / 1e6, f_ms, fb_ms, bound))
@@ -132,8 +141,14 @@ def markdown() -> str:
              "HBM = compulsory bytes (inputs, fp32 gradients, their cast); L2 atomics = dQ and dK fp32 tiles "
              "added once per (row block, column block) pair, N^2 D 4 (1/BLOCK_N + 1/BLOCK_M) bytes at the "
              "first half-precision backward config. With that traffic the backward is L2-bound at about "
-             f"{6 / (4 * (1 / 64 + 1 / 128)) * L2_GBS / 1e3:.0f} TFLOP/s of its 6 N^2 D (64 flops per byte): "
-             "the reason to accumulate dQ on chip (not done, see docs/performance/gpu.md).", "",
+             f"{6 / (4 * (1 / 64 + 1 / 128)) * L2_GBS / 1e3:.0f} TFLOP/s of its 6 N^2 D (64 flops per byte). "
+             "Where D fits the backward's register accumulator of dQ (D <= 64 in half precision: "
+             "dgkernels.contrastive.triton.HOLD_CONFIGS) dQ is written once per row block and column split, "
+             "N D 4 splits bytes, and the dK tiles N^2 D 4 / BLOCK_M remain (64-96 flops per byte at the "
+             f"held config's 64 x 128 tiles, {6 * 64 * 128 / (4 * 192) * L2_GBS / 1e3:.0f}-"
+             f"{6 * 64 / 4 * L2_GBS / 1e3:.0f} TFLOP/s, from a split of 128 columns to no split); "
+             "the D of the rows below are all wider, so they keep the per-tile dQ atomics "
+             "(see docs/performance/gpu.md).", "",
              "| op | N | D | dtype | fwd GFLOP | fwd+bwd GFLOP | HBM MB | L2 atomics MB | predicted fwd ms | "
              "predicted fwd+bwd ms | bound (fwd+bwd) |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]

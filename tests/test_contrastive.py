@@ -146,6 +146,38 @@ def test_triton_matches_reference(op, n, dtype, triton_device):
 
 
 @needs_triton
+@pytest.mark.parametrize("d", [64, 72])
+@pytest.mark.parametrize("op,dtype", [("clip_loss", torch.float16), ("multiview", torch.bfloat16),
+                                      ("info_nce_unpaired", torch.float32)])
+def test_triton_dq_held_on_chip_and_per_tile_match_reference(op, dtype, d, triton_device):
+    # D = 64 is the widest D whose dQ the backward holds in registers across its column loop; 72
+    # (padded to 80) is the narrowest that adds dQ per tile with atomics: both sides of the bound.
+    from dgkernels.contrastive import triton as tri
+    prec = tri._prec(dtype)
+    assert tri._dq_hold("bwd", dtype, prec, -(-d // 16) * 16)["DQ_HOLD"] == (64 if d == 64 else 0)
+    _compare("triton", op, 19, d, dtype, noncontig=True, device=triton_device)
+
+
+def test_triton_dq_hold_bounds_come_from_compiled_configs():
+    pytest.importorskip("triton")
+    from dgkernels.contrastive import triton as tri
+
+    # every held-dQ config is one of the backward's configs, and every held width is compile-checked
+    names = {spec.name for spec in tri.COMPILE_SPECS}
+    for (dclass, prec, hold), configs in tri.HOLD_CONFIGS.items():
+        assert set(configs) <= set(tri.CONFIGS[("bwd", dclass)])
+        variants = ["bf16", "fp16"] if dclass == "half" else [f"fp32_{prec}"]
+        for bm, bn, bd, w, st in configs:
+            for t in variants:
+                assert f"contrastive_lse_bwd_{t}_m{bm}_n{bn}_d{bd}_w{w}_s{st}_hold{hold}" in names
+    assert tri._dq_hold("bwd", torch.bfloat16, "tf32", 16) == {"DQ_HOLD": 64}
+    assert tri._dq_hold("bwd", torch.float32, "tf32", 80) == {"DQ_HOLD": 128}
+    assert tri._dq_hold("bwd", torch.float32, "ieee", 80) == {"DQ_HOLD": 0}
+    assert tri._dq_hold("bwd", torch.float16, "tf32", 512) == {"DQ_HOLD": 0}
+    assert tri._dq_hold("fwd", torch.float16, "tf32", 16) == {}
+
+
+@needs_triton
 @pytest.mark.parametrize("d", [768, 1024, 1280])
 @pytest.mark.parametrize("op,dtype", [("clip_loss", torch.bfloat16), ("multiview", torch.float16),
                                       ("info_nce_unpaired", torch.float32)])

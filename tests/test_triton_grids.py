@@ -35,6 +35,13 @@ def test_contrastive_column_splits_match_reference(op, n, dtype, triton_device):
 
 
 @needs_triton
+def test_contrastive_column_splits_with_per_tile_dq_match_reference(triton_device):
+    # D = 80 is wider than the held dQ accumulator of half precision: per-tile dQ atomics across splits
+    assert tri._dq_hold("bwd", torch.bfloat16, "tf32", 80) == {"DQ_HOLD": 0}
+    _compare("triton", "clip_loss", 300, 80, torch.bfloat16, device=triton_device)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype,B", [(torch.float32, 50), (torch.bfloat16, 150)])
 def test_cosine_class_gradient_row_splits_match_reference(dtype, B, triton_device, monkeypatch):
     """The class-gradient kernel's row split (several partial gradients summed) against float64."""

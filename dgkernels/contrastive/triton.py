@@ -18,9 +18,14 @@ zero) then change an accepted sum by at most N 2^-126 / 2^-80 = N 2^-46 relative
 N < 4M).
 
 Backward (`_bwd_kernel`): the same 2-D grid; each program recomputes each of its tiles once and
-forms G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then for each D chunk (GRAD_D)
+forms G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then
     DQ[rows] += (c_r G) K      (fp32 atomics: the column ranges of one row block share its rows)
-    DK[cols] += (c_c G)^T Q    (fp32 atomics, FlashAttention-2 style)
+    DK[cols] += (c_c G)^T Q    (fp32 atomics per tile and D chunk GRAD_D, FlashAttention-2 style)
+dQ[rows] = sum over the program's column blocks of (c_r G) K_blk: with D at most DQ_HOLD (64 for
+half precision and fp32 IEEE, 128 for fp32 TF32; HOLD_CONFIGS) the sum is kept in a
+[BLOCK_M, DQ_HOLD] fp32 register accumulator across the column loop (FlashAttention-2's loop
+order: one wgmma per tile into it) and added to DQ once per program, one atomic per element per
+column split. Wider D adds each tile's product per GRAD_D chunk with atomics, as dK.
 The operands of both dots are G cast to the input dtype (tensor cores), which is where the
 precision would go: G is of order w / N and smaller (w ~ 1 / N for a mean), far below fp16's
 normal range (2^-14) for large N or a scaled loss. So G is multiplied first by exact powers of
@@ -37,12 +42,20 @@ Every launch has the specialisation COMPILE_SPECS compiles (16-aligned pointers,
 strides; D is zero-padded to a multiple of 16 where needed), so the sm_90 register / spill /
 wgmma figures of the compile check are those of what runs.
 
-Cost model (why dQ is not held on chip): a [BLOCK_M, D] fp32 accumulator is 128 KB at
-BLOCK_M = 64, D = 512 - beyond the register file of one program - so the backward streams dQ
-through L2 per tile (4 BLOCK_M D bytes per 6 BLOCK_M BLOCK_N D flops), like the dK atomics: about
-64 flops per byte at 128 x 64 tiles, an L2-bound ceiling near 350 TFLOP/s on an H100 by the
-estimate in benchmarks/results/gpu_roofline.md (L2 bandwidth assumed). Holding dQ on chip
-(FlashAttention-2's loop order) needs a D-split or shared-memory accumulator: not built.
+Cost model (L2 traffic of the backward's fp32 atomics, per tile of 6 BLOCK_M BLOCK_N D flops):
+per-tile dQ and dK move 4 (BLOCK_M + BLOCK_N) D bytes, 6 BM BN / (4 (BM + BN)) = 64 flops per
+byte at 128 x 64 tiles: an L2-bound ceiling near 350 TFLOP/s on an H100 by the estimate in
+benchmarks/results/gpu_roofline.md (L2 bandwidth assumed). With dQ held, a tile moves 4 BLOCK_N D
+bytes of dK plus, once per program, 4 BLOCK_M D bytes of dQ over COLS_PER_SPLIT / BLOCK_N tiles:
+at the held config's 64 x 128 tiles 64 flops per byte when a split is its minimum 128 columns (one
+tile: no saving) up to 6 BM / 4 = 96 for long splits (no column split: N > 33664 at N = M), an L2
+ceiling of 350-530 TFLOP/s at the same L2 figure. The accumulator costs BLOCK_M DQ_HOLD /
+(32 num_warps) registers per thread (16 at 64 rows, 64 wide, 8 warps) on top of half-precision
+kernels that use all 255 (ptxas -v, sm_90a): 64 wide fits the 64-row config only (128 rows
+spilled under Triton 3.6 or 3.8), 128 wide spilled 16-112 bytes and 256 wide 220-500 bytes
+(Triton 3.8; benchmarks/results/triton_sm90_resources*.md). So the CLIP widths (D = 512-1280)
+keep the per-tile dQ atomics; holding them needs a D-split grid or a shared-memory
+accumulator (128 x 512 x 4 B = 256 KiB, above the 227 KiB of an H100 block): not built.
 float64 is refused (the backend's declaration in dgkernels.contrastive): dispatch picks the next
 backend.
 
@@ -165,9 +178,13 @@ def _fwd_kernel(Q, K, LSE, COLSUM, CREF, FLAGS, SCALE2, N, M, D, stride_qn, stri
 def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2, N, M, D, stride_qn, stride_kn,
                 exclude_diag, cols_on, N_KEY, M_KEY, COLS_PER_SPLIT,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                DOT_F32: tl.constexpr, GRAD_D: tl.constexpr):
+                DOT_F32: tl.constexpr, GRAD_D: tl.constexpr, DQ_HOLD: tl.constexpr):
     # Grid (row block, column split), as the forward: program (i, c) adds the contributions of
     # its columns to DQ[rows] and DK[cols], both with fp32 atomics (several splits share a row).
+    # DQ_HOLD > 0 (a power of two >= D, see _dq_hold): the program's dQ rows stay in a
+    # [BLOCK_M, DQ_HOLD] fp32 accumulator across its column loop (FlashAttention-2's loop order)
+    # and reach DQ once, one atomic per element per column split. DQ_HOLD = 0 (D too large for the
+    # accumulator to fit in registers next to the S tile): one atomic per element per tile.
     scale2 = tl.load(SCALE2)  # scale * log2(e), from device memory
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -184,6 +201,10 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
     w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
     c_r = tl.load(C_R + rows, mask=row_ok, other=0.0)
     ds = tl.zeros([BLOCK_M], tl.float32)
+    if DQ_HOLD > 0:
+        offs_h = tl.arange(0, DQ_HOLD)
+        h_ok = offs_h < D
+        dq_acc = tl.zeros([BLOCK_M, DQ_HOLD], tl.float32)
     start = split * COLS_PER_SPLIT
     end = tl.minimum(M, start + COLS_PER_SPLIT)
     n_cb = tl.cdiv(end - start, BLOCK_N)
@@ -206,8 +227,14 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
         # dscale = sum_ij G_ij S_ij / scale from the fp32 G (a sum with cancellation: G in the
         # input dtype would cost it the precision the scaling above keeps for dQ and dK).
         ds += tl.sum(g * tl.where(drop, 0.0, s), axis=1)
-        c_c = tl.load(C_C + cols, mask=col_ok, other=0.0)
         g_r = (g * c_r[:, None]).to(Q.dtype.element_ty)
+        if DQ_HOLD > 0:
+            # the whole (zero-padded) width of the K block in one GEMM into the held accumulator,
+            # before G^T is formed so that the two are not live (in registers) at once
+            kh = tl.load(K_blk + offs_n[:, None] * stride_kn + offs_h[None, :],
+                         mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+            dq_acc = _dot(g_r, kh, dq_acc, PREC, DOT_F32)
+        c_c = tl.load(C_C + cols, mask=col_ok, other=0.0)
         g_c = tl.trans((g * c_c[None, :]).to(Q.dtype.element_ty))
         q_ptr = Q_blk + offs_m[:, None] * stride_qn + offs_d[None, :]
         k_ptr = K_blk + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -218,15 +245,19 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
             q_ok = row_ok[:, None] & d_ok[None, :]
             k_ok = col_ok[:, None] & d_ok[None, :]
             q = tl.load(q_ptr, mask=q_ok, other=0.0)
-            k = tl.load(k_ptr, mask=k_ok, other=0.0)
-            dq = _dot(g_r, k, tl.zeros([BLOCK_M, GRAD_D], tl.float32), PREC, DOT_F32)
-            tl.atomic_add(dq_ptr, dq, mask=q_ok, sem="relaxed")
+            if DQ_HOLD == 0:
+                k = tl.load(k_ptr, mask=k_ok, other=0.0)
+                dq = _dot(g_r, k, tl.zeros([BLOCK_M, GRAD_D], tl.float32), PREC, DOT_F32)
+                tl.atomic_add(dq_ptr, dq, mask=q_ok, sem="relaxed")
             dk = _dot(g_c, q, tl.zeros([BLOCK_N, GRAD_D], tl.float32), PREC, DOT_F32)
             tl.atomic_add(dk_ptr, dk, mask=k_ok, sem="relaxed")
             q_ptr += GRAD_D
             k_ptr += GRAD_D
             dq_ptr += GRAD_D
             dk_ptr += GRAD_D
+    if DQ_HOLD > 0:
+        tl.atomic_add(DQ_blk + offs_m[:, None] * D + offs_h[None, :], dq_acc,
+                      mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")
     tl.store(DS_PART + split * tl.num_programs(0) + pid, tl.sum(ds, axis=0) / scale2)
 
 
@@ -244,6 +275,20 @@ CONFIGS = {
     ("fwd", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 32, 8, 2)],
     ("bwd", "fp32"): [(64, 64, 32, 8, 2)],
 }
+# The backward holding dQ on chip (DQ_HOLD > 0), per (dtype class, PREC, DQ_HOLD): the configs of
+# CONFIGS that compile for sm_90 without spilling next to the [BLOCK_M, DQ_HOLD] fp32 accumulator
+# under both Triton versions (benchmarks/results/triton_sm90_resources*.md, ptxas -v). The
+# half-precision kernels already use all 255 registers: a 64-wide accumulator fits the 64-row
+# config (16 more per thread at 8 warps); at 128 rows (32 more) the 2-stage config spilled 16 bytes
+# under Triton 3.6 and the 3-stage one 8-16 under 3.8; 128 wide spilled 16-112 bytes in every
+# config and 256 wide 220-500 bytes (Triton 3.8). fp32 IEEE spilled at 128 wide, TF32 at 256.
+# Wider D keeps the per-tile atomics (DQ_HOLD = 0).
+HOLD_CONFIGS = {
+    ("half", "tf32", 64): [(64, 128, 64, 8, 2)],
+    ("fp32", "ieee", 64): [(64, 64, 32, 8, 2)],
+    ("fp32", "tf32", 64): [(64, 64, 32, 8, 2)],
+    ("fp32", "tf32", 128): [(64, 64, 32, 8, 2)],
+}
 _KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -252,9 +297,18 @@ def _dclass(dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def _configs(kernel: str, dtype) -> list[dict]:
+def _config_list(kernel: str, dclass: str, prec: str = "tf32", hold: int = 0) -> list[tuple]:
+    return HOLD_CONFIGS[(dclass, prec, hold)] if hold else CONFIGS[(kernel, dclass)]
+
+
+def _all_bwd_configs(dclass: str) -> list[tuple]:
+    """Every config a backward of this dtype class may launch, per-tile and holding dQ."""
+    return CONFIGS[("bwd", dclass)] + [c for (dc, _, _), cs in HOLD_CONFIGS.items() if dc == dclass for c in cs]
+
+
+def _configs(kernel: str, dtype, prec: str = "tf32", hold: int = 0) -> list[dict]:
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=s)
-            for bm, bn, bd, w, s in CONFIGS[(kernel, _dclass(dtype))]]
+            for bm, bn, bd, w, s in _config_list(kernel, _dclass(dtype), prec, hold)]
 
 
 def _grad_d(kernel: str, dtype, prec: str) -> dict:
@@ -269,6 +323,23 @@ def _grad_d(kernel: str, dtype, prec: str) -> dict:
     if dtype == torch.float32 and prec == "ieee":
         return {"GRAD_D": 16 if _TRITON_VERSION < (3, 7) else 32}
     return {"GRAD_D": CONFIGS[("bwd", _dclass(dtype))][0][2]}
+
+
+def _hold_widths(dtype, prec: str) -> list[int]:
+    """The widths the backward may hold dQ at for (dtype, PREC), ascending (HOLD_CONFIGS)."""
+    return sorted(w for dc, p, w in HOLD_CONFIGS if dc == _dclass(dtype) and p == prec)
+
+
+def _dq_hold(kernel: str, dtype, prec: str, d: int) -> dict:
+    """The backward's DQ_HOLD for a launch of width d (padded to a multiple of 16): the smallest
+    held width >= d, or 0 (dQ added per tile) when d is wider than every width that compiles
+    without spilling for sm_90 (HOLD_CONFIGS)."""
+    if kernel != "bwd":
+        return {}
+    for w in _hold_widths(dtype, prec):
+        if d <= w:
+            return {"DQ_HOLD": w}
+    return {"DQ_HOLD": 0}
 
 
 def _prec(dtype) -> str:
@@ -324,15 +395,24 @@ def _specs() -> list[CompileSpec]:
     for kernel in ("fwd", "bwd"):
         for dtype, prec in _LAUNCH_VARIANTS:
             t = _TL[dtype]
-            for cfg in _configs(kernel, dtype):
-                cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
-                          DOT_F32=False, **_grad_d(kernel, dtype, prec))
-                tag = (f"{t}{'_' + prec if dtype == torch.float32 else ''}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}"
-                       f"_d{cfg['BLOCK_D']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
-                sig = _signature(kernel, t)
-                specs.append(CompileSpec(f"contrastive_lse_{kernel}_{tag}", _KERNELS[kernel], sig, cx,
-                                         cfg["num_warps"], cfg["num_stages"], _aligned_attrs(sig)))
+            for hold in _hold_variants(kernel, dtype, prec):
+                for cfg in _configs(kernel, dtype, prec, hold.get("DQ_HOLD", 0)):
+                    cx = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PREC=prec,
+                              DOT_F32=False, **_grad_d(kernel, dtype, prec), **hold)
+                    tag = (f"{t}{'_' + prec if dtype == torch.float32 else ''}_m{cfg['BLOCK_M']}_n{cfg['BLOCK_N']}"
+                           f"_d{cfg['BLOCK_D']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
+                           f"{'_hold' + str(hold['DQ_HOLD']) if hold.get('DQ_HOLD') else ''}")
+                    sig = _signature(kernel, t)
+                    specs.append(CompileSpec(f"contrastive_lse_{kernel}_{tag}", _KERNELS[kernel], sig, cx,
+                                             cfg["num_warps"], cfg["num_stages"], _aligned_attrs(sig)))
     return specs
+
+
+def _hold_variants(kernel: str, dtype, prec: str) -> list[dict]:
+    """Every DQ_HOLD constexpr dict _dq_hold may give (the per-tile DQ_HOLD = 0 first)."""
+    if kernel != "bwd":
+        return [{}]
+    return [{"DQ_HOLD": 0}] + [{"DQ_HOLD": w} for w in _hold_widths(dtype, prec)]
 
 
 COMPILE_SPECS: list[CompileSpec] = _specs()
@@ -365,11 +445,11 @@ def _fixed_config() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, dclass: str, prec: str = "tf32", device: int = 0):
-    """The kernel wrapped in triton.autotune over its configs (GPU only), one per device and PREC
-    so that neither shares another's tuned choice."""
+def _tuned(kernel: str, dclass: str, prec: str = "tf32", device: int = 0, hold: int = 0):
+    """The kernel wrapped in triton.autotune over its configs (GPU only), one per device, PREC and
+    DQ_HOLD so that none shares another's tuned choice (a held dQ has its own config list)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-               for bm, bn, bd, w, s in CONFIGS[(kernel, dclass)]]
+               for bm, bn, bd, w, s in _config_list(kernel, dclass, prec, hold)]
     # Accumulated outputs: zeroed before every trial so no config sees another's partial sums.
     reset = ["COLSUM"] if kernel == "fwd" else ["DQ", "DK", "DS_PART"]
     key = ["N_KEY", "M_KEY", "D", "cols_on"] + (["fixup"] if kernel == "fwd" else [])
@@ -386,8 +466,9 @@ def autotune_launches():
         raise AssertionError(f"_LAUNCH_VARIANTS {_LAUNCH_VARIANTS} differ from what _prec launches: {launched}")
     for kernel in ("fwd", "bwd"):
         for dtype, prec in _LAUNCH_VARIANTS:
-            yield (_tuned(kernel, _dclass(dtype), prec), _signature(kernel, _TL[dtype]),
-                   dict(PREC=prec, DOT_F32=False, **_grad_d(kernel, dtype, prec)))
+            for hold in _hold_variants(kernel, dtype, prec):
+                yield (_tuned(kernel, _dclass(dtype), prec, 0, hold.get("DQ_HOLD", 0)), _signature(kernel, _TL[dtype]),
+                       dict(PREC=prec, DOT_F32=False, **_grad_d(kernel, dtype, prec), **hold))
 
 
 def _prec_choices(dtype) -> set:
@@ -447,19 +528,21 @@ def _launch(kernel: str, n: int, args: tuple, dtype, m: int | None = None, devic
     dev = 0 if interp or device is None or device.index is None else device.index
     cols_on, d = args[_ARG_INDEX[kernel]["cols_on"]], args[_ARG_INDEX[kernel]["D"]]
     fixup = args[_ARG_INDEX[kernel]["fixup"]] if kernel == "fwd" else 0
+    hold = _dq_hold(kernel, dtype, prec, d)
     key = (dev, kernel, _dclass(dtype), prec, n_key, m_key, d, cols_on, fixup)
     oversize = n > _TUNE_MAX_ROWS or m > _TUNE_MAX_ROWS
     if interp or _fixed_config() or (oversize and key not in _TUNED_KEYS):
         # The interpreter cannot time configs; tests and oversize first launches take the first one.
-        cfg = _configs(kernel, dtype)[0]
+        cfg = _configs(kernel, dtype, prec, hold.get("DQ_HOLD", 0))[0]
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
         _KERNELS[kernel][grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                                PREC=prec, DOT_F32=interp and dtype == torch.bfloat16, **_grad_d(kernel, dtype, prec),
+                               **hold,
                                **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
         return
-    tuned = _tuned(kernel, _dclass(dtype), prec, dev)
+    tuned = _tuned(kernel, _dclass(dtype), prec, dev, hold.get("DQ_HOLD", 0))
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](*args, PREC=prec, DOT_F32=False,
-                                                                  **_grad_d(kernel, dtype, prec))
+                                                                  **_grad_d(kernel, dtype, prec), **hold)
     _TUNED_KEYS.add(key)
 
 
@@ -567,8 +650,8 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
     split = column_split(n, m, q.device)
-    # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any)
-    ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c["BLOCK_M"] for c in _configs("bwd", q.dtype))),
+    # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any config)
+    ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c[0] for c in _all_bwd_configs(_dclass(q.dtype)))),
                           dtype=torch.float32, device=q.device)
     args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
             q.stride(0), k.stride(0), int(exclude_diag), int(cols))
