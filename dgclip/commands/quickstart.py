@@ -22,7 +22,7 @@ FLAGS = ("root", "output-dir", "seeds", "cache-dir", "steps", "hparams-seed", "h
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("quickstart", help="embedded default end to end: pretrain + 4 baselines + table",
+    p = subparsers.add_parser("quickstart", help="embedded default end to end: pretrain, 4 baselines leave-one-domain-out, then base-to-new",
                               formatter_class=HelpFormatter,
                               description=f"Methods {', '.join(QUICKSTART['methods'])} on {QUICKSTART['dataset']} "
                                           f"with the embedded {QUICKSTART['backbone']} CLIP, every domain held out "

@@ -11,7 +11,7 @@ FLAGS = ("root", "output-dir", "seeds", "backbone", "pretrained", "cache-dir", "
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("train", help="train one method, leave-one-domain-out", formatter_class=HelpFormatter,
+    p = subparsers.add_parser("train", help="train one method: leave-one-domain-out, or a CoOp-suite --protocol", formatter_class=HelpFormatter,
                               description="Train and evaluate one method; one record per held-out domain and "
                                           "seed in OUTPUT_DIR/results.jsonl. Every image the runs read is "
                                           "checked before the first step.")
