@@ -57,9 +57,8 @@ class Job:
         full = asdict(TrainConfig(**{"root": "", **self.config()}))
         # a preset's record only says where the values come from; the values themselves are fields
         stable = {k: v for k, v in full.items() if k not in ("output_dir", "progress", "workers", "resume", "preset")}
-        digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
         name = f"{self.method}__{self.dataset}__{'+'.join(self.test_domains)}__h{self.hparams_seed}__t{self.trial_seed}"
-        return f"{name}__{digest}".replace("/", "_").replace(" ", "_")
+        return job_key(name, stable)
 
     @property
     def folder(self) -> Path:
@@ -100,6 +99,12 @@ def make_grid(sweep_dir, methods, datasets, test_domains, n_hparams: int, n_tria
                             extra["steps"] = steps
                         jobs.append(Job(method, dataset, list(doms), h, t, str(sweep_dir), extra))
     return jobs
+
+
+def job_key(name: str, settings: dict) -> str:
+    """A job folder's name: readable fields, then a digest of every setting that changes results."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{name}__{digest}".replace("/", "_").replace(" ", "_")
 
 
 def job_status(job: Job) -> str:

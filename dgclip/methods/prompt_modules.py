@@ -68,6 +68,15 @@ class StyleContentShift(nn.Module):
         return self.layer_mix(m.transpose(1, 2)).squeeze(-1)  # [B, C]
 
 
+def prompt_mlp(feat_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """DPL's 3-layer MLP (ReLU, dropout) from an attended feature to the flattened context tokens."""
+    return nn.Sequential(
+        nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
+
+
 class AttentionPromptGenerator(nn.Module):
     """DALSCLIP's attention-based MLP: image features -> M context tokens.
 
@@ -83,11 +92,7 @@ class AttentionPromptGenerator(nn.Module):
         self.norm = nn.LayerNorm(feat_dim)
         self.qkv = nn.Linear(feat_dim, 3 * feat_dim)
         self.out = nn.Linear(feat_dim, feat_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, n_ctx * ctx_dim),
-        )
+        self.mlp = prompt_mlp(feat_dim, hidden, n_ctx * ctx_dim, dropout)
 
     def forward(self, features: torch.Tensor, group: torch.Tensor | None = None, *, pool: bool = True,
                 num_groups: int | None = None) -> torch.Tensor:
@@ -133,11 +138,7 @@ class TokenAttentionPromptGenerator(nn.Module):
         self.q = nn.Linear(feat_dim, feat_dim)
         self.kv = nn.Linear(feat_dim, 2 * feat_dim)
         self.out = nn.Linear(feat_dim, feat_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, n_ctx * ctx_dim),
-        )
+        self.mlp = prompt_mlp(feat_dim, hidden, n_ctx * ctx_dim, dropout)
 
     def attention(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(attended [B, F], weights [B, T]) of the first token over all T."""

@@ -17,8 +17,6 @@ job (crashed or interrupted) starts again from its first epoch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -70,9 +68,10 @@ class SuiteJob:
         stable = {k: v for k, v in self.config.items() if k not in _NOT_IN_KEY + _RESOLVED}
         stable.update(method=self.method, dataset=self.dataset, protocol=self.protocol, seed=self.seed,
                       run=run, hparams=hparams, targets=targets)
-        digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        from ..sweep import job_key
+
         name = f"{self.method}__{self.dataset}__{self.protocol}__k{run['shots']}__t{self.trial_seed}__s{self.seed}"
-        return f"{name}__{digest}".replace("/", "_").replace(" ", "_")
+        return job_key(name, stable)
 
     @property
     def folder(self) -> Path:
