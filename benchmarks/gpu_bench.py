@@ -17,7 +17,9 @@ What is measured (scripts/gpu_check.sh runs this after the build and the test su
   forward, 8 N^2 D forward+backward), % of the measured bf16 peak, peak memory above inputs and
   gradients, and (at N = 4096, where float64 is cheap) the error of the loss and of the gradients
   against float64; dgkernels' triton and cuda backends side by side with naive PyTorch, open_clip
-  ClipLoss and inf-cl (fp32 inputs only, its tf32 mode, labelled).
+  ClipLoss and inf-cl (fp32 inputs only, its tf32 mode, labelled). At D >= 256 the triton backward
+  writes G slabs (dgkernels.contrastive.triton_slab); clip_loss rows also time the fused backward
+  it replaces there ("fused backward (atomics)"), so that one run compares the two.
 - maxn: the largest N (doubling, bounded) at which clip_loss forward+backward fits, per impl.
 - heads: the head ops at B = 4096, K = 345 (4 domains, F = 512) against their PyTorch references and
   Liger's fused linear cross-entropy (cosine_cross_entropy).
@@ -269,14 +271,42 @@ def ceilings(rep: Report, device: str, smoke: bool, clock: Clock) -> dict:
 CONTRASTIVE_OPS = ("clip_loss", "info_nce", "multiview_info_nce")
 
 
-def _impls(op: str, device: str) -> list[str]:
+def _impls(op: str, device: str, d: int = 0) -> list[str]:
+    """What a row of op measures: the project's backends, then the peers. At D from the slab
+    backward's SLAB_MIN_D, clip_loss also times the fused backward the slabs replace there."""
     fused = ["triton", "cuda"] if device == "cuda" else ["auto"]
+    if device == "cuda" and op == "clip_loss" and d >= _slab_min_d():
+        fused.insert(1, "triton_fused_bwd")
     peers = {"clip_loss": ["naive", "open_clip", "inf_cl"], "info_nce": ["naive", "inf_cl"],
              "multiview_info_nce": ["naive"]}[op]
     return fused + peers
 
 
-IMPL_LABEL = {"triton": "dgkernels triton", "cuda": "dgkernels cuda", "auto": "dgkernels (auto backend)",
+def _slab_min_d() -> int:
+    from dgkernels.contrastive import triton_slab
+
+    return triton_slab.SLAB_MIN_D
+
+
+class _strategy:
+    """DGKERNELS_CONTRASTIVE_BWD for one row (read by the backward, so it spans forward and backward)."""
+
+    def __init__(self, impl: str):
+        self.value = "fused" if impl == "triton_fused_bwd" else None
+
+    def __enter__(self):
+        self.saved = os.environ.get("DGKERNELS_CONTRASTIVE_BWD")
+        if self.value:
+            os.environ["DGKERNELS_CONTRASTIVE_BWD"] = self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("DGKERNELS_CONTRASTIVE_BWD", None)
+        else:
+            os.environ["DGKERNELS_CONTRASTIVE_BWD"] = self.saved
+
+
+IMPL_LABEL = {"triton": "dgkernels triton", "triton_fused_bwd": "dgkernels triton, fused backward (atomics)", "cuda": "dgkernels cuda", "auto": "dgkernels (auto backend)",
               "naive": "naive PyTorch", "open_clip": "open_clip ClipLoss", "inf_cl": "inf-cl (fp32 inputs, tf32)"}
 
 
@@ -304,7 +334,7 @@ def _naive_supcon(views, t):
 
 def contrastive_fn(op: str, impl: str):
     """A loss(features..., s) for unit-norm features: s is the logit scale (clip) or temperature."""
-    backend = None if impl == "auto" else impl
+    backend = {"auto": None, "triton_fused_bwd": "triton"}.get(impl, impl)
     if impl == "naive":
         return {"clip_loss": _naive_clip, "info_nce": _naive_info_nce, "multiview_info_nce": _naive_supcon}[op]
     if impl == "open_clip":
@@ -443,7 +473,7 @@ def contrastive(rep: Report, device: str, smoke: bool, clock: Clock, budget: Bud
                    "forward+backward first (compiling, and autotuning its power-of-two size bucket), untimed.")
     too_slow = set() if too_slow is None else too_slow
     for n, d, dname, op in contrastive_order(s, ns):
-        for impl in _impls(op, device):
+        for impl in _impls(op, device, d):
             cells = [op, n, d, dname, IMPL_LABEL[impl]]
             if budget.left() <= 0:
                 _skip_row(rep, cells + [None] * 7, "time budget")
@@ -478,11 +508,12 @@ def _contrastive_row(rep, cells, op, impl, n, d, dname, device, s, clock, peak, 
     leaves = None
     try:
         leaves, scalar = contrastive_inputs(op, n, d, dtype, device)
-        m = measure(clock, loss_fn, leaves, scalar, device, s)
-        err = "–"
-        if n == s["err_n"]:
-            e_loss, e_grad = fp64_errors(op, impl, leaves, scalar, device)
-            err = f"{e_loss:.1e} / {e_grad:.1e}"
+        with _strategy(impl):
+            m = measure(clock, loss_fn, leaves, scalar, device, s)
+            err = "–"
+            if n == s["err_n"]:
+                e_loss, e_grad = fp64_errors(op, impl, leaves, scalar, device)
+                err = f"{e_loss:.1e} / {e_grad:.1e}"
     except _oom_types() as exc:
         _skip_row(rep, cells + [None] * 7, f"out of memory ({str(exc).splitlines()[0][:80]})")
         return

@@ -186,6 +186,55 @@ def test_triton_large_feature_sizes(op, dtype, d, triton_device):
     _compare("triton", op, 9, d, dtype, device=triton_device)
 
 
+@needs_triton
+@pytest.mark.parametrize("strategy,rows,splits", [("fused", None, None), ("slab", None, None), ("slab", 32, 1),
+                                                  ("slab", 32, 3)])
+@pytest.mark.parametrize("op,dtype", [("clip_loss", torch.bfloat16), ("multiview", torch.float16),
+                                      ("info_nce_unpaired", torch.float32), ("info_nce", torch.float16)])
+def test_triton_backward_strategies_match_reference(op, dtype, strategy, rows, splits, monkeypatch, triton_device):
+    # Both backwards at one size: the fused kernel (atomics) and the G slabs with dQ / dK GEMMs, the
+    # latter also cut into several slabs of 32 rows (the last one short) and with dQ's reduction
+    # split over programs (3 asked: 2 or 3 used, by BLOCK_K), as at large N.
+    from dgkernels.contrastive import triton_slab
+
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, strategy)
+    if rows is not None:
+        monkeypatch.setattr(triton_slab, "_slab_rows", lambda *args: rows)
+        monkeypatch.setattr(triton_slab, "_splits", lambda *args: splits)
+    _compare("triton", op, 75, 40, dtype, noncontig=True, device=triton_device)
+
+
+def test_triton_backward_strategy_choice(monkeypatch):
+    pytest.importorskip("triton")
+    from dgkernels.contrastive import triton_slab
+
+    monkeypatch.delenv(triton_slab.STRATEGY_ENV, raising=False)
+    assert triton_slab.wanted(512, 0) and triton_slab.wanted(triton_slab.SLAB_MIN_D, 0)
+    assert not triton_slab.wanted(triton_slab.SLAB_MIN_D - 16, 0)  # narrower: the fused kernel
+    assert not triton_slab.wanted(512, 64)  # dQ held on chip by the fused kernel
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, "fused")
+    assert not triton_slab.wanted(1024, 0)
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, "slab")
+    assert triton_slab.wanted(16, 64)
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, "fast")
+    with pytest.raises(ValueError, match="auto, fused or slab"):
+        triton_slab.wanted(512, 0)
+
+
+def test_triton_slab_workspace_is_bounded_by_the_gradients():
+    # The slab (2 R M elements) never takes more than the fp32 dQ + dK buffers, unless that is less
+    # than one block of rows; R is a whole number of blocks; never more rows than the problem has.
+    pytest.importorskip("triton")
+    from dgkernels.contrastive import triton_slab
+
+    for n, m, d, elem in [(4096, 4096, 512, 2), (65536, 65536, 512, 2), (262144, 262144, 1024, 2),
+                          (4096, 4096, 512, 4), (1000, 50000, 512, 2), (100, 100, 512, 2)]:
+        rows = triton_slab._slab_rows(n, m, d, elem)
+        assert rows % triton_slab._SLAB_ALIGN == 0 and rows <= max(triton_slab._SLAB_ALIGN, -(-n // 128) * 128)
+        assert rows == triton_slab._SLAB_ALIGN or 2 * rows * m * elem <= (n + m) * d * 4
+    assert triton_slab._slab_rows(65536, 65536, 512, 2) == 1024  # R = 2 D at N = M in half precision
+
+
 # The small-gradient regime (DESIGN 5.4): d(1e-3 * loss) has the magnitudes of a batch far larger
 # than N = 512 with a mean reduction; features of norm ~2^-5 keep the feature gradients inside
 # fp16's normal range, so what is measured is the kernel, not the output's underflow. PyTorch's
@@ -382,6 +431,35 @@ def test_gpu_matches_reference(backend, op, n, d, dtype):
 def test_gpu_small_gradient_regime_matches_fp32_internal_backend(backend, op, dtype):
     _gpu_backend(backend)
     _small_gradient_check(backend, op, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "slab"])
+@pytest.mark.parametrize("op,dtype", [("clip_loss", torch.bfloat16), ("multiview", torch.float16),
+                                      ("info_nce_unpaired", torch.float32)])
+def test_gpu_triton_backward_strategies_match_reference(op, dtype, strategy, monkeypatch):
+    # CLIP width: auto picks the slabs here, so the fused kernel is forced for the other side.
+    _gpu_backend("triton")
+    from dgkernels.contrastive import triton_slab
+
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, strategy)
+    _compare("triton", op, 1500, 512, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_slab_backward_is_deterministic(monkeypatch):
+    # No atomics in the slab backward: two runs agree bit for bit (the fused kernel's need not).
+    _gpu_backend("triton")
+    from dgkernels.contrastive import triton_slab
+
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, "slab")
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(3000, 512, generator=g), dim=1).to("cuda", torch.bfloat16)
+    y = F.normalize(torch.randn(3000, 512, generator=g), dim=1).to("cuda", torch.bfloat16)
+    runs = [_run(lambda b, a, c, s: dgkernels.clip_loss(a, c, s, backend=b), "triton", [x, y, torch.tensor(14.0)])
+            for _ in range(2)]
+    for a, b in zip([runs[0][0]] + runs[0][1], [runs[1][0]] + runs[1][1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

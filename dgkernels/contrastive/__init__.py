@@ -3,7 +3,7 @@
 Every loss is composed around one primitive, `contrastive_lse` (the row/column log-sum-exp of
 scale * Q K^T; .ops). Its backends, declared here:
   reference: .reference (materialises S); cpp + cuda: .tiled_gemm (csrc/contrastive: a library GEMM
-  and ATen reductions per tile); triton: .triton (fused kernels, imported on first use).
+  and ATen reductions per tile); triton: .triton (fused kernels, imported on first use; at wide D its backward is .triton_slab).
 """
 from .. import _dispatch, _triton_signature
 from .._dispatch import Backend
@@ -27,5 +27,6 @@ for _backend in BACKENDS:  # the reference implements the forward primitives (it
 for _op in OPS:
     _dispatch.register_public(_op, ops.LSE)
 _triton_signature.register_module("dgkernels.contrastive.triton")
+_triton_signature.register_module("dgkernels.contrastive.triton_slab")
 
 __all__ = ["InfoNCE", "clip_loss", "info_nce", "multiview_info_nce"]

@@ -114,6 +114,21 @@ def _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
     return s
 
 
+@triton.jit
+def _grad_tile(s, rows, cols, row_ok, col_ok, lse_r, w_r, LSE_C, W_C, exclude_diag, cols_on):
+    """(G, S with its dropped entries zeroed) of one tile of scaled logits s (log2 units): G =
+    w_r 2^(s - lse_r) + w_c 2^(s - lse_c) in fp32, lse_r and lse_c in log2 units; dropped entries
+    (outside the rows or columns, or the diagonal under exclude_diag) get G = 0."""
+    drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
+    s = tl.where(drop, float("-inf"), s)
+    g = w_r[:, None] * tl.exp2(s - lse_r[:, None])
+    if cols_on != 0:
+        lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+        w_c = tl.load(W_C + cols, mask=col_ok, other=0.0)
+        g += w_c[None, :] * tl.exp2(s - lse_c[None, :])
+    return g, tl.where(drop, 0.0, s)
+
+
 # Flags and sizes are not specialised (no constant-1 or divisible-by-16 variants): what launches is
 # exactly what COMPILE_SPECS compiles (the launcher makes pointers, D and row strides aligned).
 # N_KEY, M_KEY: the autotuner's size key (power-of-two buckets, see _bucket); the kernels ignore them.
@@ -217,16 +232,10 @@ def _bwd_kernel(Q, K, LSE_R, LSE_C, W_R, W_C, C_R, C_C, DQ, DK, DS_PART, SCALE2,
         DK_blk = DK + tl.cast(c0, tl.int64) * D
         s = _tile(Q_blk, K_blk, row_ok, col_ok, D, stride_qn, stride_kn,
                   BLOCK_M, BLOCK_N, BLOCK_D, PREC, DOT_F32) * scale2
-        drop = (~col_ok[None, :]) | (~row_ok[:, None]) | ((rows[:, None] == cols[None, :]) & (exclude_diag != 0))
-        s = tl.where(drop, float("-inf"), s)
-        g = w_r[:, None] * tl.exp2(s - lse_r[:, None])
-        if cols_on != 0:
-            lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-            w_c = tl.load(W_C + cols, mask=col_ok, other=0.0)
-            g += w_c[None, :] * tl.exp2(s - lse_c[None, :])
+        g, s_kept = _grad_tile(s, rows, cols, row_ok, col_ok, lse_r, w_r, LSE_C, W_C, exclude_diag, cols_on)
         # dscale = sum_ij G_ij S_ij / scale from the fp32 G (a sum with cancellation: G in the
         # input dtype would cost it the precision the scaling above keeps for dQ and dK).
-        ds += tl.sum(g * tl.where(drop, 0.0, s), axis=1)
+        ds += tl.sum(g * s_kept, axis=1)
         g_r = (g * c_r[:, None]).to(Q.dtype.element_ty)
         if DQ_HOLD > 0:
             # the whole (zero-padded) width of the K block in one GEMM into the held accumulator,
@@ -647,16 +656,24 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     w_r, w_c = _vec(w_r), _vec(w_c)
     c_r = _pow2_scale(w_r, w_c.abs().amax())
     c_c = _pow2_scale(w_c, w_r.abs().amax())
-    dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
-    split = column_split(n, m, q.device)
-    # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any config)
-    ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c[0] for c in _all_bwd_configs(_dclass(q.dtype)))),
-                          dtype=torch.float32, device=q.device)
-    args = (q, k, _vec(lse_r), _vec(lse_c), w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
-            q.stride(0), k.stride(0), int(exclude_diag), int(cols))
-    _launch("bwd", n, args, q.dtype, m=m, device=q.device, split=split)
+    lse_r, lse_c = _vec(lse_r), _vec(lse_c)
+    from . import triton_slab  # wide D: G in row slabs, dQ and dK as GEMMs held on chip
+
+    if triton_slab.wanted(d, _dq_hold("bwd", q.dtype, _prec(q.dtype), d)["DQ_HOLD"]):
+        dq, dk, ds = triton_slab.lse_backward(q, k, _scale2(scale), exclude_diag, lse_r, lse_c, w_r, w_c, c_r, c_c,
+                                              cols)
+    else:
+        dq = torch.zeros(n, d, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+        split = column_split(n, m, q.device)
+        # one partial dscale per program at the smallest BLOCK_M (the autotuner may pick any config)
+        ds_part = torch.zeros(split[0] * triton.cdiv(n, min(c[0] for c in _all_bwd_configs(_dclass(q.dtype)))),
+                              dtype=torch.float32, device=q.device)
+        args = (q, k, lse_r, lse_c, w_r, w_c, c_r, c_c, dq, dk, ds_part, _scale2(scale), n, m, d,
+                q.stride(0), k.stride(0), int(exclude_diag), int(cols))
+        _launch("bwd", n, args, q.dtype, m=m, device=q.device, split=split)
+        ds = ds_part.sum()
     dq.div_(c_r[:, None])  # G K (exact: c_r is a power of two)
     dk.div_(c_c[:, None])
     s = scale.detach().reshape(()).float()  # on the device: a 0-d tensor operand, no host read
-    return dq[:, :d0].mul_(s), dk[:, :d0].mul_(s), ds_part.sum()
+    return dq[:, :d0].mul_(s), dk[:, :d0].mul_(s), ds
