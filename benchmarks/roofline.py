@@ -33,21 +33,49 @@ def _ms(flops=0.0, hbm=0.0, exps=0.0, l2=0.0) -> tuple[float, str]:
     return parts[bound] * 1e3, bound
 
 
+def _fused_bwd_l2(tri, dtype, n: int, d: int) -> float:
+    """L2 bytes of the fused backward's fp32 gradient atomics at its first config for (dtype, d)."""
+    hold = tri._dq_hold("bwd", dtype, "tf32", d)["DQ_HOLD"]
+    cfg = tri._configs("bwd", dtype, "tf32", hold)[0]
+    dk_l2 = n * n * d * 4 / cfg["BLOCK_M"]  # dK atomics, one BLOCK_N x D tile per tile pair
+    # dQ: one BLOCK_M x D tile per tile pair, or once per row block and column split when held
+    dq_l2 = n * d * 4 * tri.column_split(n, n)[0] if hold else n * n * d * 4 / cfg["BLOCK_N"]
+    return dk_l2 + dq_l2
+
+
+def _slab_bwd_hbm(slab, dtype, n: int, d: int, esize: int) -> float:
+    """HBM bytes the slab backward adds to the compulsory ones: G written and read twice (GR, GCT),
+    dK's fp32 read-modify-write once per slab, dQ's split-K partial tiles written and read."""
+    rows = slab._slab_rows(n, n, d, esize)
+    slabs = -(-n // rows)
+    splits = slab._splits(rows, d, n, dtype, _CPU)
+    return 4 * n * n * esize + (2 * slabs - 1) * n * d * 4 + (2 * splits * n * d * 4 if splits > 1 else 0)
+
+
+class _Cpu:  # what slab._splits asks of a device: not a GPU, so it plans for 132 SMs
+    type = "cpu"
+    index = None
+
+
+_CPU = _Cpu()
+
+
 def contrastive_rows(ns, ds, dtypes):
-    """(op, N, D, dtype, fwd GFLOP, fwd+bwd GFLOP, HBM MB, L2 atomic MB, predicted fwd ms, fwd+bwd ms, bound)."""
+    """(op, N, D, dtype, backward, fwd GFLOP, fwd+bwd GFLOP, HBM MB, L2 atomic MB, predicted fwd ms,
+    fwd+bwd ms, bound): the backward auto picks, and where that is the slab backward, also the fused
+    one it replaces (the benchmark's "fused backward (atomics)" rows)."""
     import torch
 
     from dgkernels.contrastive import triton as tri
+    from dgkernels.contrastive import triton_slab as slab
 
     rows = []
     for dname in dtypes:
+        dtype = getattr(torch, dname)
         esize = 2
         for d in ds:
-            # the backward's first config at this D: held dQ (one fp32 write per element per column
-            # split) where D fits the register accumulator, per-tile dQ atomics otherwise
-            hold = tri._dq_hold("bwd", getattr(torch, dname), "tf32", -(-d // 16) * 16)["DQ_HOLD"]
-            cfg = tri._configs("bwd", getattr(torch, dname), "tf32", hold)[0]
-            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            dp = -(-d // 16) * 16
+            auto_slab = slab.wanted(dp, tri._dq_hold("bwd", dtype, "tf32", dp)["DQ_HOLD"])
             for op in ("clip_loss", "info_nce", "multiview_info_nce"):
                 for n in ns:
                     sym = op != "info_nce"  # row and column statistics (clip, supcon on the joint matrix)
@@ -55,13 +83,16 @@ def contrastive_rows(ns, ds, dtypes):
                     fb = 8 * n * n * d  # forward S, backward S recomputed, dQ and dK GEMMs
                     exps_f = (2 if sym else 1) * n * n
                     hbm = 2 * n * d * esize + 2 * n * d * 4 + 2 * n * d * esize  # inputs, fp32 grads, cast out
-                    dk_l2 = n * n * d * 4 / bm  # dK atomics, one BLOCK_N x D tile per tile pair
-                    # dQ: one BLOCK_M x D tile per tile pair, or once per row block and column split
-                    dq_l2 = n * d * 4 * tri.column_split(n, n)[0] if hold else n * n * d * 4 / bn
-                    l2 = dk_l2 + dq_l2
                     f_ms, _ = _ms(flops=fwd, hbm=2 * n * d * esize, exps=exps_f)
-                    fb_ms, bound = _ms(flops=fb, hbm=hbm, exps=2 * exps_f, l2=l2)
-                    rows.append((op, n, d, dname, fwd / 1e9, fb / 1e9, hbm / 1e6, l2 / 1e6, f_ms, fb_ms, bound))
+                    variants = ["slab", "fused"] if auto_slab else ["fused"]
+                    for bwd in variants:
+                        if bwd == "slab":
+                            extra, l2 = _slab_bwd_hbm(slab, dtype, n, dp, esize), 0.0
+                        else:
+                            extra, l2 = 0.0, _fused_bwd_l2(tri, dtype, n, dp)
+                        fb_ms, bound = _ms(flops=fb, hbm=hbm + extra, exps=2 * exps_f, l2=l2)
+                        rows.append((op, n, d, dname, bwd, fwd / 1e9, fb / 1e9, (hbm + extra) / 1e6, l2 / 1e6, f_ms,
+                                     fb_ms, bound))
     return rows
 
 
@@ -76,6 +107,26 @@ def grid_rows(ns=(1024, 4096, 65536)):
             progs = [-(-n // bm) * splits for bm in bms]
             out.append((n, kernel, "/".join(map(str, bms)), splits, cols, "/".join(map(str, progs)),
                         "/".join(f"{p / SMS:.1f}" for p in progs), "/".join(str(-(-n // bm)) for bm in bms)))
+    return out
+
+
+def slab_grid_rows(ns=(1024, 4096, 65536), d=512):
+    """Per slab of the slab backward at N = M, bf16: (N, slab rows, slabs, G programs, dQ GEMM tiles x
+    splits, dK GEMM programs)."""
+    import torch
+
+    from dgkernels.contrastive import triton_slab as slab
+
+    g, _ = slab._cfg("g", torch.bfloat16)
+    mm, _ = slab._cfg("gemm", torch.bfloat16)
+    out = []
+    for n in ns:
+        rows = slab._slab_rows(n, n, d, 2)
+        r = min(rows, n)
+        splits = slab._splits(rows, d, n, torch.bfloat16, _CPU)
+        tiles = -(-r // mm["BLOCK_M"]) * -(-d // mm["BLOCK_N"])
+        out.append((n, rows, -(-n // rows), -(-r // g["BLOCK_M"]) * -(-n // g["BLOCK_N"]), f"{tiles} x {splits}",
+                    -(-n // mm["BLOCK_M"]) * -(-d // mm["BLOCK_N"])))
     return out
 
 
@@ -137,27 +188,28 @@ def markdown() -> str:
              f"{EXP_TPS:g} T exp/s (16 per clock per SM, 132 SMs, 1.83 GHz); L2 {L2_GBS:g} GB/s for the fp32 "
              "gradient atomics, an ASSUMED figure (not measured here). Predicted = the largest ceiling's time: "
              "what the kernels cannot beat, not what they reach; every figure is unmeasured on a GPU.", "",
-             "## Contrastive losses (fused: 2 N^2 D forward, 8 N^2 D forward+backward)", "",
-             "HBM = compulsory bytes (inputs, fp32 gradients, their cast); L2 atomics = dQ and dK fp32 tiles "
-             "added once per (row block, column block) pair, N^2 D 4 (1/BLOCK_N + 1/BLOCK_M) bytes at the "
-             "first half-precision backward config. With that traffic the backward is L2-bound at about "
-             f"{6 / (4 * (1 / 64 + 1 / 128)) * L2_GBS / 1e3:.0f} TFLOP/s of its 6 N^2 D (64 flops per byte). "
-             "Where D fits the backward's register accumulator of dQ (D <= 64 in half precision: "
-             "dgkernels.contrastive.triton.HOLD_CONFIGS) dQ is written once per row block and column split, "
-             "N D 4 splits bytes, and the dK tiles N^2 D 4 / BLOCK_M remain (64-96 flops per byte at the "
-             f"held config's 64 x 128 tiles, {6 * 64 * 128 / (4 * 192) * L2_GBS / 1e3:.0f}-"
-             f"{6 * 64 / 4 * L2_GBS / 1e3:.0f} TFLOP/s, from a split of 128 columns to no split); "
-             "the D of the rows below are all wider, so they keep the per-tile dQ atomics "
-             "(see docs/performance/gpu.md).", "",
-             "| op | N | D | dtype | fwd GFLOP | fwd+bwd GFLOP | HBM MB | L2 atomics MB | predicted fwd ms | "
-             "predicted fwd+bwd ms | bound (fwd+bwd) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "## Contrastive losses (2 N^2 D forward, 8 N^2 D forward+backward)", "",
+             "Two backwards (dgkernels/contrastive/triton.py and triton_slab.py). **fused**: one kernel "
+             "recomputes each tile and adds dQ and dK to fp32 buffers with atomics: L2 atomics = dQ and dK "
+             "tiles added once per (row block, column block) pair, N^2 D 4 (1/BLOCK_N + 1/BLOCK_M) bytes at "
+             "the first half-precision backward config, L2-bound at about "
+             f"{6 / (4 * (1 / 64 + 1 / 128)) * L2_GBS / 1e3:.0f} TFLOP/s of its 6 N^2 D (64 flops per byte); "
+             "where D fits its register accumulator of dQ (D <= 64 in half precision: HOLD_CONFIGS) dQ is "
+             "written once per row block and column split instead. **slab** (auto from D = 256 where dQ is "
+             "not held): G written in row slabs in the input dtype (twice: GR and its transpose), dQ and dK "
+             "as GEMMs whose output tiles stay on chip, no atomics; its HBM adds 4 N^2 (element size) bytes of "
+             "G, dK's fp32 read-modify-write once per slab of R = 2 D rows and dQ's split-K partials "
+             "(about D / 2 flops per byte: tensor-core bound from D = 512 at these ceilings). "
+             "HBM = compulsory bytes (inputs, fp32 gradients, their cast) plus the slab traffic.", "",
+             "| op | N | D | dtype | backward | fwd GFLOP | fwd+bwd GFLOP | HBM MB | L2 atomics MB | "
+             "predicted fwd ms | predicted fwd+bwd ms | bound (fwd+bwd) |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     import gpu_bench  # the benchmark's own sizes: one estimate per row it measures
 
     s = gpu_bench.sizes(False)
-    for op, n, d, dn, f, fb, hbm, l2, fms, fbms, bound in contrastive_rows(
+    for op, n, d, dn, bwd, f, fb, hbm, l2, fms, fbms, bound in contrastive_rows(
             s["ns"] + s["large_ns"], s["ds"], s["dtypes"]):
-        lines.append(f"| {op} | {n} | {d} | {dn} | {f:.4g} | {fb:.4g} | {hbm:.4g} | {l2:.4g} | {fms:.3g} | "
+        lines.append(f"| {op} | {n} | {d} | {dn} | {bwd} | {f:.4g} | {fb:.4g} | {hbm:.4g} | {l2:.4g} | {fms:.3g} | "
                      f"{fbms:.3g} | {bound} |")
     lines += ["", "## Contrastive launch grids at N = M (half precision, 132 SMs)", "",
               "Programs = row blocks x column splits (dgkernels.contrastive.triton.column_split); one value "
@@ -167,6 +219,13 @@ def markdown() -> str:
               "|---:|---|---|---:|---:|---|---|---|"]
     for n, kernel, bms, splits, cols, progs, waves, before in grid_rows():
         lines.append(f"| {n} | {kernel} | {bms} | {splits} | {cols} | {progs} | {waves} | {before} |")
+    lines += ["", "Slab backward (D = 512, bf16; dgkernels.contrastive.triton_slab), per slab: the G kernel "
+              "one program per 128 x 64 tile, the dQ GEMM 128 x 128 output tiles x split-K programs, the dK "
+              "GEMM 128 x 128 output tiles over all M rows of dK.", "",
+              "| N | slab rows | slabs | G programs | dQ programs (tiles x splits) | dK programs |",
+              "|---:|---:|---:|---:|---|---:|"]
+    for n, rows, slabs, gp, dq, dk in slab_grid_rows():
+        lines.append(f"| {n} | {rows} | {slabs} | {gp} | {dq} | {dk} |")
     cg, splits, rows = cosine_grid()
     lines += ["", "## cosine_cross_entropy grids, B = 4096, K = 345, E = 512 (bf16)", "",
               f"The class-gradient kernel (dc) splits the rows into {splits} ranges of {rows} "

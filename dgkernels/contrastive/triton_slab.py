@@ -218,16 +218,19 @@ def _slab_rows(n: int, m: int, d: int, elem: int) -> int:
     return max(_SLAB_ALIGN, min(rows, -(-n // _SLAB_ALIGN) * _SLAB_ALIGN))
 
 
+_MIN_SPLIT_K = 1024  # a split's partial tile (BLOCK_M BLOCK_N 8 bytes out and back) costs 1 / 256 of its flops
+
+
 def _splits(rows: int, d: int, k: int, dtype, device) -> int:
-    """Split-K factor of the dQ GEMM: enough programs for _TARGET_WAVES per SM, each reduction at
-    least 4 BLOCK_K deep."""
+    """Split-K factor of the dQ GEMM: enough programs for _TARGET_WAVES per SM, each split's
+    reduction at least _MIN_SPLIT_K deep (its fp32 partial tile is then at most 1 byte per 256 flops)."""
     blocks, _ = _cfg("gemm", dtype)
     tiles = triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(d, blocks["BLOCK_N"])
     on_gpu = device.type == "cuda" and not _interpret()
     sms = fused._sm_count(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu \
         else fused._DEFAULT_SMS
     want = triton.cdiv(fused._TARGET_WAVES * sms, tiles)
-    return max(1, min(want, k // (4 * blocks["BLOCK_K"])))
+    return max(1, min(want, k // _MIN_SPLIT_K))
 
 
 def _launch(kernel: str, grid, args, dtype, **constexprs):
