@@ -212,6 +212,7 @@ def test_triton_backward_strategy_choice(monkeypatch):
     assert triton_slab.wanted(512, 0) and triton_slab.wanted(triton_slab.SLAB_MIN_D, 0)
     assert not triton_slab.wanted(triton_slab.SLAB_MIN_D - 16, 0)  # narrower: the fused kernel
     assert not triton_slab.wanted(512, 64)  # dQ held on chip by the fused kernel
+    assert not triton_slab.wanted(512, 0, 2 ** 24)  # in-tile offsets of a slab row would pass int32
     monkeypatch.setenv(triton_slab.STRATEGY_ENV, "fused")
     assert not triton_slab.wanted(1024, 0)
     monkeypatch.setenv(triton_slab.STRATEGY_ENV, "slab")

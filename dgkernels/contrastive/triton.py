@@ -659,7 +659,7 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     lse_r, lse_c = _vec(lse_r), _vec(lse_c)
     from . import triton_slab  # wide D: G in row slabs, dQ and dK as GEMMs held on chip
 
-    if triton_slab.wanted(d, _dq_hold("bwd", q.dtype, _prec(q.dtype), d)["DQ_HOLD"]):
+    if triton_slab.wanted(d, _dq_hold("bwd", q.dtype, _prec(q.dtype), d)["DQ_HOLD"], m):
         dq, dk, ds = triton_slab.lse_backward(q, k, _scale2(scale), exclude_diag, lse_r, lse_c, w_r, w_c, c_r, c_c,
                                               cols)
     else:

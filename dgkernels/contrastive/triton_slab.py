@@ -196,10 +196,16 @@ def strategy() -> str:
     return value
 
 
-def wanted(d_padded: int, hold: int) -> bool:
-    """Whether the backward of a launch of (padded) width d writes G slabs: asked for, or (auto) D
-    from SLAB_MIN_D where the fused kernel cannot hold dQ on chip."""
+_MAX_COLS = 2 ** 31 // 256 - 16  # in-tile offsets (a block of rows x the slab's row length) stay int32
+
+
+def wanted(d_padded: int, hold: int, m: int = 0) -> bool:
+    """Whether the backward of a launch of (padded) width d against m columns writes G slabs: asked
+    for, or (auto) D from SLAB_MIN_D where the fused kernel cannot hold dQ on chip. Never past
+    _MAX_COLS columns (2^23), where a slab's in-tile offsets would leave int32."""
     choice = strategy()
+    if m > _MAX_COLS:
+        return False
     if choice != "auto":
         return choice == "slab"
     return hold == 0 and d_padded >= SLAB_MIN_D
@@ -211,10 +217,10 @@ def _ceil16(x: int) -> int:
 
 def _slab_rows(n: int, m: int, d: int, elem: int) -> int:
     """Slab height R: GR and GCT (2 R M elements of the input dtype) take at most the bytes of the
-    fp32 dQ and dK buffers ((n + m) d 4), in whole _SLAB_ALIGN blocks, at least one block and at most
-    the n rows (rounded up to a block)."""
+    fp32 dQ and dK buffers ((n + m) d 4), in whole _SLAB_ALIGN blocks, at least one block, at most
+    the n rows (rounded up to a block) and at most _MAX_COLS (GCT's row length)."""
     budget = (n + m) * d * 4
-    rows = budget // (2 * max(m, 1) * elem) // _SLAB_ALIGN * _SLAB_ALIGN
+    rows = min(budget // (2 * max(m, 1) * elem), _MAX_COLS) // _SLAB_ALIGN * _SLAB_ALIGN  # GCT's row length too
     return max(_SLAB_ALIGN, min(rows, -(-n // _SLAB_ALIGN) * _SLAB_ALIGN))
 
 
