@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -288,25 +289,15 @@ def _slab_min_d() -> int:
     return triton_slab.SLAB_MIN_D
 
 
-class _strategy:
-    """DGKERNELS_CONTRASTIVE_BWD for one row (read by the backward, so it spans forward and backward)."""
-
-    def __init__(self, impl: str):
-        self.value = "fused" if impl == "triton_fused_bwd" else None
-
-    def __enter__(self):
-        self.saved = os.environ.get("DGKERNELS_CONTRASTIVE_BWD")
-        if self.value:
-            os.environ["DGKERNELS_CONTRASTIVE_BWD"] = self.value
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("DGKERNELS_CONTRASTIVE_BWD", None)
-        else:
-            os.environ["DGKERNELS_CONTRASTIVE_BWD"] = self.saved
+def _strategy(impl: str):
+    """The environment of one row: DGKERNELS_CONTRASTIVE_BWD=fused for the fused-backward rows (read
+    by the backward, so the context spans forward and backward)."""
+    return unittest.mock.patch.dict(os.environ, {"DGKERNELS_CONTRASTIVE_BWD": "fused"} if impl == "triton_fused_bwd"
+                                    else {})
 
 
-IMPL_LABEL = {"triton": "dgkernels triton", "triton_fused_bwd": "dgkernels triton, fused backward (atomics)", "cuda": "dgkernels cuda", "auto": "dgkernels (auto backend)",
+IMPL_LABEL = {"triton": "dgkernels triton", "triton_fused_bwd": "dgkernels triton, fused backward (atomics)",
+              "cuda": "dgkernels cuda", "auto": "dgkernels (auto backend)",
               "naive": "naive PyTorch", "open_clip": "open_clip ClipLoss", "inf_cl": "inf-cl (fp32 inputs, tf32)"}
 
 

@@ -17,8 +17,9 @@ there is no host sync and, in practice, no work). Sub-normal terms (< 2^-126, po
 zero) then change an accepted sum by at most N 2^-126 / 2^-80 = N 2^-46 relative (< fp32 eps for
 N < 4M).
 
-Backward (`_bwd_kernel`): the same 2-D grid; each program recomputes each of its tiles once and
-forms G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32, then
+Backward (`_bwd_kernel`, for D below triton_slab.SLAB_MIN_D): the same 2-D grid; each program
+recomputes each of its tiles once and forms G = w_r exp(S - lse_r) + w_c exp(S - lse_c) in fp32
+(_grad_tile), then
     DQ[rows] += (c_r G) K      (fp32 atomics: the column ranges of one row block share its rows)
     DK[cols] += (c_c G)^T Q    (fp32 atomics per tile and D chunk GRAD_D, FlashAttention-2 style)
 dQ[rows] = sum over the program's column blocks of (c_r G) K_blk: with D at most DQ_HOLD (64 for
@@ -53,9 +54,10 @@ ceiling of 350-530 TFLOP/s at the same L2 figure. The accumulator costs BLOCK_M 
 (32 num_warps) registers per thread (16 at 64 rows, 64 wide, 8 warps) on top of half-precision
 kernels that use all 255 (ptxas -v, sm_90a): 64 wide fits the 64-row config only (128 rows
 spilled under Triton 3.6 or 3.8), 128 wide spilled 16-112 bytes and 256 wide 220-500 bytes
-(Triton 3.8; benchmarks/results/triton_sm90_resources*.md). So the CLIP widths (D = 512-1280)
-keep the per-tile dQ atomics; holding them needs a D-split grid or a shared-memory
-accumulator (128 x 512 x 4 B = 256 KiB, above the 227 KiB of an H100 block): not built.
+(Triton 3.8; benchmarks/results/triton_sm90_resources*.md). At the CLIP widths (D = 512-1280) an
+accumulator cannot fit at all (128 x 512 x 4 B = 256 KiB, above the register file and the 227 KiB
+of shared memory of an H100 block): from D = 256 lse_backward hands the backward to triton_slab.py,
+which writes G in row slabs and computes dQ and dK as GEMMs holding their outputs on chip.
 float64 is refused (the backend's declaration in dgkernels.contrastive): dispatch picks the next
 backend.
 
@@ -657,7 +659,7 @@ def lse_backward(q, k, scale, exclude_diag: bool, lse_r, lse_c, w_r, w_c):
     c_r = _pow2_scale(w_r, w_c.abs().amax())
     c_c = _pow2_scale(w_c, w_r.abs().amax())
     lse_r, lse_c = _vec(lse_r), _vec(lse_c)
-    from . import triton_slab  # wide D: G in row slabs, dQ and dK as GEMMs held on chip
+    from . import triton_slab  # imported here: it builds on this module's kernels and helpers
 
     if triton_slab.wanted(d, _dq_hold("bwd", q.dtype, _prec(q.dtype), d)["DQ_HOLD"], m):
         dq, dk, ds = triton_slab.lse_backward(q, k, _scale2(scale), exclude_diag, lse_r, lse_c, w_r, w_c, c_r, c_c,

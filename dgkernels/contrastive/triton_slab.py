@@ -22,7 +22,7 @@ tensor cores' rate (benchmarks/results/gpu_roofline.md). Here, for a slab of R r
   3. dK += GCT @ Q[slab]: the same kernel, the reduction over the slab's R rows on chip, and dK read
      and written once per slab by the one program that owns each output tile.
 No atomics anywhere: the result is bitwise reproducible run to run (the fused kernel's atomics are
-not). Float32 is only the accumulators, partial tiles and dK; the slab itself is in the input dtype.
+not). The accumulators, partial tiles, dQ and dK are fp32; the slab itself is in the input dtype.
 
 Cost, per slab at N = M and half precision: 6 R M D flops (S, dQ and dK, 2 R M D each, as the fused
 backward). Traffic beyond the GEMMs' operand streams: GR and GCT written once and read once,
@@ -34,10 +34,10 @@ intensity is D / 2: 256 flops per byte at D = 512 and 512 at D = 1024, HBM traff
 H100's ridge of 798 TFLOP/s over 3 TB/s = 266 (benchmarks/roofline.py's measured ceilings), i.e.
 tensor-core bound by construction from D = 512, against the fused kernel's L2-atomic bound.
 It is used from SLAB_MIN_D (triton.lse_backward): at D = 256 the slab's 128 flops per HBM byte
-still clear the fused kernel's 64 per L2 byte at the assumed 5.5 TB/s of L2; narrower D keeps the
-fused kernel (no workspace; dQ held on chip up to its hold width). Unmeasured on a GPU: the
-benchmark's "triton (fused bwd)" rows time the other strategy at the same sizes
-(DGKERNELS_CONTRASTIVE_BWD=fused|slab overrides the choice).
+(384 TFLOP/s at 3 TB/s) edge past the fused kernel's 64 per L2 byte (352 at the assumed 5.5 TB/s of
+L2); narrower D keeps the fused kernel (no workspace; dQ held on chip up to its hold width).
+Unmeasured on a GPU: benchmarks/gpu_bench.py's "fused backward (atomics)" rows time the fused
+kernel at the same sizes (DGKERNELS_CONTRASTIVE_BWD=fused|slab overrides the choice).
 
 Offsets: block bases in int64 (R M elements of a slab and rows x stride can pass 2^31), in-block
 offsets int32. Every launch has the specialisation COMPILE_SPECS compiles: 16-aligned pointers,
@@ -135,7 +135,8 @@ def _gemm_kernel(A, B, C, M_, N_, K_, stride_am, stride_bk, stride_cm, stride_cs
 
 # ---- launch configurations: one per (kernel, dtype class), not autotuned -----------------------
 # (BLOCK_M, BLOCK_N, BLOCK_D or BLOCK_K, num_warps, num_stages). The G kernel runs one tile per
-# program (its S tile is the fused forward's first config); the GEMMs take the 128 x 128 x 64 tile
+# program, the fused forward's first tile at 8 warps (at 4 the fp16 variant spilled 156 bytes under
+# Triton 3.8, ptxas -v, sm_90a); the GEMMs take the 128 x 128 x 64 tile
 # of a compute-bound half-precision GEMM (wgmma, 3-stage pipeline) and a 64 x 64 x 32 fp32 one.
 # Fixed, so no launch ever tunes and every config is compile-checked (COMPILE_SPECS); the choice
 # is by construction and unmeasured on a GPU.
