@@ -291,6 +291,19 @@ def test_triton_small_gradient_regime_matches_fp32_internal_backend(op, dtype, t
 
 
 @needs_triton
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["clip_loss", "info_nce_unpaired", "multiview"])
+def test_triton_slab_backward_small_gradient_regime(op, dtype, monkeypatch, triton_device):
+    # The slab backward stores G in the input dtype between its kernels: the same power-of-two
+    # scalings as the fused kernel must keep it at the fp32-internal backend's accuracy here.
+    from dgkernels.contrastive import triton_slab
+
+    monkeypatch.setenv(triton_slab.STRATEGY_ENV, "slab")
+    _small_gradient_check("triton", op, dtype, triton_device)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [-100, 100])
 def test_triton_backward_is_exact_under_power_of_two_weight_scaling(dtype, k, triton_device):
