@@ -46,18 +46,12 @@ def _fused_bwd_l2(tri, dtype, n: int, d: int) -> float:
 def _slab_bwd_hbm(slab, dtype, n: int, d: int, esize: int) -> float:
     """HBM bytes the slab backward adds to the compulsory ones: G written and read twice (GR, GCT),
     dK's fp32 read-modify-write once per slab, dQ's split-K partial tiles written and read."""
+    import torch
+
     rows = slab._slab_rows(n, n, d, esize)
     slabs = -(-n // rows)
-    splits = slab._splits(rows, d, n, dtype, _CPU)
+    splits = slab._splits(rows, d, n, dtype, torch.device("cpu"))  # not a GPU: plans for 132 SMs
     return 4 * n * n * esize + (2 * slabs - 1) * n * d * 4 + (2 * splits * n * d * 4 if splits > 1 else 0)
-
-
-class _Cpu:  # what slab._splits asks of a device: not a GPU, so it plans for 132 SMs
-    type = "cpu"
-    index = None
-
-
-_CPU = _Cpu()
 
 
 def contrastive_rows(ns, ds, dtypes):
@@ -123,7 +117,7 @@ def slab_grid_rows(ns=(1024, 4096, 65536), d=512):
     for n in ns:
         rows = slab._slab_rows(n, n, d, 2)
         r = min(rows, n)
-        splits = slab._splits(rows, d, n, torch.bfloat16, _CPU)
+        splits = slab._splits(rows, d, n, torch.bfloat16, torch.device("cpu"))  # plans for 132 SMs
         tiles = -(-r // mm["BLOCK_M"]) * -(-d // mm["BLOCK_N"])
         out.append((n, rows, -(-n // rows), -(-r // g["BLOCK_M"]) * -(-n // g["BLOCK_N"]), f"{tiles} x {splits}",
                     -(-n // mm["BLOCK_M"]) * -(-d // mm["BLOCK_N"])))

@@ -273,23 +273,24 @@ def lse_backward(q, k, scale2, exclude_diag: bool, lse_r, lse_c, w_r, w_c, c_r, 
     gct = torch.empty(m, ld_gct, dtype=dtype, device=q.device)
     g_blocks, _ = _cfg("g", dtype)
     n_cb = triton.cdiv(m, g_blocks["BLOCK_N"])
-    ds_part = torch.empty(n_cb * triton.cdiv(rows, g_blocks["BLOCK_M"]), dtype=torch.float32, device=q.device)
-    ds = torch.zeros((), dtype=torch.float32, device=q.device)
+    # one row of dscale partials per slab (padded to 4 floats: every row starts 16-byte aligned),
+    # zeros where a short last slab has fewer programs; summed once at the end
+    part_len = -(-n_cb * triton.cdiv(rows, g_blocks["BLOCK_M"]) // 4) * 4
+    ds_part = torch.zeros(triton.cdiv(n, rows), part_len, dtype=torch.float32, device=q.device)
     dq = torch.empty(n, d, dtype=torch.float32, device=q.device)
     dk = torch.empty(m, d, dtype=torch.float32, device=q.device)
     splits = _splits(rows, d, m, dtype, q.device)
     partial = torch.empty(splits, rows, d, dtype=torch.float32, device=q.device) if splits > 1 else None
-    for row0 in range(0, n, rows):
+    for slab, row0 in enumerate(range(0, n, rows)):
         r = min(rows, n - row0)
         n_rb = triton.cdiv(r, g_blocks["BLOCK_M"])
-        _launch("g", (n_rb, n_cb), (q, k, lse_r, lse_c, w_r, w_c, c_r, c_c, gr, gct, ds_part, scale2, n, m, d,
-                                    q.stride(0), k.stride(0), ld_gr, ld_gct, row0, r, int(exclude_diag),
+        _launch("g", (n_rb, n_cb), (q, k, lse_r, lse_c, w_r, w_c, c_r, c_c, gr, gct, ds_part[slab], scale2, n, m,
+                                    d, q.stride(0), k.stride(0), ld_gr, ld_gct, row0, r, int(exclude_diag),
                                     int(cols_on)), dtype)
-        ds += ds_part[:n_cb * n_rb].sum()
         if partial is None:
             _gemm(gr, k, dq[row0:row0 + r], r, d, m, accumulate=False)
         else:
             used = _gemm(gr, k, partial[:, :r], r, d, m, accumulate=False, splits=splits)
             torch.sum(partial[:used, :r], dim=0, out=dq[row0:row0 + r])
         _gemm(gct, q[row0:row0 + r], dk, m, d, r, accumulate=row0 > 0)
-    return dq, dk, ds
+    return dq, dk, ds_part.sum()
